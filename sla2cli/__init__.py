@@ -1,0 +1,12 @@
+"""sla2cli: SLA2 sparse-linear attention for JiT pixel-diffusion transformers."""
+
+from .checkpoints import load_model, save_model
+from .errors import CheckpointError, SLA2Error, UsageError
+from .models import JiT, JiTConfig
+from .sla2 import SLA2Attention, SLA2Config, apply_sla2, remove_sla2, sla2_attention
+from .sla2.stats import describe_layers as collect_stats
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "JiT", "JiTConfig", "SLA2Attention", "SLA2Config", "SLA2Error", "UsageError",
+           "apply_sla2", "collect_stats", "load_model", "remove_sla2", "save_model", "sla2_attention"]

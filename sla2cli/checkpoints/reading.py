@@ -1,0 +1,169 @@
+"""Reading every supported checkpoint layout into named weight entries, safely.
+
+Pickles load with `torch.load(weights_only=True)` and a small allowlist; anything else is refused
+with the unsafe globals named, unless the user passes `--trust-checkpoint`. The file type is told by
+its first bytes, not its extension.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from safetensors import safe_open
+
+from ..errors import CheckpointError, UnsafeCheckpointError, UsageError
+
+FORMAT_NAME = "sla2cli"
+SLA2_PREFIX = "sla2."
+
+# Globals a weights-only unpickle may build: the official JiT `args` and plain containers.
+SAFE_GLOBALS = [argparse.Namespace]
+
+# Prefixes wrappers add around the network: DDP, torch.compile, the official Denoiser's `net`.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
+
+
+@dataclass
+class RawCheckpoint:
+    """A file's weight entries (name → state_dict) plus what the file says about itself."""
+
+    path: Path
+    layout: str  # jit-pth | pixelgen-ckpt | state-dict | safetensors | sla2cli
+    entries: dict[str, dict[str, torch.Tensor]]
+    default_entry: str
+    args: dict = field(default_factory=dict)  # official JiT `args`, as a dict
+    metadata: dict = field(default_factory=dict)  # our safetensors metadata, JSON-decoded
+    sla2_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # exported SLA2 params (jit-pth / ckpt)
+
+    def entry(self, name: str) -> tuple[str, dict[str, torch.Tensor]]:
+        """Pick weights by name; `auto` means the official evaluation's choice (EMA) or the only one."""
+        chosen = self.default_entry if name == "auto" else name
+        if chosen not in self.entries:
+            raise UsageError(f"--weights {name!r} is not in {self.path.name}; available: {', '.join(self.entries)}")
+        return chosen, self.entries[chosen]
+
+
+def _strip_wrappers(state: dict) -> dict[str, torch.Tensor]:
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    changed = True
+    while changed and tensors:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+                changed = True
+    return tensors
+
+
+def _sniff(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
+            return "safetensors"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    return "unknown"
+
+
+def _torch_load(path: Path, trust: bool):
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # legacy format: the loader's own message names the global
+            unsafe = []
+        unsafe = [g for g in unsafe if g not in {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}]
+        if unsafe or "Unsupported global" in str(exc):
+            names = ", ".join(unsafe) if unsafe else str(exc).split("Unsupported global:")[-1].split("\n")[0].strip()
+            raise UnsafeCheckpointError(
+                f"{path.name} needs unsafe pickle globals ({names}); "
+                "pass --trust-checkpoint only if you trust where the file came from") from None
+        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({exc})") from None
+
+
+def _load_torch(path: Path, trust: bool) -> RawCheckpoint:
+    try:
+        obj = _torch_load(path, trust)
+    except CheckpointError:
+        raise
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, pickle.UnpicklingError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path.name} is truncated or not a PyTorch checkpoint ({reason})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path.name} holds a {type(obj).__name__}, not a checkpoint dictionary")
+
+    sla2_tensors = {k: v for k, v in obj.get("sla2", {}).items()} if isinstance(obj.get("sla2"), dict) else {}
+    sla2_meta = obj.get("sla2_metadata") if isinstance(obj.get("sla2_metadata"), dict) else {}
+    if "model" in obj and isinstance(obj["model"], dict):
+        entries = {name: _strip_wrappers(obj[name]) for name in ("model", "model_ema1", "model_ema2")
+                   if isinstance(obj.get(name), dict)}
+        args = obj.get("args")
+        args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+        default = "model_ema1" if "model_ema1" in entries else "model"
+        return RawCheckpoint(path, "jit-pth", entries, default, args=args, metadata=sla2_meta,
+                             sla2_tensors=sla2_tensors)
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        state = obj["state_dict"]
+        entries = {}
+        for name in ("denoiser", "ema_denoiser"):
+            sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            if sub:
+                entries[name] = _strip_wrappers(sub)
+        sla2_tensors = {k[len(SLA2_PREFIX):]: v for k, v in state.items() if k.startswith(SLA2_PREFIX)}
+        if entries:
+            default = "ema_denoiser" if "ema_denoiser" in entries else "denoiser"
+            return RawCheckpoint(path, "pixelgen-ckpt", entries, default, metadata=sla2_meta,
+                                 sla2_tensors=sla2_tensors)
+        obj = state
+    tensors = _strip_wrappers(obj)
+    if not tensors:
+        raise CheckpointError(f"{path.name} holds no tensors; expected a JiT checkpoint or state_dict")
+    return RawCheckpoint(path, "state-dict", {"model": tensors}, "model")
+
+
+def _load_safetensors(path: Path) -> RawCheckpoint:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        tensors = load_safetensors(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path.name} is a corrupt or truncated safetensors file ({exc})") from None
+    if raw_meta.get("format") == FORMAT_NAME:
+        try:
+            metadata = {k: json.loads(v) if k not in ("format", "format_version") else v for k, v in raw_meta.items()}
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path.name} has corrupt sla2cli metadata ({exc})") from None
+        return RawCheckpoint(path, "sla2cli", {"model": tensors}, "model", metadata=metadata)
+    return RawCheckpoint(path, "safetensors", {"model": _strip_wrappers(tensors)}, "model")
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> RawCheckpoint:
+    """Open any supported file; raises CheckpointError with one actionable sentence otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass a checkpoint file")
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    if kind in ("torch-zip", "torch-legacy"):
+        return _load_torch(path, trust)
+    raise CheckpointError(f"{path.name} is not a checkpoint (expected a .pth/.pt/.ckpt or .safetensors file)")

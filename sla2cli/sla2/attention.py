@@ -1,0 +1,134 @@
+"""SLA2 attention as a function (`sla2_attention`) and as a module holding its learnable parts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from .feature_maps import FEATURE_MAPS
+from .reference import sla2_reference
+from .routing import num_blocks
+
+# α before calibration or fine-tuning: the softmax mass a trained diffusion transformer's top 5-25% of
+# key blocks typically captures. `sla2 convert --calibrate N` measures it instead; finetune learns it.
+ALPHA_INIT = 0.9
+ALPHA_MODES = ("per_head", "per_head_query_block")
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class SLA2Config:
+    """How converted layers attend; stored in every SLA2 checkpoint's metadata."""
+
+    topk: float = 0.15
+    block_q: int = 64
+    block_k: int = 64
+    feature_map: str = "softmax"
+    qat: bool = False
+    alpha_mode: str = "per_head"
+
+    def __post_init__(self):
+        if not (isinstance(self.topk, (int, float)) and 0.0 < self.topk <= 1.0):
+            raise UsageError(f"topk must be in (0, 1], got {self.topk}")
+        for name in ("block_q", "block_k"):
+            if getattr(self, name) not in BLOCK_SIZES:
+                raise UsageError(f"{name} must be one of {', '.join(map(str, BLOCK_SIZES))}, got {getattr(self, name)}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise UsageError(f"unknown feature map {self.feature_map!r}; choose one of: {', '.join(FEATURE_MAPS)}")
+        if self.alpha_mode not in ALPHA_MODES:
+            raise UsageError(f"unknown alpha mode {self.alpha_mode!r}; choose one of: {', '.join(ALPHA_MODES)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SLA2Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# name -> (function with sla2_reference's signature, predicate "can it run on these inputs").
+_BACKENDS: dict[str, tuple[Callable, Callable[[torch.Tensor], bool]]] = {
+    "torch": (sla2_reference, lambda q: True),
+}
+
+
+def register_backend(name: str, fn: Callable, available: Callable[[torch.Tensor], bool]) -> None:
+    """Add an implementation (the Triton kernels register themselves here)."""
+    _BACKENDS[name] = (fn, available)
+
+
+def _pick_backend(name: str, q: torch.Tensor, return_stats: bool) -> Callable:
+    if name == "auto":
+        for candidate in ("triton", "torch"):
+            if candidate in _BACKENDS and _BACKENDS[candidate][1](q) and (candidate == "torch" or not return_stats):
+                return _BACKENDS[candidate][0]
+    if name not in _BACKENDS:
+        raise UsageError(f"unknown or unavailable SLA2 backend {name!r}; available: auto, {', '.join(_BACKENDS)}")
+    fn, available = _BACKENDS[name]
+    if not available(q):
+        raise UsageError(f"backend {name!r} cannot run on {q.device.type} tensors of dtype {q.dtype}")
+    return fn
+
+
+def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, alpha: torch.Tensor,
+                   block_q: int = 64, block_k: int = 64, proj_q: torch.Tensor | None = None,
+                   proj_k: torch.Tensor | None = None, feature_map: str = "softmax", qat: bool = False,
+                   backend: str = "auto", return_stats: bool = False):
+    """SLA2: O = α⊙softmax-attention over the routed key blocks + (1−α)⊙linear attention over the rest.
+
+    q, k, v: B×H×N×D after qk-norm and RoPE. alpha: (H,) or (H, n_q) in [0, 1]. proj_q / proj_k: the
+    router's D×D projections (None = identity). With `return_stats` also returns an `SLA2Stats`.
+    """
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one B×H×N×D shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    fn = _pick_backend(backend, q, return_stats)
+    return fn(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k,
+              feature_map=feature_map, qat=qat, return_stats=return_stats)
+
+
+class SLA2Attention(nn.Module):
+    """Drop-in `Attention.core`: holds the router projections W_q, W_k (identity at start) and the α logits."""
+
+    def __init__(self, num_heads: int, head_dim: int, config: SLA2Config, query_blocks: int | None = None,
+                 alpha_init: float = ALPHA_INIT, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.proj_q = nn.Parameter(torch.eye(head_dim))
+        self.proj_k = nn.Parameter(torch.eye(head_dim))
+        shape = (num_heads,)
+        if config.alpha_mode == "per_head_query_block":
+            if query_blocks is None:
+                raise UsageError("alpha per query block needs the model's resolution (a JiT config)")
+            shape = (num_heads, query_blocks)
+        self.alpha_logit = nn.Parameter(torch.full(shape, math.log(alpha_init / (1 - alpha_init))))
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha_logit)
+
+    def set_alpha(self, alpha: torch.Tensor) -> None:
+        """Set α (broadcast to the parameter's shape), clamped away from 0 and 1 so its logit stays finite."""
+        alpha = alpha.to(self.alpha_logit).clamp(1e-3, 1 - 1e-3).expand_as(self.alpha_logit)
+        with torch.no_grad():
+            self.alpha_logit.copy_(torch.logit(alpha))
+
+    def query_blocks(self, tokens: int) -> int:
+        return num_blocks(tokens, self.config.block_q)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_stats: bool = False):
+        c = self.config
+        return sla2_attention(q, k, v, topk=c.topk, alpha=self.alpha, block_q=c.block_q, block_k=c.block_k,
+                              proj_q=self.proj_q, proj_k=self.proj_k, feature_map=c.feature_map, qat=c.qat,
+                              backend=self.backend, return_stats=return_stats)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"topk={c.topk}, blocks=({c.block_q},{c.block_k}), phi={c.feature_map}, qat={c.qat}, alpha={c.alpha_mode}"

@@ -1,0 +1,32 @@
+"""Fake quantisation for SLA2's QAT: the forward sees INT8 Q/K and FP8 P/V, the backward sees full precision.
+
+Every function returns x + (quantise(x) − x).detach(): a straight-through estimator, so gradients flow
+to the original tensors unchanged while the forward value matches what the low-bit kernel computes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_MAX = 127.0
+FP8_E4M3_MAX = 448.0
+
+
+def _straight_through(x: torch.Tensor, quantised: torch.Tensor) -> torch.Tensor:
+    return x + (quantised - x).detach()
+
+
+def int8_per_block(x: torch.Tensor, block_dims: tuple[int, ...]) -> torch.Tensor:
+    """Symmetric INT8 with one scale per block; `block_dims` are the dims a scale covers (tokens, channels)."""
+    scale = x.detach().abs().amax(dim=block_dims, keepdim=True).clamp_min(1e-12) / INT8_MAX
+    return _straight_through(x, (x / scale).round().clamp(-INT8_MAX, INT8_MAX) * scale)
+
+
+def fp8_e4m3(x: torch.Tensor, reduce_dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """FP8 e4m3 with a scale over `reduce_dims` (None: values already in [0, 1], scaled by the format's max)."""
+    if reduce_dims is None:
+        scale = torch.tensor(1.0 / FP8_E4M3_MAX, dtype=x.dtype, device=x.device)
+    else:
+        scale = x.detach().abs().amax(dim=reduce_dims, keepdim=True).clamp_min(1e-12) / FP8_E4M3_MAX
+    quantised = (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
+    return _straight_through(x, quantised)

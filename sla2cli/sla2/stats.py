@@ -1,0 +1,104 @@
+"""What a converted model holds (α, router drift, sparsity) and what it does on real inputs.
+
+`describe_layers` reads parameters only. `measure_layers` runs a batch and compares every converted
+layer with dense attention on the dense model's own q, k, v. `calibrate_alpha` sets α to the softmax
+mass the kept blocks capture, which is exactly α for a perfect linear branch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diffusion import add_noise, sample_t
+from ..sampling import sample
+from .attention import SLA2Attention
+from .convert import layer_tokens, sla2_layers, transformer_blocks
+from .probe import dense_cores, record_dense_qkv
+from .routing import keep_count, num_blocks
+
+
+def _drift(w: torch.Tensor) -> float:
+    eye = torch.eye(w.shape[0], dtype=torch.float32, device=w.device)
+    return ((w.detach().float() - eye).norm() / eye.norm()).item()
+
+
+def describe_layers(model: nn.Module) -> list[dict]:
+    """One record per block: converted or dense, and for SLA2 layers their settings, α and router drift."""
+    converted = sla2_layers(model)
+    records = []
+    for i, block in enumerate(transformer_blocks(model)):
+        tokens = layer_tokens(model, i)
+        heads = block.attn.num_heads
+        record = {"layer": i, "tokens": tokens, "heads": heads,
+                  "head_dim": block.attn.qkv.weight.shape[1] // heads, "converted": i in converted}
+        core = converted.get(i)
+        if isinstance(core, SLA2Attention):
+            c = core.config
+            n_k = num_blocks(tokens, c.block_k) if tokens else None
+            kk = keep_count(c.topk, n_k) if n_k else None
+            alpha = core.alpha.detach().float().cpu()
+            per_head = alpha if alpha.dim() == 1 else alpha.mean(dim=1)
+            record.update({
+                "topk": c.topk, "block_q": c.block_q, "block_k": c.block_k, "feature_map": c.feature_map,
+                "qat": c.qat, "alpha_mode": c.alpha_mode, "kept_blocks": kk, "key_blocks": n_k,
+                "nominal_sparsity": None if n_k is None else 1 - kk / n_k,
+                "alpha_mean": alpha.mean().item(), "alpha_min": alpha.min().item(), "alpha_max": alpha.max().item(),
+                "alpha_per_head": per_head.tolist(), "alpha": alpha.tolist(),
+                "router_drift_q": _drift(core.proj_q), "router_drift_k": _drift(core.proj_k),
+            })
+        records.append(record)
+    return records
+
+
+@torch.no_grad()
+def own_noised_batch(model: nn.Module, batch_size: int, *, t: float | None = None, resolution: int | None = None,
+                     sampling_steps: int = 8, seed: int = 0, device="cpu") -> tuple[torch.Tensor, ...]:
+    """Noised inputs from the model's own distribution: dense samples (random labels), re-noised at t.
+
+    t=None draws t from JiT's logit-normal training distribution. Returns (z, t, labels).
+    """
+    cfg = model.config
+    size = resolution or cfg.input_size
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    labels = torch.randint(0, cfg.num_classes, (batch_size,), generator=gen).to(device)
+    dtype = next(model.parameters()).dtype
+    noise = torch.randn(batch_size, cfg.in_channels, size, size, generator=gen).to(device, dtype) * cfg.noise_scale
+    with dense_cores(model):
+        x = sample(model, noise, labels, steps=sampling_steps)
+    tt = sample_t(batch_size, generator=gen) if t is None else torch.full((batch_size,), float(t))
+    eps = torch.randn(x.shape, generator=gen).to(device, dtype)
+    tt = tt.to(device)
+    return add_noise(x, tt.to(dtype), eps, cfg.noise_scale), tt, labels
+
+
+@torch.no_grad()
+def measure_layers(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """Per converted layer: realised kept fraction, captured softmax mass, relative output error vs dense."""
+    converted = sla2_layers(model)
+    qkv = record_dense_qkv(model, list(converted), z, t, y)
+    results = []
+    for i, core in converted.items():
+        q, k, v = qkv[i]
+        dense = F.scaled_dot_product_attention(q, k, v).float()
+        out, stats = core(q, k, v, return_stats=True)
+        err = ((out.float() - dense).norm() / dense.norm()).item()
+        results.append({"layer": i, "kept_fraction": stats.kept_fraction,
+                        "captured_mass": stats.captured_mass.mean().item(), "relative_error": err})
+    return results
+
+
+@torch.no_grad()
+def calibrate_alpha(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Set each converted layer's α to the captured softmax mass (per head, or per head and query block)."""
+    converted = sla2_layers(model)
+    qkv = record_dense_qkv(model, list(converted), z, t, y)
+    chosen = {}
+    for i, core in converted.items():
+        _, stats = core(*qkv[i], return_stats=True)
+        mass = stats.captured_mass.mean(dim=0)  # H×n_q
+        alpha = mass.mean(dim=1) if core.alpha_logit.dim() == 1 else mass
+        core.set_alpha(alpha)
+        chosen[i] = core.alpha.detach().cpu()
+    return chosen
