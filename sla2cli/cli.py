@@ -1,0 +1,66 @@
+"""The `sla2` command line: Typer app, global options, and one-line error rendering."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+from rich.console import Console
+
+from .commands import convert, demo, eval_fid, finetune, profile, stats
+from .errors import SLA2Error
+
+app = typer.Typer(
+    name="sla2", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="SLA2 sparse-linear attention for JiT pixel-diffusion transformers.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+_state = {"debug": False}
+# Typer re-exports no UsageError; BadParameter's parent is it, in both vendored and plain click.
+_ParseError = typer.BadParameter.__mro__[1]
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")):
+    _state["debug"] = debug
+
+
+for _name, _module in (("convert", convert), ("finetune", finetune), ("profile", profile),
+                       ("eval-fid", eval_fid), ("stats", stats), ("demo", demo)):
+    app.command(_name)(_module.command)
+
+
+def _fail(message: str, code: int) -> int:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code: 0 ok, 1 failure, 2 bad usage, 130 interrupted."""
+    _state["debug"] = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except _ParseError as exc:
+        if not exc.format_message():  # bare `sla2`: the help was shown
+            return 2
+        hint = f" (see 'sla2 {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else " (see 'sla2 --help')"
+        return _fail(exc.format_message().replace("\n", " ") + hint, 2)
+    except (typer.Abort, KeyboardInterrupt):
+        return _fail("interrupted", 130)
+    except SLA2Error as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        return _fail(str(exc), exc.exit_code)
+    except Exception as exc:  # a bug, not the user's doing: say so, keep the traceback behind --debug
+        if _state["debug"]:
+            traceback.print_exc()
+            return 1
+        return _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with 'sla2 --debug ...' for the traceback)", 1)
+
+
+def main() -> None:
+    sys.exit(run())

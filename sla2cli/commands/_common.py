@@ -1,0 +1,87 @@
+"""Options every command shares, device/dtype parsing, and the two output modes (tables or one JSON)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ..errors import UsageError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; logs go to stderr.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32, bf16 or fp16.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random draw.")]
+WeightsOpt = Annotated[str, typer.Option("--weights", help="Weights inside the file: auto (EMA where the official "
+                                         "evaluation uses it), model, model_ema1, model_ema2, denoiser, ema_denoiser.")]
+InContextStartOpt = Annotated[Optional[int], typer.Option(
+    "--in-context-start", help="Block where in-context tokens join; needed only for non-preset architectures.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a full unpickle of a file you trust.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+ModelArg = Annotated[Path, typer.Argument(help="Checkpoint: official JiT .pth, PixelGen .ckpt, state_dict or "
+                                          ".safetensors (dense or converted).", show_default=False)]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`None` → cuda when available, else cpu; a CUDA device that is not there is a usage error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for CUDA but none is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r} is not supported; use {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class Output:
+    """Human mode renders rich tables on stdout; JSON mode prints exactly one document there.
+
+    Logs, warnings and progress always go to stderr, so `--json` output stays machine-readable.
+    """
+
+    def __init__(self, json_mode: bool):
+        self.json_mode = json_mode
+        self.stdout = Console(soft_wrap=False)
+        self.stderr = Console(stderr=True)
+
+    def log(self, message: str) -> None:
+        self.stderr.print(message, highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    def emit(self, document: dict, render) -> None:
+        """Print `document` as JSON, or call `render(console)` to draw it for a person."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+        else:
+            render(self.stdout)
+
+    @contextmanager
+    def progress(self):
+        """A progress display on stderr, only where a person is watching (a TTY)."""
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=self.stderr, transient=True, disable=not self.stderr.is_terminal) as progress:
+            yield progress

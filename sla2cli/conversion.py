@@ -1,0 +1,94 @@
+"""The convert workflow: choose settings and layers, convert (or revert), calibrate α, describe, save.
+
+Kept apart from the CLI so that the same steps serve `sla2 convert`, `sla2 demo` and Python users.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .checkpoints import LoadInfo, file_sha256, save_model
+from .errors import UsageError
+from .models.jit import JiT
+from .sla2.attention import SLA2Config
+from .sla2.convert import apply_sla2, parse_layer_spec, remove_sla2, sla2_layers
+from .sla2.stats import calibrate_alpha, describe_layers, own_noised_batch
+
+# Fewer key blocks than this and the kept blocks plus routing cost about as much as dense attention.
+MIN_KEY_BLOCKS_TO_PAY_OFF = 8
+
+PRESETS: dict[str, dict] = {
+    "max-speed": {"topk": 0.05, "qat": True},
+    "balanced": {"topk": 0.15, "qat": True},
+    "quality": {"topk": 0.25, "qat": False},
+}
+
+
+def resolve_settings(preset: str | None, base: SLA2Config | None = None, **explicit) -> SLA2Config:
+    """Preset values, then explicit options on top; `base` (an existing conversion) fills the rest."""
+    if preset is not None and preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    values = (base or SLA2Config()).to_dict()
+    values.update(PRESETS.get(preset, {}))
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    return SLA2Config(**values)
+
+
+@dataclass
+class ConversionResult:
+    layers: list[int]
+    config: SLA2Config
+    rows: list[dict]
+    warnings: list[str] = field(default_factory=list)
+    calibrated_alpha: dict[int, list[float]] = field(default_factory=dict)
+    output: Path | None = None
+
+
+def short_sequence_warnings(rows: list[dict], block_k: int) -> list[str]:
+    short = [r["layer"] for r in rows if r["converted"] and r["key_blocks"] is not None
+             and r["key_blocks"] < MIN_KEY_BLOCKS_TO_PAY_OFF]
+    if not short:
+        return []
+    worst = min(r["key_blocks"] for r in rows if r["layer"] in short)
+    return [f"layers {','.join(map(str, short))} see only {worst}+ key blocks of {block_k} tokens: routing and the "
+            f"kept blocks cost about as much as dense attention there, so SLA2 cannot pay off; keep them dense "
+            f"(choose --layers without them) or run at a higher resolution"]
+
+
+def convert_model(model: JiT, info: LoadInfo, *, layer_spec: str | None, settings: SLA2Config,
+                  calibrate: int = 0, device="cpu", seed: int = 0) -> ConversionResult:
+    """Convert `model` in place so exactly the layers of `layer_spec` are SLA2 (None keeps the current set)."""
+    depth = model.config.depth
+    layers = sorted(sla2_layers(model)) if layer_spec is None and info.sla2_layers else \
+        parse_layer_spec(layer_spec or "all", depth)
+    remove_sla2(model, [i for i in sla2_layers(model) if i not in layers])
+    apply_sla2(model, layers, **settings.to_dict())
+    calibrated = {}
+    if calibrate and layers:
+        model.to(device)
+        z, t, y = own_noised_batch(model, calibrate, seed=seed, device=device)
+        calibrated = {i: a.flatten().tolist() for i, a in calibrate_alpha(model, z, t, y).items()}
+        model.to("cpu")
+    rows = describe_layers(model)
+    return ConversionResult(layers=layers, config=settings, rows=rows,
+                            warnings=short_sequence_warnings(rows, settings.block_k), calibrated_alpha=calibrated)
+
+
+def provenance_for(src: Path, info: LoadInfo, calibrate: int) -> dict:
+    record = {"source": src.name, "source_sha256": file_sha256(src), "source_layout": info.layout,
+              "weights": info.weights, "sla2cli_version": __version__,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "calibration_samples": calibrate}
+    if info.provenance:
+        record["history"] = info.provenance
+    return record
+
+
+def write_converted(model: JiT, src: Path, dst: Path, info: LoadInfo, *, format: str, force: bool,
+                    calibrate: int) -> Path:
+    return save_model(model, dst, format=format, provenance=provenance_for(src, info, calibrate), force=force,
+                      sources=(src,))
+

@@ -1,0 +1,55 @@
+"""Rich tables for what the commands return; each takes plain records (the same ones `--json` prints)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _kept(row: dict) -> str:
+    return f"{row['kept_blocks']}/{row['key_blocks']}" if row.get("converted") and row.get("key_blocks") else "-"
+
+
+def layers_table(rows: list[dict], title: str) -> Table:
+    """Layer, tokens, heads, head_dim, converted, kept blocks per query block / total, nominal sparsity."""
+    table = Table(title=title, title_justify="left")
+    for name in ("layer", "tokens", "heads", "head_dim", "converted", "kept / total blocks", "nominal sparsity"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        sparsity = f"{r['nominal_sparsity']:.0%}" if r.get("nominal_sparsity") is not None else "-"
+        table.add_row(str(r["layer"]), _fmt(r["tokens"]), str(r["heads"]), str(r["head_dim"]),
+                      _fmt(r["converted"]), _kept(r), sparsity)
+    return table
+
+
+def stats_table(rows: list[dict], measured: dict[int, dict] | None = None) -> Table:
+    """Per-layer SLA2 settings, α summary, router drift and, when measured, realised behaviour."""
+    table = Table(title="SLA2 layers", title_justify="left")
+    columns = ["layer", "mode", "topk", "kept / total", "blocks q,k", "φ", "QAT", "α mean [min, max]",
+               "drift W_q", "drift W_k"]
+    if measured:
+        columns += ["kept frac", "captured mass", "rel. error vs dense"]
+    for name in columns:
+        table.add_column(name, justify="right")
+    for r in rows:
+        if not r["converted"]:
+            cells = [str(r["layer"]), "dense"] + ["-"] * (len(columns) - 2)
+        else:
+            cells = [str(r["layer"]), "sla2", _fmt(r["topk"], 2), _kept(r), f"{r['block_q']},{r['block_k']}",
+                     r["feature_map"], _fmt(r["qat"]),
+                     f"{r['alpha_mean']:.3f} [{r['alpha_min']:.3f}, {r['alpha_max']:.3f}]",
+                     _fmt(r["router_drift_q"], 4), _fmt(r["router_drift_k"], 4)]
+            if measured:
+                m = measured.get(r["layer"], {})
+                cells += [_fmt(m.get("kept_fraction")), _fmt(m.get("captured_mass")), _fmt(m.get("relative_error"), 4)]
+        table.add_row(*cells)
+    return table
