@@ -106,7 +106,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return emb
 
 
-def rope_tables(head_dim: int, grid: int, num_prefix: int = 0, theta: float = 10000.0):
+def rope_tables(head_dim: int, grid: int, num_prefix: int = 0, theta: float = 10000):
     """(cos, sin) of shape (num_prefix + grid*grid, head_dim), exactly as VisionRotaryEmbeddingFast.
 
     The module is built with dim = head_dim // 2 ('lang' frequencies over that dim), each frequency
@@ -384,18 +384,24 @@ def official_args(model: str = "JiT-B/16", img_size: int = 256, class_num: int =
     return argparse.Namespace(**ns)
 
 
-def _adamw_state(sd: dict, seed: int) -> dict:
-    """A real AdamW state_dict over the learned tensors (after one step), like the official optimizer."""
+def _adamw_state(sd: dict, seed: int, step: int = 1000) -> dict:
+    """An AdamW state_dict over the learned tensors, in torch.optim's layout (as `optimizer.state_dict()`
+    saves it): per-parameter step / exp_avg / exp_avg_sq, two param groups (no-decay, decay)."""
     g = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(v.detach().clone()) for k, v in sd.items() if k != "pos_embed"]
-    no_decay = [p for p in params if p.ndim == 1]
-    decay = [p for p in params if p.ndim != 1]
-    opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                             {"params": decay, "weight_decay": 0.0}], lr=2e-4, betas=(0.9, 0.95))
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g) * 1e-3
-    opt.step()
-    return opt.state_dict()
+    learned = [v for k, v in sd.items() if k != "pos_embed"]  # pos_embed: requires_grad=False
+    order = [i for i, v in enumerate(learned) if v.ndim == 1] + [i for i, v in enumerate(learned) if v.ndim != 1]
+    state = {}
+    for slot, i in enumerate(order):
+        v = learned[i]
+        state[slot] = {"step": torch.tensor(float(step)),
+                       "exp_avg": torch.randn(v.shape, generator=g) * 1e-4,
+                       "exp_avg_sq": torch.rand(v.shape, generator=g) * 1e-8}
+    n_nd = sum(1 for v in learned if v.ndim == 1)
+    common = dict(lr=2e-4, betas=(0.9, 0.95), eps=1e-8, amsgrad=False, foreach=None, maximize=False,
+                  capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True)
+    groups = [dict(common, weight_decay=0.0, params=list(range(n_nd))),
+              dict(common, weight_decay=0.0, params=list(range(n_nd, len(order))))]
+    return {"state": state, "param_groups": groups}
 
 
 def _atomic_save(obj, path) -> None:
@@ -411,7 +417,8 @@ def write_official_pth(path, state_dict: dict, args: argparse.Namespace | None =
     File: {'model': {'net.'+k}, 'optimizer': AdamW state, 'epoch': int, 'args': Namespace,
            'model_ema1': {'net.'+k}, 'model_ema2': {'net.'+k}}.
     `model` holds `state_dict`; the two EMA entries hold distinct perturbations of it, so a test can
-    tell which one was loaded. Returns {'model': sd, 'model_ema1': sd1, 'model_ema2': sd2}
+    tell which one was loaded. `args` defaults to official_args() with model 'JiT-T/<patch>' (no
+    preset). Returns {'model': sd, 'model_ema1': sd1, 'model_ema2': sd2}
     (plain keys, no prefix).
     """
     entries = {
@@ -421,7 +428,8 @@ def write_official_pth(path, state_dict: dict, args: argparse.Namespace | None =
     }
     if args is None:
         a = infer_arch(state_dict)
-        args = official_args(img_size=a["img_size"], class_num=a["num_classes"])
+        # a JiT-style name that is NOT a preset: a tiny model must not claim a preset's in_context_start
+        args = official_args(model=f"JiT-T/{a['patch_size']}", img_size=a["img_size"], class_num=a["num_classes"])
 
     def prefixed(sd):
         return OrderedDict(("net." + k, v) for k, v in sd.items())

@@ -63,7 +63,8 @@ class Output:
 
     def __init__(self, json_mode: bool):
         self.json_mode = json_mode
-        self.stdout = Console(soft_wrap=False)
+        # Piped output keeps full-width tables instead of wrapping at 80 columns.
+        self.stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
         self.stderr = Console(stderr=True)
 
     def log(self, message: str) -> None:
