@@ -78,12 +78,13 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def _torch_load(path: Path, trust: bool):
+def _torch_load(path: Path, trust: bool, mmap: bool):
+    """mmap keeps multi-GB training checkpoints (optimizer state included) off the heap until used."""
     if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -98,9 +99,9 @@ def _torch_load(path: Path, trust: bool):
         raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({exc})") from None
 
 
-def _load_torch(path: Path, trust: bool) -> RawCheckpoint:
+def _load_torch(path: Path, trust: bool, mmap: bool) -> RawCheckpoint:
     try:
-        obj = _torch_load(path, trust)
+        obj = _torch_load(path, trust, mmap)
     except CheckpointError:
         raise
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, pickle.UnpicklingError) as exc:
@@ -165,5 +166,5 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> RawCheckpoint:
     if kind == "safetensors":
         return _load_safetensors(path)
     if kind in ("torch-zip", "torch-legacy"):
-        return _load_torch(path, trust)
+        return _load_torch(path, trust, mmap=kind == "torch-zip")
     raise CheckpointError(f"{path.name} is not a checkpoint (expected a .pth/.pt/.ckpt or .safetensors file)")

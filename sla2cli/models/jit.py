@@ -76,7 +76,7 @@ PRESETS: dict[str, JiTConfig] = {
     "JiT-L/32": _preset(1024, 24, 16, 128, 8, 32, input_size=512),
     "JiT-H/16": _preset(1280, 32, 16, 256, 10, 16),
     "JiT-H/32": _preset(1280, 32, 16, 256, 10, 32, input_size=512),
-    # PixelGen-XL: no bottleneck, head_dim 72. in_context_start follows JiT-L's depth/3 convention.
+    # PixelGen-XL: no bottleneck, head_dim 72, 32 in-context tokens joining at block 8 (PixelGen configs).
     "PixelGen-XL": _preset(1152, 28, 16, None, 8, 16),
 }
 
