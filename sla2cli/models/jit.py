@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from ..serialization import JsonConfig
 
 
 @dataclass(frozen=True)
-class JiTConfig:
+class JiTConfig(JsonConfig):
     """Everything that fixes the architecture; `None` bottleneck means PixelGen's single-conv embed."""
 
     input_size: int = 256
@@ -51,13 +52,6 @@ class JiTConfig:
         extra = self.in_context_len if self.in_context_len > 0 and layer >= self.in_context_start else 0
         return grid * grid + extra
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "JiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _swiglu_hidden(hidden_size: int, mlp_ratio: float = 4.0) -> int:

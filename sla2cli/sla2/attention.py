@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..serialization import JsonConfig
 from .feature_maps import FEATURE_MAPS
 from .reference import sla2_reference
 from .routing import num_blocks
@@ -23,7 +23,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
-class SLA2Config:
+class SLA2Config(JsonConfig):
     """How converted layers attend; stored in every SLA2 checkpoint's metadata."""
 
     topk: float = 0.15
@@ -44,13 +44,6 @@ class SLA2Config:
         if self.alpha_mode not in ALPHA_MODES:
             raise UsageError(f"unknown alpha mode {self.alpha_mode!r}; choose one of: {', '.join(ALPHA_MODES)}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SLA2Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # name -> (function with sla2_reference's signature, predicate "can it run on these inputs").
