@@ -59,8 +59,6 @@ def load_model(path, weights: str = "auto", in_context_start: int | None = None,
     name, state = raw.entry(weights)
     dense, sla2 = split_state(state)
     meta = raw.metadata
-    if raw.sla2_tensors:
-        sla2 = dict(raw.sla2_tensors)
     if "model_config" in meta:
         config = with_in_context_start(JiTConfig.from_dict(meta["model_config"]), in_context_start)
     else:

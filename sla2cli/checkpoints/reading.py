@@ -42,7 +42,6 @@ class RawCheckpoint:
     default_entry: str
     args: dict = field(default_factory=dict)  # official JiT `args`, as a dict
     metadata: dict = field(default_factory=dict)  # our safetensors metadata, JSON-decoded
-    sla2_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # exported SLA2 params (jit-pth / ckpt)
 
     def entry(self, name: str) -> tuple[str, dict[str, torch.Tensor]]:
         """Pick weights by name; `auto` means the official evaluation's choice (EMA) or the only one."""
@@ -62,6 +61,10 @@ def _strip_wrappers(state: dict) -> dict[str, torch.Tensor]:
                 tensors = {k[len(prefix):]: v for k, v in tensors.items()}
                 changed = True
     return tensors
+
+
+def _with_prefix(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _sniff(path: Path) -> str:
@@ -110,28 +113,25 @@ def _load_torch(path: Path, trust: bool, mmap: bool) -> RawCheckpoint:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path.name} holds a {type(obj).__name__}, not a checkpoint dictionary")
 
-    sla2_tensors = {k: v for k, v in obj.get("sla2", {}).items()} if isinstance(obj.get("sla2"), dict) else {}
     sla2_meta = obj.get("sla2_metadata") if isinstance(obj.get("sla2_metadata"), dict) else {}
     if "model" in obj and isinstance(obj["model"], dict):
-        entries = {name: _strip_wrappers(obj[name]) for name in ("model", "model_ema1", "model_ema2")
-                   if isinstance(obj.get(name), dict)}
+        shared_sla2 = obj["sla2"] if isinstance(obj.get("sla2"), dict) else {}  # one set for every entry
+        entries = {name: {**_strip_wrappers(obj[name]), **shared_sla2}
+                   for name in ("model", "model_ema1", "model_ema2") if isinstance(obj.get(name), dict)}
         args = obj.get("args")
         args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
         default = "model_ema1" if "model_ema1" in entries else "model"
-        return RawCheckpoint(path, "jit-pth", entries, default, args=args, metadata=sla2_meta,
-                             sla2_tensors=sla2_tensors)
+        return RawCheckpoint(path, "jit-pth", entries, default, args=args, metadata=sla2_meta)
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state = obj["state_dict"]
         entries = {}
         for name in ("denoiser", "ema_denoiser"):
-            sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            sub = _with_prefix(state, name + ".")
             if sub:
-                entries[name] = _strip_wrappers(sub)
-        sla2_tensors = {k[len(SLA2_PREFIX):]: v for k, v in state.items() if k.startswith(SLA2_PREFIX)}
+                entries[name] = {**_strip_wrappers(sub), **_with_prefix(state, f"{SLA2_PREFIX}{name}.")}
         if entries:
             default = "ema_denoiser" if "ema_denoiser" in entries else "denoiser"
-            return RawCheckpoint(path, "pixelgen-ckpt", entries, default, metadata=sla2_meta,
-                                 sla2_tensors=sla2_tensors)
+            return RawCheckpoint(path, "pixelgen-ckpt", entries, default, metadata=sla2_meta)
         obj = state
     tensors = _strip_wrappers(obj)
     if not tensors:

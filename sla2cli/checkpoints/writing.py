@@ -99,11 +99,12 @@ def write_jit_pth(dst: Path, state: dict, meta: dict) -> None:
 
 
 def write_pixelgen_ckpt(dst: Path, state: dict, meta: dict) -> None:
-    """PixelGen/Lightning layout: state_dict with `denoiser.` and `ema_denoiser.` (and `sla2.`) keys."""
+    """PixelGen/Lightning layout: `denoiser.` and `ema_denoiser.` keys; SLA2 tensors under `sla2.<module>.`."""
     dense, sla2 = split_state(_contiguous(state))
-    merged = {f"denoiser.{k}": v for k, v in dense.items()}
-    merged.update({f"ema_denoiser.{k}": v for k, v in dense.items()})
-    merged.update({f"{SLA2_PREFIX}{k}": v for k, v in sla2.items()})
+    merged = {}
+    for module in ("denoiser", "ema_denoiser"):
+        merged.update({f"{module}.{k}": v for k, v in dense.items()})
+        merged.update({f"{SLA2_PREFIX}{module}.{k}": v for k, v in sla2.items()})
     payload = {"state_dict": merged, "sla2_metadata": meta} if sla2 else {"state_dict": merged}
     atomic_write(dst, lambda tmp: torch.save(payload, tmp))
 
