@@ -4,9 +4,11 @@ from .checkpoints import load_model, save_model
 from .errors import CheckpointError, SLA2Error, UsageError
 from .models import JiT, JiTConfig
 from .sla2 import SLA2Attention, SLA2Config, apply_sla2, remove_sla2, sla2_attention
+from .sla2.control import disable_qat, enable_qat, freeze_router, set_topk
 from .sla2.stats import describe_layers as collect_stats
 
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "JiT", "JiTConfig", "SLA2Attention", "SLA2Config", "SLA2Error", "UsageError",
-           "apply_sla2", "collect_stats", "load_model", "remove_sla2", "save_model", "sla2_attention"]
+           "apply_sla2", "collect_stats", "disable_qat", "enable_qat", "freeze_router", "load_model", "remove_sla2",
+           "save_model", "set_topk", "sla2_attention"]
