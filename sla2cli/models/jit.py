@@ -253,16 +253,21 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
         self.frequency_embedding_size = frequency_embedding_size
+        self._freqs: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-        args = t[:, None].float() * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    def frequencies(self, device: torch.device, max_period: float = 10000) -> torch.Tensor:
+        """Computed on the CPU as upstream does (bit-identical), copied to each device once: no host
+        transfer per forward, so the forward can be captured in a CUDA graph."""
+        key = str(device)
+        if key not in self._freqs:
+            half = self.frequency_embedding_size // 2
+            self._freqs[key] = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half
+                                         ).to(device)
+        return self._freqs[key]
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = self.timestep_embedding(t, self.frequency_embedding_size)
+        args = t[:, None].float() * self.frequencies(t.device)[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
@@ -311,6 +316,7 @@ class JiT(nn.Module):
         self.blocks = nn.ModuleList(
             JiTBlock(D, config.num_heads, config.ffn_hidden_dim) for _ in range(config.depth))
         self.final_layer = FinalLayer(D, config.patch_size, config.in_channels)
+        self._positions: dict[tuple, torch.Tensor] = {}
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -338,10 +344,13 @@ class JiT(nn.Module):
             nn.init.zeros_(param)
 
     def positions(self, grid: int, like: torch.Tensor) -> torch.Tensor:
-        """The stored sin-cos table at the trained grid, a freshly built one at any other grid."""
+        """The stored sin-cos table at the trained grid; at any other grid one built once and cached."""
         if grid * grid == self.pos_embed.shape[1]:
             return self.pos_embed
-        return sincos_pos_embed(self.config.hidden_size, grid).to(like.device, like.dtype).unsqueeze(0)
+        key = (grid, str(like.device), like.dtype)
+        if key not in self._positions:
+            self._positions[key] = sincos_pos_embed(self.config.hidden_size, grid).to(like.device, like.dtype)[None]
+        return self._positions[key]
 
     def unpatchify(self, x: torch.Tensor, grid: int) -> torch.Tensor:
         p, c = self.config.patch_size, self.config.in_channels

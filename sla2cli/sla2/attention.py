@@ -57,11 +57,17 @@ def register_backend(name: str, fn: Callable, available: Callable[[torch.Tensor]
     _BACKENDS[name] = (fn, available)
 
 
-def _pick_backend(name: str, q: torch.Tensor, return_stats: bool) -> Callable:
+def backend_name(name: str, q: torch.Tensor, return_stats: bool = False) -> str:
+    """The backend that `backend=name` means for inputs like `q` ("auto" resolved; others as given)."""
     if name == "auto":
         for candidate in ("triton", "torch"):
             if candidate in _BACKENDS and _BACKENDS[candidate][1](q) and (candidate == "torch" or not return_stats):
-                return _BACKENDS[candidate][0]
+                return candidate
+    return name
+
+
+def _pick_backend(name: str, q: torch.Tensor, return_stats: bool) -> Callable:
+    name = backend_name(name, q, return_stats)
     if name not in _BACKENDS:
         raise UsageError(f"unknown or unavailable SLA2 backend {name!r}; available: auto, {', '.join(_BACKENDS)}")
     fn, available = _BACKENDS[name]
@@ -73,17 +79,32 @@ def _pick_backend(name: str, q: torch.Tensor, return_stats: bool) -> Callable:
 def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, alpha: torch.Tensor,
                    block_q: int = 64, block_k: int = 64, proj_q: torch.Tensor | None = None,
                    proj_k: torch.Tensor | None = None, feature_map: str = "softmax", qat: bool = False,
-                   backend: str = "auto", return_stats: bool = False):
+                   backend: str = "auto", return_stats: bool = False, routing=None):
     """SLA2: O = α⊙softmax-attention over the routed key blocks + (1−α)⊙linear attention over the rest.
 
     q, k, v: B×H×N×D after qk-norm and RoPE. alpha: (H,) or (H, n_q) in [0, 1]. proj_q / proj_k: the
     router's D×D projections (None = identity). With `return_stats` also returns an `SLA2Stats`.
+    `routing` (a `Routing`) replaces the router's own decision (fine-tuning builds it itself).
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one B×H×N×D shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     fn = _pick_backend(backend, q, return_stats)
+    extra = {} if routing is None else {"routing": routing}
     return fn(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k,
-              feature_map=feature_map, qat=qat, return_stats=return_stats)
+              feature_map=feature_map, qat=qat, return_stats=return_stats, **extra)
+
+
+# A torch.library custom op with `sla2_attention`'s maths that `sla2cli.profiling` installs while it counts
+# FLOPs, so counters (torch.utils.flop_counter, fvcore) see one SLA2 op with its own formula. Only forwards
+# that need no gradient go through it; training always takes the differentiable path.
+_inference_op: Callable | None = None
+
+
+def set_inference_op(op: Callable | None) -> Callable | None:
+    """Route gradient-free `SLA2Attention` forwards through `op` (None: call `sla2_attention` directly)."""
+    global _inference_op
+    previous, _inference_op = _inference_op, op
+    return previous
 
 
 class SLA2Attention(nn.Module):
@@ -118,6 +139,10 @@ class SLA2Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_stats: bool = False):
         c = self.config
+        if _inference_op is not None and not return_stats and not (
+                torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters()))):
+            return _inference_op(q, k, v, self.alpha, self.proj_q, self.proj_k, c.topk, c.block_q, c.block_k,
+                                 c.feature_map, c.qat, backend_name(self.backend, q))
         return sla2_attention(q, k, v, topk=c.topk, alpha=self.alpha, block_q=c.block_q, block_k=c.block_k,
                               proj_q=self.proj_q, proj_k=self.proj_k, feature_map=c.feature_map, qat=c.qat,
                               backend=self.backend, return_stats=return_stats)

@@ -1,0 +1,140 @@
+"""`sla2 profile` on CPU with a tiny model: the report, latency on CPU, the sweep and plot, bad inputs."""
+
+import builtins
+
+import pytest
+
+from conftest import one_json
+
+# The tiny official checkpoint at 16 px: 64 tokens in layers 0-1, 72 (two 64-blocks) in 2-3.
+BASE = ("--in-context-start", "2", "--device", "cpu", "--resolution", "16", "--bench-ms", "2", "--threads", "1")
+
+
+def test_profile_json_report_on_cpu(cli, official_pth):
+    code, out, err = cli("profile", official_pth, *BASE, "--layers", "2-3", "--topk", "0.5", "--json")
+    assert code == 0, err
+    doc = one_json(out)
+    assert doc["environment"]["device_type"] == "cpu" and doc["timing"]["threads"] == 1
+    assert doc["environment"]["torch"] and doc["counter"] == "torch" and "2 per multiply-add" in doc["flop_convention"]
+    rows = doc["per_layer"]
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3]
+    assert [r["tokens"] for r in rows] == [64, 64, 72, 72] and [r["mode"] for r in rows] == ["dense"] * 2 + ["sla2"] * 2
+    for r in rows:
+        assert r["dense_attention_flops"] == 4 * 1 * 2 * r["tokens"] ** 2 * 32
+        assert r["dense_attention_ms"] > 0 and r["rest_of_block_ms"] > 0 and r["rest_of_block_flops"] > 0
+    for r in rows[2:]:
+        assert r["kept_blocks"] == 1 and r["key_blocks"] == 2 and r["backend"] == "torch"
+        assert r["sla2_attention_flops"] == r["executed_attention_flops"] > 0 and r["sla2_attention_ms"] > 0
+        assert r["recommendation"] in ("sla2", "keep dense")
+        if r["recommendation"] == "keep dense":  # 2 key blocks: always the too-few-blocks reason
+            assert "few_key_blocks" in r["reason_codes"] and "too few key blocks" in r["reason"]
+    e = doc["end_to_end"]
+    for key in ("dense_ms", "converted_ms", "no_attention_ms", "recommended_ms"):
+        assert e[key] > 0
+    assert e["ceiling"] == pytest.approx(e["dense_ms"] / e["no_attention_ms"])
+    assert e["peak_memory_mib"]["dense"] is None  # not measured on CPU, and said so by null
+    t = doc["totals"]
+    assert t["dense_model_flops"] - t["converted_model_flops"] == \
+        t["dense_attention_flops"] - t["executed_attention_flops"]
+    assert set(doc["recommendation"]["convert"]) | set(doc["recommendation"]["keep_dense"]) == {2, 3}
+
+
+def test_profile_tables_sweep_and_plot(cli, official_pth, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "profile.png"
+    code, out, err = cli("profile", official_pth, *BASE, "--topk", "0.5", "--sweep-resolution", "8,16",
+                         "--plot", png, "--counter", "fvcore")
+    assert code == 0, err
+    for text in ("Per layer", "End to end", "Resolution sweep", "threads", "Amdahl ceiling", "fvcore",
+                 "attention removed"):
+        assert text in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = cli("profile", official_pth, *BASE, "--plot", png)
+    assert code == 2 and "--force" in err
+
+
+def test_profile_dense_model_and_sweep_json(cli, official_pth):
+    code, out, err = cli("profile", official_pth, *BASE, "--layers", "none", "--sweep-resolution", "16", "--json")
+    assert code == 0, err
+    doc = one_json(out)
+    assert doc["converted_layers"] == [] and all(r["mode"] == "dense" for r in doc["per_layer"])
+    assert "no layer is converted" in doc["recommendation"]["summary"]
+    assert [r["resolution"] for r in doc["sweep"]] == [16] and "pays_off_from" in doc
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "missing MODEL"),
+    (("--arch", "JiT-Q/7"), "unknown --arch"),
+    (("--counter", "ptflops"), "unknown --counter"),
+    (("--batch-size", "0"), "--batch-size"),
+    (("--resolution", "33"), "multiple of the patch size"),
+    (("--sweep-resolution", "16,abc"), "--sweep-resolution"),
+    (("--sweep-resolution", "15"), "--sweep-resolution"),
+    (("--topk", "1.5"), "topk"),
+    (("--layers", "2-9"), "valid layers are 0-3"),
+    (("--dtype", "fp64"), "--dtype"),
+    (("--bench-ms", "0"), "--bench-ms"),
+    (("--threads", "0"), "--threads"),
+])
+def test_profile_bad_inputs(cli, official_pth, args, message):
+    model = () if args[:1] in ((), ("--arch",)) else (official_pth, "--in-context-start", "2")
+    code, out, err = cli("profile", *model, "--device", "cpu", *args)
+    assert code == 2, err
+    assert message in err and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_profile_model_and_arch_together_or_missing_file(cli, official_pth, tmp_path):
+    code, _, err = cli("profile", official_pth, "--arch", "JiT-B/16")
+    assert code == 2 and "not both" in err
+    code, _, err = cli("profile", tmp_path / "missing.pth", "--device", "cpu")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_profile_plot_without_matplotlib(cli, official_pth, tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    code, out, err = cli("profile", official_pth, *BASE, "--plot", tmp_path / "p.png")
+    assert code == 1 and "pip install matplotlib" in err and out == ""
+    assert not (tmp_path / "p.png").exists()
+
+
+def _row(tokens=4128, key_blocks=65, backend="triton"):
+    return {"layer": 4, "mode": "sla2", "tokens": tokens, "key_blocks": key_blocks, "block_k": 64, "backend": backend}
+
+
+def test_layer_advice_uses_gpu_time_at_launch_bound_sizes_and_says_why():
+    import torch
+    from sla2cli.profiling.profile import layer_advice
+    cuda = torch.device("cuda")
+    # launch-bound alone (eager slower) but faster as a CUDA graph: convert, and say so
+    advice = layer_advice(_row(), {"dense": {"ms": 0.51, "graph_ms": 0.50}, "sla2": {"ms": 0.89, "graph_ms": 0.23}}, cuda)
+    assert advice["recommendation"] == "sla2" and "CUDA graph" in advice["reason"] and "launch-bound" in advice["reason"]
+    # 288 tokens: 5 key blocks, 0.05 ms of dense attention: keep dense, for both reasons
+    advice = layer_advice(_row(288, 5), {"dense": {"ms": 0.05, "graph_ms": 0.048}, "sla2": {"ms": 0.8, "graph_ms": 0.14}}, cuda)
+    assert advice["recommendation"] == "keep dense"
+    assert advice["reason_codes"] == ["few_key_blocks", "launch_bound"] and "5 blocks of 64 tokens" in advice["reason"]
+    # the reference backend on a GPU is named as a reason; a long sequence slower for no listed reason says so
+    advice = layer_advice(_row(backend="torch"), {"dense": {"ms": 2.0}, "sla2": {"ms": 9.0}}, cuda)
+    assert advice["reason_codes"] == ["reference_backend"]
+    advice = layer_advice(_row(), {"dense": {"ms": 2.0}, "sla2": {"ms": 2.5}}, cuda)
+    assert advice["reason_codes"] == ["not_faster"]
+
+
+def test_recommendation_is_checked_end_to_end():
+    from sla2cli.profiling.profile import recommendation
+    rows = [{"layer": 0, "mode": "dense", "recommendation": None},
+            {"layer": 1, "mode": "sla2", "recommendation": "sla2"}, {"layer": 2, "mode": "sla2", "recommendation": "sla2"}]
+    faster = recommendation(rows, {"dense": {"ms": 50.0}, "converted": {"ms": 40.0}})
+    assert faster["convert"] == [1, 2] and faster["measured"]["ms"] == 40.0 and "every converted" in faster["summary"]
+    within_noise = recommendation(rows, {"dense": {"ms": 50.0}, "converted": {"ms": 49.5}})
+    assert within_noise["convert"] == [] and within_noise["keep_dense"] == [1, 2]
+    assert within_noise["measured"]["ms"] == 50.0 and within_noise["rejected_end_to_end"]["layers"] == "1-2"
+    rows[2]["recommendation"] = "keep dense"
+    partly = recommendation(rows, {"dense": {"ms": 50.0}, "converted": {"ms": 52.0}, "recommended": {"ms": 45.0}})
+    assert partly["convert"] == [1] and partly["keep_dense"] == [2] and partly["layers"] == "1"
