@@ -443,14 +443,8 @@ def profile_model(model: JiT, *, device: torch.device, dtype: torch.dtype, batch
         "executed_attention_ms": sum(r["sla2_attention_ms"] or r["dense_attention_ms"] for r in rows),
         "rest_of_blocks_ms": sum(r["rest_of_block_ms"] for r in rows),
     }
-    notes = []
-    foreign = [r for r in [resolution, *sweep] if r != config.input_size]
-    if foreign:
-        where = ", ".join(f"{r} px" for r in sorted(set(foreign)))
-        notes.append(f"at {where} (not the model's {config.input_size} px) "
-                     "JiT rebuilds its sin-cos position table on the CPU in every forward; those times include it")
     return {
-        "model": label, "resolution": resolution, "batch_size": batch_size, "notes": notes,
+        "model": label, "resolution": resolution, "batch_size": batch_size,
         "config": config.to_dict(), "converted_layers": sorted(converted),
         "environment": {**environment(device, dtype), "kernels": kernels,
                         "backends": sorted({r["backend"] for r in rows if r["backend"]})},

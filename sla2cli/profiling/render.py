@@ -123,7 +123,6 @@ def verdict_lines(report: dict) -> list[str]:
         for part in row["reasons"]:
             by_reason.setdefault(part, []).append(row["layer"])
     lines += [f"keep dense, layers {layer_spec(layers)}: {why}" for why, layers in by_reason.items()]
-    lines += [f"note: {note}" for note in report.get("notes", [])]
     if report["sweep"]:
         r = report["pays_off_from"]
         lines.append(f"SLA2 pays off from {r} px on (faster than dense at every swept resolution from there)" if r
