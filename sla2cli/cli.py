@@ -40,8 +40,10 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 failure, 2 bad usage, 130 interrupted."""
     _state["debug"] = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:  # Typer turns Ctrl-C into this return value instead of raising
+            return _fail("interrupted", 130)
+        return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except _ParseError as exc:

@@ -1,8 +1,138 @@
-"""`sla2 eval-fid`: not implemented yet (issue 6)."""
+"""`sla2 eval-fid`: sample with JiT's (or PixelGen's) sampler, FID/IS through torch-fidelity, paired comparison."""
 
-from ..errors import SLA2Error
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import UsageError
+from ..metrics import EvalRequest, evaluate
+from ..sampling import SAMPLERS
+from ._common import (DeviceOpt, DtypeOpt, InContextStartOpt, JsonOpt, ModelArg, Output, SeedOpt, TrustOpt,
+                      WeightsOpt, resolve_device, resolve_dtype)
 
 
-def command():
-    """Not implemented yet (issue 6)."""
-    raise SLA2Error("sla2 eval-fid is not implemented yet (issue 6)")
+def _interval(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--cfg-interval must be LOW,HIGH (e.g. 0.1,1.0), got {text!r}") from None
+    return low, high
+
+
+def command(
+    model_path: ModelArg,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Images to generate (at least 2).",
+                                             show_default=False)],
+    ref: Annotated[str, typer.Option("--ref", help="Reference: image folder, .npz with Inception mu/sigma, or a "
+                                     "torch-fidelity input such as cifar10-train.", show_default=False)],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Sample folder ({index:06d}.png; a re-run resumes). "
+                                                    "Default: sla2-samples/<model>-<settings>, removed after "
+                                                    "unless --keep-samples.")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
+    cfg: Annotated[Optional[float], typer.Option(help="Guidance scale (default per preset: JiT-B 3.0, L 2.4, H 2.2; "
+                                                 "/32: 3.0, 2.5, 2.3; PixelGen-XL 2.25).")] = None,
+    cfg_interval: Annotated[Optional[str], typer.Option("--cfg-interval", help="LOW,HIGH range of t with guidance "
+                                                        "(default: jit 0.1,1.0; pixelgen 0.1,0.9).")] = None,
+    sampler: Annotated[str, typer.Option(help=f"Sampler: {', '.join(SAMPLERS)}.")] = "jit",
+    time_shift: Annotated[Optional[float], typer.Option("--time-shift", help="PixelGen's time shift "
+                                                        "(default 2.0).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (per GPU).")] = 64,
+    seed: SeedOpt = 0,
+    inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="torch-fidelity's "
+                                                              "weights-inception-2015-12-05-6726825d.pth (default: "
+                                                              "torch-fidelity's cache).")] = None,
+    isc: Annotated[bool, typer.Option("--isc", help="Also compute the Inception Score.")] = False,
+    compare_to: Annotated[Optional[Path], typer.Option("--compare-to", help="Another model, or a sample folder "
+                                                       "from the same seed: adds PSNR/MAE per image and FID "
+                                                       "between the sets.")] = None,
+    keep_samples: Annotated[bool, typer.Option("--keep-samples", help="Keep the default sample folder.")] = False,
+    sla2_backend: Annotated[str, typer.Option("--sla2-backend", help="SLA2 implementation for converted layers: "
+                                              "auto (Triton kernels on CUDA when available), torch, triton.")] = "auto",
+    weights: WeightsOpt = "auto",
+    in_context_start: InContextStartOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "bf16",
+    json_output: JsonOpt = False,
+):
+    """Generate samples, compute FID (and IS) with torch-fidelity, and compare two models pair by pair."""
+    out = Output(json_output)
+    request = EvalRequest(
+        model=model_path, num_samples=num_samples, ref=ref, out=out_dir, sampler=sampler, steps=steps, cfg=cfg,
+        cfg_interval=_interval(cfg_interval), time_shift=time_shift, batch_size=batch_size, seed=seed,
+        inception_weights=inception_weights, isc=isc, compare_to=compare_to, keep_samples=keep_samples,
+        device=resolve_device(device), dtype=resolve_dtype(dtype), weights=weights,
+        in_context_start=in_context_start, trust_checkpoint=trust_checkpoint, sla2_backend=sla2_backend)
+    with out.progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = bar.add_task(task, total=total or None)
+            bar.update(tasks[task], completed=done, total=total or None)
+
+        report = evaluate(request, progress)
+    if report is None:  # another rank under torchrun: rank 0 reports
+        return
+    for warning in report["warnings"]:
+        out.warn(warning)
+    out.emit(report, lambda console: _render(console, report))
+
+
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _render(console, r: dict) -> None:
+    table = Table(title=f"eval-fid: {Path(r['model']).name}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    gen, ref = r["generation"], r["reference"]
+    shift = f", time shift {r['time_shift']:g}" if r["time_shift"] is not None else ""
+    layers = ",".join(map(str, r["converted_layers"])) or "none"
+    rows = [
+        ("model", f"{r['model']} ({r['preset'] or 'custom'}, {r['weights']}; SLA2 layers: {layers}"
+                  + (f", {r['sla2_backend']} backend" if r["sla2_backend"] else "") + ")"),
+        ("samples", f"{r['samples']} at {r['resolution']} px, seed {r['seed']}, {r['dtype']} on {r['device']}"
+                    + (f" x{r['world_size']} ranks" if r["world_size"] > 1 else "")),
+        ("sampler", f"{r['sampler']}, {r['steps']} steps{shift}"),
+        ("CFG", f"{r['cfg']:g} on t in {tuple(r['cfg_interval'])}"),
+        ("FID", _num(r["fid"], 4)),
+    ]
+    if r["isc"]:
+        rows.append(("IS", f"{r['isc']['mean']:.3f} ± {r['isc']['std']:.3f} ({r['isc']['splits']} splits)"))
+    ref_detail = f"{ref['images']} images" if ref["kind"] != "npz" else "statistics file"
+    rows += [
+        ("reference", f"{ref['source']} ({ref['kind']}, {ref_detail})"),
+        ("features", f"torch-fidelity {r['torch_fidelity']}, {r['feature_extractor']}"),
+        ("samples folder", f"{r['out']} ({'kept' if r['kept_samples'] else 'removed'}; {gen['written']} new, "
+                           f"{gen['reused']} reused)"),
+        ("wall time", f"{r['wall_s']:.1f} s (sampling {gen['seconds']:.1f} s)"),
+        ("images / s", _num(r["images_per_second"], 2)),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    c = r["compare"]
+    if c:
+        cmp = Table(title=f"paired with {c['other']} ({c['kind']}), {c['pairs']} pairs", title_justify="left",
+                    show_header=False)
+        cmp.add_column(style="bold")
+        cmp.add_column()
+        cmp.add_row("FID between the sets", _num(c["fid_between"], 4))
+        cmp.add_row("FID of the other", _num(c["fid_other"], 4))
+        cmp.add_row("PSNR mean / worst", f"{_num(c['psnr_mean'], 2)} / {_num(c['psnr_worst'], 2)} dB"
+                    + (f" (#{c['psnr_worst_index']})" if c["psnr_worst_index"] is not None else ""))
+        cmp.add_row("MAE mean / worst",
+                    f"{_num(c['mae_mean'], 4)} / {_num(c['mae_worst'], 4)} (#{c['mae_worst_index']})")
+        if c["identical"]:
+            cmp.add_row("identical images", str(c["identical"]))
+        if c["generation"] and c["generation"]["images_per_second"]:
+            cmp.add_row("images / s (other)", _num(c["generation"]["images_per_second"], 2))
+        console.print(cmp)

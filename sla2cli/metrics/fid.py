@@ -1,0 +1,124 @@
+"""FID and IS the standard way: torch-fidelity's Inception features and its statistics functions.
+
+A reference (`--ref`) is one of
+- a folder of images (png/jpg/jpeg, not recursive, as torch-fidelity globs it),
+- a torch-fidelity registered input (`cifar10-train`, ...; torch-fidelity caches its features),
+- an `.npz` of Inception statistics with `mu` (2048) and `sigma` (2048×2048), as JiT's
+  `fid_stats/*.npz` and ADM's reference batches hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SLA2Error, UsageError
+from .inception import FID_LAYER, input_features
+
+FEATURE_DIM = 2048
+IMAGE_EXTENSIONS = "png,jpg,jpeg"
+
+
+@dataclass
+class Reference:
+    """What `--ref` names; `statistics` is filled for .npz files at once, for the others when computed."""
+
+    kind: str  # "folder", "registered" or "npz"
+    source: str
+    images: int | None = None
+    statistics: dict | None = field(default=None, repr=False)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "source": self.source, "images": self.images,
+                "statistics_file": self.source if self.kind == "npz" else None}
+
+
+def folder_images(path: Path) -> list[str]:
+    from torch_fidelity.utils import glob_samples_paths
+    return glob_samples_paths(str(path), False, IMAGE_EXTENSIONS, verbose=False)
+
+
+def load_statistics(path: Path) -> dict:
+    """`mu`, `sigma` from an .npz, checked (2048 and 2048×2048, finite), without unpickling anything."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("mu", "sigma") if k not in data.files]
+            if missing:
+                found = ", ".join(data.files) or "nothing"
+                raise UsageError(f"--ref {path} has no {' and '.join(missing)} (found: {found}); "
+                                 f"an .npz reference must hold Inception statistics mu and sigma")
+            mu, sigma = np.asarray(data["mu"]), np.asarray(data["sigma"])
+    except UsageError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise UsageError(f"--ref {path} is not a readable .npz of Inception statistics ({detail})") from None
+    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+        raise UsageError(f"--ref {path}: mu {mu.shape} and sigma {sigma.shape} must be ({FEATURE_DIM},) and "
+                         f"({FEATURE_DIM}, {FEATURE_DIM}) (pool-3 features of InceptionV3)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UsageError(f"--ref {path}: mu or sigma contains NaN or infinity")
+    return {"mu": mu, "sigma": sigma}
+
+
+def resolve_reference(ref: str) -> Reference:
+    """Decide what `--ref` is and check it, before any sample is generated."""
+    from torch_fidelity.registry import DATASETS_REGISTRY
+    path = Path(ref)
+    if path.is_dir():
+        count = len(folder_images(path))
+        if count < 2:
+            raise UsageError(f"--ref {ref} holds {count} image(s) ({IMAGE_EXTENSIONS}, not searched recursively); "
+                             f"FID needs at least 2")
+        return Reference("folder", str(path), images=count)
+    if path.suffix.lower() == ".npz":
+        if not path.is_file():
+            raise UsageError(f"--ref {ref} does not exist")
+        return Reference("npz", str(path), statistics=load_statistics(path))
+    if ref in DATASETS_REGISTRY:
+        return Reference("registered", ref)
+    raise UsageError(f"--ref {ref!r} is not a folder of images, an .npz of Inception statistics (mu, sigma) "
+                     f"or a torch-fidelity input ({', '.join(DATASETS_REGISTRY)})")
+
+
+def statistics(features: torch.Tensor) -> dict:
+    """mu and sigma of N×2048 features, by torch-fidelity's `fid_features_to_statistics`."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    if features.shape[0] < 2:
+        raise SLA2Error(f"FID needs at least 2 images, got {features.shape[0]}")
+    return fid_features_to_statistics(features.cpu())
+
+
+def frechet_distance(stats_1: dict, stats_2: dict) -> float:
+    """torch-fidelity's `fid_statistics_to_metric`; statistics of different dtypes meet in float64."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    def aligned(key):
+        a, b = np.asarray(stats_1[key]), np.asarray(stats_2[key])
+        return (a, b) if a.dtype == b.dtype else (a.astype(np.float64), b.astype(np.float64))
+
+    mu_1, mu_2 = aligned("mu")
+    sigma_1, sigma_2 = aligned("sigma")
+    return float(fid_statistics_to_metric({"mu": mu_1, "sigma": sigma_1}, {"mu": mu_2, "sigma": sigma_2},
+                                          verbose=False)[KEY_METRIC_FID])
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> dict:
+    """torch-fidelity's IS on `logits_unbiased` (shuffled with its default seed); splits ≤ N."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+    splits = max(1, min(splits, logits.shape[0]))
+    out = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=2020)
+    return {"mean": out[KEY_METRIC_ISC_MEAN], "std": out[KEY_METRIC_ISC_STD], "splits": splits}
+
+
+def reference_statistics(reference: Reference, extractor, device: torch.device, batch_size: int = 64) -> dict:
+    """The reference's statistics (computing features for folders and registered inputs); sets `images`."""
+    if reference.statistics is None:
+        feats = input_features(reference.source, extractor, device, batch_size,
+                               save_cpu_ram=reference.images is not None and reference.images < 512)[FID_LAYER]
+        reference.images = int(feats.shape[0])
+        reference.statistics = statistics(feats)
+    return reference.statistics

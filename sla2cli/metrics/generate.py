@@ -1,0 +1,92 @@
+"""Generating a sample folder: fixed batches of indices, shared round-robin between ranks, resumable.
+
+Batch k holds indices [k·B, (k+1)·B) whatever the number of processes, and rank r makes the batches
+with k mod world_size = r, so every image is computed in the same batch (hence bit for bit the same)
+by one process or several. A batch with any index missing is generated whole and only its missing
+files are written: a resumed run reproduces the files an uninterrupted one would have written.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed import ProcessGroup
+from ..sampling import SamplerSettings, paired_inputs, sample_with, to_uint8
+from .samples import missing_indices, write_sample
+
+Progress = Callable[[str, int, int], None]  # (task, images done, images to do)
+
+
+@dataclass
+class Generation:
+    """What one generation pass did, summed over ranks; seconds is the slowest rank's wall time."""
+
+    folder: Path
+    requested: int
+    generated: int
+    written: int
+    reused: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.generated / self.seconds if self.generated and self.seconds > 0 else None
+
+    def to_dict(self) -> dict:
+        return {"folder": str(self.folder), "requested": self.requested, "generated": self.generated,
+                "written": self.written, "reused": self.reused, "seconds": self.seconds,
+                "images_per_second": self.images_per_second}
+
+
+def batches(num_samples: int, batch_size: int) -> list[range]:
+    return [range(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 as the official evaluations run: float32 weights under autocast."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settings: SamplerSettings, seed: int,
+                     batch_size: int, device: torch.device, dtype: torch.dtype,
+                     group: ProcessGroup = ProcessGroup(), progress: Progress | None = None,
+                     task: str = "sampling") -> Generation:
+    """Write samples 0..num_samples-1 of `model` into `folder` (which must exist), skipping those present."""
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    mine = [b for k, b in enumerate(batches(num_samples, batch_size)) if k % group.world_size == group.rank]
+    todo = [(b, missing_indices(folder, b)) for b in mine]
+    todo = [(b, missing) for b, missing in todo if missing]
+    reused = sum(len(b) for b in mine) - sum(len(missing) for _, missing in todo)
+    total = sum(len(b) for b, _ in todo)
+    generated = written = 0
+    if progress:
+        progress(task, 0, total)
+    start = time.perf_counter()
+    for b, missing in todo:
+        noise, labels = paired_inputs(seed, b, shape, cfg.num_classes, cfg.noise_scale)
+        with autocast(device, dtype):
+            images = to_uint8(sample_with(model, noise.to(device), labels.to(device), settings)).cpu()
+        for i in missing:
+            write_sample(folder, i, images[i - b.start])
+        generated += len(b)
+        written += len(missing)
+        if progress:
+            progress(task, generated, total)
+    seconds = time.perf_counter() - start
+    counts = [(generated, written, reused, seconds)]
+    if group.distributed:
+        counts = [None] * group.world_size
+        dist.all_gather_object(counts, (generated, written, reused, seconds))
+    return Generation(folder=Path(folder), requested=num_samples, generated=sum(c[0] for c in counts),
+                      written=sum(c[1] for c in counts), reused=sum(c[2] for c in counts),
+                      seconds=max(c[3] for c in counts))
