@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before anything imports Triton: its kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sla2cli.cli import run
 from sla2cli.models.jit import JiT, JiTConfig

@@ -1,8 +1,8 @@
 """The Triton SLA2 backend: router, forward launch and the autograd Function, behind `sla2_triton`.
 
-`sla2_triton` has `sla2_reference`'s signature. The forward runs three Triton kernels plus a handful of
-small torch ops on pooled (N/64-sized) tensors for the router's scores and top-k. The backward recomputes
-the reference under autograd with the forward's routing, so gradients are exactly the reference's.
+`sla2_triton` has `sla2_reference`'s signature. The forward is three Triton launches (statistics, router,
+fused attention) and a torch sum of the statistics into totals; the backward is two
+(per query block, per key block) plus a torch-built reverse index of the routing.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ import triton
 
 from ..sla2.reference import sla2_reference
 from ..sla2.routing import Routing, keep_count, num_blocks
-from .sla2_triton import FEATURE_IDS, _pool_kernel, _sla2_fwd_kernel, _stats_kernel
+from .sla2_triton import FEATURE_IDS, _route_kernel, _sla2_fwd_kernel, _stats_kernel
+from .sla2_triton_bwd import _bwd_key_kernel, _bwd_query_kernel
 
-# The stats kernel folds this many programs' worth of key blocks into one partial total, aiming at a few
-# waves of programs on a large GPU so the totals need only a short torch reduction afterwards.
-STATS_TARGET_PROGRAMS = 1024
-STATS_MAX_GROUP = 16
+ROUTE_CHUNK = 64  # key blocks scored per step by the router
 
 
 @dataclass
 class LinearStats:
-    """Per-key-block statistics of the linear branch (h: B·H×n_k×D×D, z: B·H×n_k×D) and their totals."""
+    """Per-key-block statistics of the linear branch and their totals (sums of the stored values).
+
+    h: B·H×n_k×D×D in the input's dtype, z: B·H×n_k×D fp32; h_total: B·H×D×D and z_total: B·H×D, fp32.
+    """
 
     h: torch.Tensor
     z: torch.Tensor
@@ -37,58 +38,57 @@ def _d_pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """fp32 inputs get exact fp32 products; 16-bit inputs use the tensor cores (tf32 for fp32 operands)."""
-    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products; otherwise fp32 operands (φ(Q)·H only) may use tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Block means of a (strided) B×H×N×D tensor in fp32: B·H×n_b×D."""
-    B, H, N, D = x.shape
-    nb = num_blocks(N, block)
-    out = torch.empty(B * H, nb, D, device=x.device, dtype=torch.float32)
-    _pool_kernel[(nb, B * H)](x, out, *x.stride(), H, N, D, nb, BLOCK=block, D_PAD=_d_pad(D), num_warps=4)
-    return out
+def _row_align(*tensors: torch.Tensor) -> int:
+    """The largest power of two (≤ 16) dividing every token stride: lets Triton vectorise row loads."""
+    align = 16
+    while align > 1 and any(t.stride(2) % align for t in tensors):
+        align //= 2
+    return align
 
 
 def linear_stats(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: str) -> tuple[LinearStats, torch.Tensor]:
     """One pass over K and V: the linear branch's statistics and the block means of k (B·H×n_k×D, fp32)."""
     B, H, N, D = k.shape
     n_k = num_blocks(N, block_k)
-    group = max(1, min(STATS_MAX_GROUP, (B * H * n_k) // STATS_TARGET_PROGRAMS))
-    n_parts = -(-n_k // group)
-    stat_dtype = torch.float32 if k.dtype == torch.float32 else k.dtype
-    h = torch.empty(B * H, n_k, D, D, device=k.device, dtype=stat_dtype)
+    h = torch.empty(B * H, n_k, D, D, device=k.device, dtype=k.dtype)
     z = torch.empty(B * H, n_k, D, device=k.device, dtype=torch.float32)
-    h_part = torch.empty(B * H, n_parts, D, D, device=k.device, dtype=torch.float32)
-    z_part = torch.empty(B * H, n_parts, D, device=k.device, dtype=torch.float32)
     k_bar = torch.empty(B * H, n_k, D, device=k.device, dtype=torch.float32)
     d_pad = _d_pad(D)
-    _stats_kernel[(n_parts, B * H)](
-        k, v, h, z, h_part, z_part, k_bar, *k.stride(), *v.stride(), H, N, D, n_k, n_parts,
-        GROUP=group, BLOCK_K=block_k, D_PAD=d_pad, FEATURE=FEATURE_IDS[feature_map],
-        PREC=_precisions(k.dtype)[1], num_warps=8 if d_pad >= 128 else 4)
-    stats = LinearStats(h=h, z=z, h_total=h_part.sum(1), z_total=z_part.sum(1))
-    return stats, k_bar
+    _stats_kernel[(n_k, B * H)](
+        k, v, h, z, k_bar, *k.stride(), *v.stride(), H, N, n_k, D=D, ROW_ALIGN=_row_align(k, v), BLOCK_K=block_k,
+        D_PAD=d_pad, FEATURE=FEATURE_IDS[feature_map], PREC=_precision(k.dtype),
+        num_warps=8 if d_pad >= 128 else 4)
+    return LinearStats(h, z, h.sum(1, dtype=torch.float32), z.sum(1)), k_bar
 
 
 def route_pooled(q: torch.Tensor, k_bar: torch.Tensor, *, topk: float, block_q: int, block_k: int,
-                 proj_q: torch.Tensor | None, proj_k: torch.Tensor | None) -> Routing:
-    """The reference router's decision from pooled blocks: k̄_j − mean(k) equals the mean of centred k."""
+                 proj_q: torch.Tensor | None, proj_k: torch.Tensor | None) -> torch.Tensor:
+    """The reference router's kept blocks (B×H×n_q×kk, ascending, int32) from `linear_stats`' key-block
+    means, in one Triton launch.
+
+    (q̄ W_qᵀ)·(k̄_j W_kᵀ) = q̄·(k̄_j W_kᵀ W_q), so the projections are applied to the n_k key-block means
+    only. k is not centred: that shifts each query block's scores by one constant and changes no
+    decision (the scores the kernel writes to scratch differ from the reference's by a constant per row).
+    """
     B, H, N, D = q.shape
-    q_bar = pool_blocks(q, block_q).view(B, H, -1, D)
-    k_bar = k_bar.view(B, H, -1, D)
-    n_k = k_bar.shape[-2]
-    counts = torch.full((n_k, 1), float(block_k), device=q.device)
-    counts[-1] = N - (n_k - 1) * block_k
-    k_bar = k_bar - (k_bar * counts).sum(-2, keepdim=True) / N
-    if proj_q is not None:
-        q_bar = q_bar @ proj_q.detach().float().T
+    n_q, n_k = num_blocks(N, block_q), k_bar.shape[1]
+    kk = keep_count(topk, n_k)
     if proj_k is not None:
         k_bar = k_bar @ proj_k.detach().float().T
-    scores = q_bar @ k_bar.transpose(-1, -2) / math.sqrt(D)
-    indices = scores.topk(keep_count(topk, n_k), dim=-1).indices.sort(dim=-1).values
-    return Routing(scores=scores, indices=indices, mask=None)
+    if proj_q is not None:
+        k_bar = k_bar @ proj_q.detach().float()
+    k_bar = (k_bar * (1.0 / math.sqrt(D))).contiguous()
+    scores = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.float32)
+    indices = torch.empty(B, H, n_q, kk, device=q.device, dtype=torch.int32)
+    _route_kernel[(n_q, B * H)](
+        q, k_bar, scores, indices, *q.stride(), H, N, n_q, n_k, kk, D=D, ROW_ALIGN=_row_align(q),
+        BLOCK_Q=block_q, D_PAD=_d_pad(D), NK_PAD=triton.next_power_of_2(n_k), CHUNK=ROUTE_CHUNK, num_warps=2)
+    return indices
 
 
 def _alpha_table(alpha: torch.Tensor, H: int, n_q: int) -> torch.Tensor:
@@ -100,61 +100,125 @@ def _alpha_table(alpha: torch.Tensor, H: int, n_q: int) -> torch.Tensor:
     return alpha
 
 
-def _num_warps(block_q: int, d_pad: int) -> int:
-    return 8 if block_q * d_pad >= 128 * 64 else 4
+def _linear_first(block_q: int, d: int) -> bool:
+    """Sum the kept blocks' h_j in a loop of its own before the attention loop (instead of inside it)?
+
+    Measured on an H100 (bench/RESULTS.md): a separate loop wins where registers are tight (64-row query
+    blocks on 4 warps; head dims padded to 128) and loses a little for 128-row blocks at D = 64.
+    """
+    return block_q < 128 or d != _d_pad(d)
+
+
+def _num_warps(block_q: int) -> int:
+    """Measured on an H100 (bench/RESULTS.md): 8 warps for 128-row query blocks, 4 for 64-row ones."""
+    return 8 if block_q >= 128 else 4
+
+
+def _alloc_like_layout(q: torch.Tensor) -> torch.Tensor:
+    """Heads inner to tokens (JiT's B×N×H×D) keep that layout, so the caller's transpose back is free."""
+    B, H, N, D = q.shape
+    if q.stride(2) > q.stride(1):
+        return torch.empty(B, N, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    return torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
 
 
 def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q: int, block_k: int,
-                 feature_map: str, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """Launch the fused kernel; `stats` None means every key block is kept (output = O_sparse)."""
+                 feature_map: str, save: bool = False, num_warps: int | None = None,
+                 num_stages: int | None = None, linear_first: bool | None = None):
+    """Launch the fused kernel; `stats` None means every key block is kept (output = O_sparse).
+
+    Returns O, or with `save` (O, O_sparse, lse) for the backward: B·H×N×D and B·H×N (log2 units).
+    `linear_first` picks the loop order (None: `_linear_first`'s choice).
+    """
     B, H, N, D = q.shape
     n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), indices.shape[-1]
-    # Heads inner to tokens (JiT's B×N×H×D) keep that layout so the caller's transpose back is free.
-    if q.stride(2) > q.stride(1):
-        out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
-    else:
-        out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    out = _alloc_like_layout(q)
     a = _alpha_table(alpha, H, n_q)
-    idx = indices.to(torch.int32).contiguous()
+    idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
     linear = stats is not None
-    dummy = out  # never read when LINEAR is off
-    prec, lin_prec = _precisions(q.dtype)
-    d_pad = _d_pad(D)
+    o_s = torch.empty(B * H, N, D, device=q.device, dtype=q.dtype) if save else out
+    lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32) if save else out
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _sla2_fwd_kernel[(n_q, B * H)](
-        q, k, v, out, idx, a, stats.h if linear else dummy, stats.z if linear else dummy,
-        stats.h_total if linear else dummy, stats.z_total if linear else dummy,
+        q, k, v, out, idx, a, *((stats.h, stats.z, stats.h_total, stats.z_total) if linear else (out,) * 4), o_s, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *a.stride(),
-        H, N, D, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e),
-        BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=d_pad, FEATURE=FEATURE_IDS[feature_map], LINEAR=linear,
-        PREC=prec, LIN_PREC=lin_prec, num_warps=num_warps or _num_warps(block_q, d_pad), **extra)
-    return out
+        H, N, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, ROW_ALIGN=_row_align(q, k, v, out),
+        BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), FEATURE=FEATURE_IDS[feature_map], LINEAR=linear,
+        PREC=_precision(q.dtype), SAVE=save,
+        LIN_FIRST=_linear_first(block_q, D) if linear_first is None else linear_first,
+        num_warps=num_warps or _num_warps(block_q),
+        **extra)
+    return (out, o_s, lse) if save else out
+
+
+def reverse_index(indices: torch.Tensor, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each key block, the query blocks that kept it, as CSR: offsets (B·H·n_k + 1) and query blocks."""
+    B, H, n_q, kk = indices.shape
+    key = (indices.reshape(B * H, n_q * kk).long()
+           + torch.arange(B * H, device=indices.device)[:, None] * n_k).flatten()
+    order = torch.argsort(key, stable=True)
+    query_blocks = ((order % (n_q * kk)) // kk).to(torch.int32)
+    offsets = torch.zeros(B * H * n_k + 1, device=indices.device, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(torch.bincount(key, minlength=B * H * n_k), 0)
+    return offsets, query_blocks
+
+
+def sla2_backward(grad_out, q, k, v, alpha, indices, stats: LinearStats | None, o_s, lse, *, block_q: int,
+                  block_k: int, feature_map: str):
+    """dq, dk, dv (B×H×N×D) and dα (alpha's shape) of the SLA2 forward on the same routing."""
+    B, H, N, D = q.shape
+    n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), indices.shape[-1]
+    a = _alpha_table(alpha, H, n_q)
+    idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
+    linear = stats is not None
+    dev = q.device
+    dq, dk, dv = (torch.empty(B, H, N, D, device=dev, dtype=q.dtype) for _ in range(3))
+    delta = torch.empty(B * H, N, device=dev, dtype=torch.float32)
+    d_alpha = torch.zeros(B * H, n_q, device=dev, dtype=torch.float32)
+    d_h = torch.empty(B * H, n_q, D, D, device=dev, dtype=torch.float32) if linear else delta
+    d_z = torch.empty(B * H, n_q, D, device=dev, dtype=torch.float32) if linear else delta
+    common = dict(D=D, BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), FEATURE=FEATURE_IDS[feature_map],
+                  LINEAR=linear, PREC=_precision(q.dtype), num_warps=8 if _d_pad(D) >= 128 else 4, num_stages=1)
+    scales = (1.0 / math.sqrt(D) * math.log2(math.e), 1.0 / math.sqrt(D))
+    stat_args = (stats.h, stats.z, stats.h_total, stats.z_total) if linear else (delta,) * 4
+    _bwd_query_kernel[(n_q, B * H)](
+        q, k, v, grad_out, o_s, lse, idx, a, *stat_args, dq, d_h, d_z, d_alpha, delta,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a.stride(), H, N, n_q, n_k, kk, *scales,
+        **common)
+    offsets, query_blocks = reverse_index(idx, n_k)
+    d_h_total = d_h.sum(1) if linear else delta
+    d_z_total = d_z.sum(1) if linear else delta
+    _bwd_key_kernel[(n_k, B * H)](
+        q, k, v, grad_out, lse, delta, a, offsets, query_blocks, d_h, d_z, d_h_total, d_z_total, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a.stride(), H, N, n_q, n_k, *scales,
+        **common)
+    d_alpha = d_alpha.view(B, H, n_q).sum(0)
+    if alpha.dim() == 1:
+        d_alpha = d_alpha.sum(-1)
+    return dq, dk, dv, d_alpha.to(alpha.dtype)
 
 
 class _SLA2Function(torch.autograd.Function):
-    """Triton forward; backward by recomputing the reference on the same routing (exact reference gradients)."""
+    """Triton forward and backward on one routing (no gradient flows through the hard top-k)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, routing, stats, block_q, block_k, feature_map):
-        ctx.save_for_backward(q, k, v, alpha)
-        ctx.routing, ctx.block_q, ctx.block_k, ctx.feature_map = routing, block_q, block_k, feature_map
-        return sla2_forward(q, k, v, alpha, routing.indices, stats, block_q=block_q, block_k=block_k,
-                            feature_map=feature_map)
+    def forward(ctx, q, k, v, alpha, indices, stats, block_q, block_k, feature_map):
+        ctx.block_q, ctx.block_k, ctx.feature_map, ctx.stats = block_q, block_k, feature_map, stats
+        if not any(ctx.needs_input_grad[:4]):
+            return sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
+                                feature_map=feature_map)
+        out, o_s, lse = sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
+                                     feature_map=feature_map, save=True)
+        ctx.save_for_backward(q, k, v, alpha, indices, o_s, lse)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, alpha = ctx.saved_tensors
-        routing = ctx.routing
-        if routing.mask is None:
-            mask = torch.zeros(routing.scores.shape, dtype=torch.bool, device=q.device)
-            routing = Routing(routing.scores, routing.indices, mask.scatter_(-1, routing.indices, True))
-        inputs = [t.detach().requires_grad_(need) for t, need in zip((q, k, v, alpha), ctx.needs_input_grad[:4])]
-        with torch.enable_grad():
-            out = sla2_reference(*inputs[:3], topk=1.0, alpha=inputs[3], block_q=ctx.block_q, block_k=ctx.block_k,
-                                 feature_map=ctx.feature_map, routing=routing)
-            wanted = [t for t in inputs if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
-        return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None,) * 5
+        q, k, v, alpha, indices, o_s, lse = ctx.saved_tensors
+        dq, dk, dv, d_alpha = sla2_backward(grad_out, q, k, v, alpha, indices, ctx.stats, o_s, lse,
+                                            block_q=ctx.block_q, block_k=ctx.block_k, feature_map=ctx.feature_map)
+        grads = (dq, dk, dv, d_alpha if ctx.stats is not None else None)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])) + (None,) * 5
 
 
 def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, alpha: torch.Tensor,
@@ -177,11 +241,10 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     stats = None
     if kk < n_k:
         stats, k_bar = linear_stats(k, v, block_k, feature_map)
-        if routing is None:
-            routing = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q,
-                                   proj_k=proj_k)
-    elif routing is None:
-        every = torch.arange(n_k, device=q.device).expand(B, H, n_q, n_k)
-        routing = Routing(scores=torch.zeros(B, H, n_q, n_k, device=q.device), indices=every,
-                          mask=torch.ones(B, H, n_q, n_k, dtype=torch.bool, device=q.device))
-    return _SLA2Function.apply(q, k, v, alpha, routing, stats, block_q, block_k, feature_map)
+    if routing is not None:
+        indices = routing.indices
+    elif stats is not None:
+        indices = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k)
+    else:
+        indices = torch.arange(n_k, device=q.device, dtype=torch.int32).expand(B, H, n_q, n_k)
+    return _SLA2Function.apply(q, k, v, alpha, indices, stats, block_q, block_k, feature_map)

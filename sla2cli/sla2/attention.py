@@ -57,8 +57,18 @@ def register_backend(name: str, fn: Callable, available: Callable[[torch.Tensor]
     _BACKENDS[name] = (fn, available)
 
 
+def _load_kernels(q: torch.Tensor) -> None:
+    """Import the Triton kernels (they register themselves) the first time CUDA inputs need a backend."""
+    if q.is_cuda and "triton" not in _BACKENDS:
+        try:
+            from .. import kernels  # noqa: F401
+        except ImportError:  # no Triton on this machine: the torch backend serves
+            pass
+
+
 def backend_name(name: str, q: torch.Tensor, return_stats: bool = False) -> str:
     """The backend that `backend=name` means for inputs like `q` ("auto" resolved; others as given)."""
+    _load_kernels(q)
     if name == "auto":
         for candidate in ("triton", "torch"):
             if candidate in _BACKENDS and _BACKENDS[candidate][1](q) and (candidate == "torch" or not return_stats):

@@ -1,0 +1,261 @@
+"""Attention kernels on one GPU: dense cuDNN SDPA, dense flash SDPA, FlexAttention with SLA2's block mask
+(sparse part only) and sla2cli's Triton SLA2 all in (router + sparse + linear + mix), forward and backward.
+
+    python bench/attention.py                 # the issue's table (bf16, medians of do_bench)
+    python bench/attention.py --sweep         # also sweep the fused kernel's num_warps / num_stages
+    python bench/attention.py --quick         # one small shape, to check the script
+
+Every SLA2 output is checked against the PyTorch reference on the same routing before it is timed (rel
+err = ‖out − ref‖ / ‖ref‖), the router against the reference router (share of identical kept blocks), and
+two runs against each other bit for bit. Ratios are against dense cuDNN in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sla2cli.kernels.function import (  # noqa: E402
+    _linear_first, linear_stats, route_pooled, sla2_forward, sla2_triton)
+from sla2cli.sla2.reference import sla2_reference  # noqa: E402
+from sla2cli.sla2.routing import Routing, num_blocks, route  # noqa: E402
+
+# (name, B, H, N, D, keep ratios, (block_q, block_k) settings)
+SHAPES = [
+    ("SLA paper", 1, 12, 32768, 128, (0.10, 0.05, 0.03), ((128, 64), (128, 128), (64, 64))),
+    ("JiT-B/16 2048px", 1, 12, 16416, 64, (0.05, 0.03), ((128, 64), (128, 128), (64, 64))),
+    ("JiT-B/16 1024px", 4, 12, 4128, 64, (0.05,), ((128, 64), (64, 64))),
+    ("JiT-H/16 2048px", 1, 16, 16416, 80, (0.05,), ((128, 64), (64, 64))),
+    ("PixelGen-XL 2048px", 1, 16, 16416, 72, (0.05,), ((128, 64),)),
+]
+QUICK = [("quick", 1, 4, 4100, 80, (0.05,), ((64, 64),))]
+QUICK_BACKWARD = [("quick", 1, 4, 4100, 80, 0.05, (64, 64))]
+BACKWARD = [("SLA paper", 1, 12, 32768, 128, 0.05, (128, 64)), ("SLA paper", 1, 12, 32768, 128, 0.05, (128, 128)),
+            ("JiT-B/16 2048px", 1, 12, 16416, 64, 0.05, (128, 64))]
+
+
+def ms(fn, rep=200) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def jit_layout(B, H, N, D, dtype):
+    """q, k, v as JiT makes them: permuted views of one B×N×3×H×D qkv tensor (no copy)."""
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype)
+    return [t.transpose(1, 2) for t in qkv.unbind(2)]
+
+
+def flex_runner(q, k, v, indices, block_q, block_k):
+    """FlexAttention restricted to SLA2's kept blocks (no linear branch, no router), compiled."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, n_q, kk = indices.shape
+    n_k = num_blocks(q.shape[-2], block_k)
+    kv_idx = torch.zeros(B, H, n_q, n_k, dtype=torch.int32, device=q.device)
+    kv_idx[..., :kk] = indices.to(torch.int32)
+    kv_num = torch.full((B, H, n_q), kk, dtype=torch.int32, device=q.device)
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(block_q, block_k),
+                                    seq_lengths=(q.shape[-2], k.shape[-2]))
+    options = {"BLOCK_M": block_q, "BLOCK_N": 64}
+    return lambda: _flex()(q, k, v, block_mask=mask, kernel_options=options)
+
+
+def _flex():
+    """One compiled FlexAttention for the whole run (recompiles only when shapes change)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _FLEX
+    if _FLEX is None:
+        torch._dynamo.config.recompile_limit = 64  # one compile per shape and block size
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+_FLEX = None
+
+
+def router_agreement(q, k, keep, block_q, block_k, proj_q, proj_k, indices) -> float:
+    """Share of the reference router's kept blocks that the Triton path keeps too."""
+    ref = route(q, k, topk=keep, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k).mask
+    mine = torch.zeros_like(ref).scatter_(-1, indices, True)
+    return ((ref & mine).sum() / ref.sum()).item()
+
+
+def forward_rows(shapes, sweep: bool):
+    torch.manual_seed(0)
+    rows = []
+    for name, B, H, N, D, keeps, blocks in shapes:
+        if name.startswith("JiT"):
+            q, k, v = jit_layout(B, H, N, D, torch.bfloat16)
+        else:
+            q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        eye = torch.eye(D, device="cuda")
+        proj_q, proj_k = eye + 0.05 * torch.randn_like(eye), eye + 0.05 * torch.randn_like(eye)
+        alpha = torch.rand(H, device="cuda") * 0.5 + 0.5
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            t_cudnn = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            t_flash = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        print(f"{name} B={B} H={H} N={N} D={D} (q strides {q.stride()}): cuDNN {t_cudnn:.3f} ms, "
+              f"flash {t_flash:.3f} ms", flush=True)
+        for keep in keeps:
+            for block_q, block_k in blocks:
+                if block_q == 64 and keep != 0.05:  # the small-block setting only once per shape, to save time
+                    continue
+                run = partial(sla2_triton, q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k,
+                              proj_q=proj_q, proj_k=proj_k)
+                with torch.no_grad():
+                    out = run()
+                    stats, k_bar = linear_stats(k, v, block_k, "softmax")
+                    indices = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k,
+                                           proj_q=proj_q, proj_k=proj_k)
+                    mask = torch.zeros(B, H, num_blocks(N, block_q), num_blocks(N, block_k), dtype=torch.bool,
+                                       device="cuda").scatter_(-1, indices.long(), True)
+                    full = Routing(mask.float(), indices.long(), mask)
+                    ref = sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k,
+                                         routing=full)
+                    err = rel_err(out, ref)
+                    t_ref = ms(lambda: sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q,
+                                                      block_k=block_k, proj_q=proj_q, proj_k=proj_k))
+                    same = torch.equal(out, run())
+                    agree = router_agreement(q, k, keep, block_q, block_k, proj_q, proj_k, indices)
+                    t_all = ms(run)
+                    t_stats = ms(lambda: linear_stats(k, v, block_k, "softmax"))
+                    t_route = ms(lambda: route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k,
+                                                      proj_q=proj_q, proj_k=proj_k))
+                    t_main = ms(lambda: sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
+                                                     block_k=block_k, feature_map="softmax"))
+                    other = {"linear_first": not _linear_first(block_q, D)}
+                    t_other = ms(lambda: sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
+                                                      block_k=block_k, feature_map="softmax", **other))
+                    err_other = rel_err(sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
+                                                     block_k=block_k, feature_map="softmax", **other), ref)
+                    t_sparse = ms(lambda: sla2_forward(q, k, v, alpha, indices, None, block_q=block_q,
+                                                       block_k=block_k, feature_map="softmax"))
+                    try:
+                        t_flex = ms(flex_runner(q, k, v, indices, block_q, block_k))
+                    except Exception as exc:  # flex's block-size / head-dim limits differ by version
+                        print(f"  flex failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                        t_flex = float("nan")
+                    del ref, full, mask
+                    sweep_note = ""
+                    if sweep and N == 32768 and keep == 0.05:
+                        trials = []
+                        for w in (4, 8):
+                            for s in (1, 2, 3):
+                                try:
+                                    trials.append((ms(lambda: sla2_forward(
+                                        q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
+                                        feature_map="softmax", num_warps=w, num_stages=s)), w, s))
+                                except triton.runtime.errors.OutOfResources:
+                                    pass
+                        sweep_note = " sweep " + " ".join(f"w{w}s{s}:{t:.3f}" for t, w, s in trials)
+                kk = indices.shape[-1]
+                n_k = num_blocks(N, block_k)
+                row = dict(name=name, shape=f"{B}x{H}x{N}x{D}", keep=keep, blocks=f"{block_q},{block_k}",
+                           kept=f"{kk}/{n_k}", cudnn=t_cudnn, flash=t_flash, flex=t_flex, sla2=t_all,
+                           stats=t_stats, route=t_route, main=t_main, sparse=t_sparse, ref=t_ref, err=err, agree=agree,
+                           det=same)
+                rows.append(row)
+                print(f"  keep {keep:.2f} blocks ({block_q},{block_k}) kk {kk}/{n_k}: sla2 {t_all:.3f} ms "
+                      f"({t_cudnn / t_all:.1f}x) = stats {t_stats:.3f} + router {t_route:.3f} + fused {t_main:.3f} "
+                      f"(its sparse part alone {t_sparse:.3f}; other loop order {t_other:.3f}, err {err_other:.2e}); "
+                      f"flex {t_flex:.3f}; torch reference {t_ref:.3f}; rel err {err:.2e}; "
+                      f"router agreement {agree:.4f}; "
+                      f"deterministic {same}{sweep_note}", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def backward_rows(shapes):
+    torch.manual_seed(1)
+    rows = []
+    for name, B, H, N, D, keep, (block_q, block_k) in shapes:
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        alpha = (torch.rand(H, device="cuda") * 0.5 + 0.5).requires_grad_()
+        grad = torch.randn_like(q)
+        timings = {}
+        for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(q, k, v)
+                timings[label] = ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
+        out = sla2_triton(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k)
+        timings["sla2"] = ms(lambda: torch.autograd.grad(out, (q, k, v, alpha), grad, retain_graph=True))
+        mine = torch.autograd.grad(out, (q, k, v, alpha), grad)
+        with torch.no_grad():
+            _, k_bar = linear_stats(k, v, block_k, "softmax")
+            indices = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=None, proj_k=None)
+        mask = torch.zeros(B, H, num_blocks(N, block_q), num_blocks(N, block_k), dtype=torch.bool,
+                           device="cuda").scatter_(-1, indices.long(), True)
+        ref_out = sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k,
+                                 routing=Routing(mask.float(), indices.long(), mask))
+        ref = torch.autograd.grad(ref_out, (q, k, v, alpha), grad)
+        errs = {f"d{n}": rel_err(a, b) for n, a, b in zip(("q", "k", "v", "alpha"), mine, ref)}
+        del ref_out, ref, mine, out
+        rows.append(dict(name=name, shape=f"{B}x{H}x{N}x{D}", keep=keep, blocks=f"{block_q},{block_k}", errs=errs,
+                         **timings))
+        print(f"backward {name} keep {keep} blocks ({block_q},{block_k}): "
+              + ", ".join(f"{key} {val:.3f} ms" for key, val in timings.items())
+              + "; rel err " + ", ".join(f"{key} {val:.1e}" for key, val in errs.items()), flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_tables(fwd, bwd):
+    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16, "
+          "median of do_bench (ms)\n")
+    print("| shape BxHxNxD | keep | blocks | kept | cuDNN | flash | flex (sparse only) | sla2 all in | "
+          "sla2 = stats + router + fused (sparse part of fused) | router share | flex x | **sla2 x** | rel err | "
+          "router agree | det | torch reference |")
+    print("| --- " * 16 + "|")
+    for r in fwd:
+        x = r["cudnn"]
+        print(f"| {r['shape']} | {r['keep']:.0%} | {r['blocks']} | {r['kept']} | {x:.3f} | {r['flash']:.3f} | "
+              f"{r['flex']:.3f} | {r['sla2']:.3f} | "
+              f"{r['stats']:.3f} + {r['route']:.3f} + {r['main']:.3f} ({r['sparse']:.3f}) | "
+              f"{r['route'] / r['sla2']:.0%} | {x / r['flex']:.1f}x | **{x / r['sla2']:.1f}x** | {r['err']:.1e} | "
+              f"{r['agree']:.3f} | {'yes' if r['det'] else 'NO'} | {r['ref']:.2f} |")
+    if bwd:
+        print("\n| backward BxHxNxD | keep | blocks | cuDNN | flash | sla2 | **sla2 x** | rel err dq, dk, dv, dα |")
+        print("| --- " * 8 + "|")
+        for r in bwd:
+            errs = ", ".join(f"{val:.1e}" for val in r["errs"].values())
+            print(f"| {r['shape']} | {r['keep']:.0%} | {r['blocks']} | {r['cudnn']:.3f} | {r['flash']:.3f} | "
+                  f"{r['sla2']:.3f} | **{r['cudnn'] / r['sla2']:.1f}x** | {errs} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--backward-only", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/attention.py needs a CUDA GPU")
+    fwd = [] if args.backward_only else forward_rows(QUICK if args.quick else SHAPES, args.sweep)
+    bwd = []
+    if not args.no_backward:
+        try:
+            bwd = backward_rows(QUICK_BACKWARD if args.quick else BACKWARD)
+        except triton.runtime.errors.OutOfResources as exc:
+            print(f"backward failed: {exc}", flush=True)
+    print_tables(fwd, bwd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Triton kernels of SLA2's backward: one pass per query block, then one per key block.
+
+With G = dO, the mix gives dO_s = αG, dO_l = (1−α)G and dα = Σ G⊙(O_s − O_l). `_bwd_query_kernel`
+(per query block) recomputes the linear branch from the kept blocks' h_j, z_j, differentiates it (dq's
+linear part, and dH_i = φ(Q_i)ᵀ·dnum_i, dz_i, the gradient that query block sends to the statistics it
+used), and runs the flash-attention dq loop over its kept key blocks from the forward's log-sum-exp.
+The linear branch's small products take 16-bit operands for 16-bit inputs (fp32 accumulation), which
+keeps both kernels inside the shared memory of one SM at D = 128.
+`_bwd_key_kernel` (per key block) walks the query blocks that kept it (a reverse index built in torch)
+for the flash dk, dv, and gets the block's statistics gradient as total minus those same query
+blocks' dH_i (each key block's h_j feeds exactly the query blocks that did not keep it), then goes back
+through h_j = φ(K_j)ᵀV_j and φ. No atomics: every output element is written by one program.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sla2_triton import _phi
+
+
+@triton.jit
+def _phi_backward(x, y, dy, dmask, FEATURE: tl.constexpr):
+    """dL/dx for y = φ(x), given dL/dy; padded features get 0."""
+    if FEATURE == 0:
+        dx = y * (dy - tl.sum(dy * y, 1)[:, None])
+    elif FEATURE == 1:
+        dx = tl.where(dmask[None, :], dy * tl.where(x > 0, 1.0, tl.exp(x)), 0.0)
+    else:
+        dx = tl.where(x > 0, dy, 0.0)
+    return dx
+
+
+@triton.jit
+def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, h_ptr, z_ptr, htot_ptr,
+                      ztot_ptr, dq_ptr, dh_ptr, dz_ptr, dalpha_ptr, delta_ptr,
+                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                      sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
+                      H, N, n_q, n_k, kk, qk_scale, sm_scale,
+                      D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+                      FEATURE: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr):
+    """One query block: Δ, dα, the linear branch's gradients and dq."""
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    hh = (bh % H).to(tl.int64)
+    cols = tl.arange(0, D_PAD)
+    dmask = cols < D
+    rows_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rvalid = rows_q < N
+    qmask = rvalid[:, None] & dmask[None, :]
+    r64 = rows_q[:, None].to(tl.int64)
+    q = tl.load(q_ptr + b * sq_b + hh * sq_h + r64 * sq_n + cols[None, :] * sq_d, mask=qmask, other=0.0)
+    g = tl.load(do_ptr + b * sg_b + hh * sg_h + r64 * sg_n + cols[None, :] * sg_d, mask=qmask,
+                other=0.0).to(tl.float32)
+    row_flat = bh.to(tl.int64) * N + rows_q
+    o_s = tl.load(os_ptr + row_flat[:, None] * D + cols[None, :], mask=qmask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + row_flat, mask=rvalid, other=0.0)
+    idx_row = idx_ptr + (bh * n_q + pid_q).to(tl.int64) * kk
+    dq = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
+    blk = (bh * n_q + pid_q).to(tl.int64)
+    if LINEAR:
+        a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i)
+        dmask2 = dmask[:, None] & dmask[None, :]
+        h_offs = cols[:, None] * D + cols[None, :]
+        hz_base = (bh * n_k).to(tl.int64)
+        h_kept = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+        z_kept = tl.zeros([D_PAD], dtype=tl.float32)
+        for t in range(kk):
+            jb = hz_base + tl.load(idx_row + t)
+            h_kept += tl.load(h_ptr + jb * (D * D) + h_offs, mask=dmask2, other=0.0).to(tl.float32)
+            z_kept += tl.load(z_ptr + jb * D + cols, mask=dmask, other=0.0)
+        h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (D * D) + h_offs, mask=dmask2, other=0.0) - h_kept
+        z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * D + cols, mask=dmask, other=0.0) - z_kept
+        qf = q.to(tl.float32)
+        phiq = tl.where(rvalid[:, None], _phi(qf, dmask, FEATURE), 0.0)
+        num = tl.dot(phiq.to(q.dtype), h_rest.to(q.dtype), input_precision=PREC)
+        den = tl.sum(phiq * z_rest[None, :], 1)
+        inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+        o_l = num * inv[:, None]
+        tl.store(dalpha_ptr + blk, tl.sum(tl.sum(g * (o_s - o_l), 1), 0))
+        d_ol = (1.0 - a) * g
+        d_num = d_ol * inv[:, None]
+        d_den = -tl.sum(d_ol * o_l, 1) * inv
+        d_phiq = (tl.dot(d_num.to(q.dtype), tl.trans(h_rest.to(q.dtype)), input_precision=PREC)
+                  + d_den[:, None] * z_rest[None, :])
+        dq += _phi_backward(qf, phiq, d_phiq, dmask, FEATURE)
+        d_h = tl.dot(tl.trans(phiq.to(q.dtype)), d_num.to(q.dtype), input_precision=PREC)
+        tl.store(dh_ptr + blk * (D * D) + h_offs, d_h, mask=dmask2)
+        tl.store(dz_ptr + blk * D + cols, tl.sum(phiq * d_den[:, None], 0), mask=dmask)
+        d_os = a * g
+    else:
+        d_os = g
+    delta = tl.sum(d_os * o_s, 1)
+    tl.store(delta_ptr + row_flat, delta, mask=rvalid)
+    d_os = d_os.to(q.dtype)
+    k_base = k_ptr + b * sk_b + hh * sk_h
+    v_base = v_ptr + b * sv_b + hh * sv_h
+    for t in range(kk):
+        j = tl.load(idx_row + t)
+        rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
+        kvalid = rows_k < N
+        kvmask = kvalid[:, None] & dmask[None, :]
+        k64 = rows_k[:, None].to(tl.int64)
+        kt = tl.load(k_base + k64 * sk_n + cols[None, :] * sk_d, mask=kvmask, other=0.0)
+        vt = tl.load(v_base + k64 * sv_n + cols[None, :] * sv_d, mask=kvmask, other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        p = tl.where(kvalid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(d_os, tl.trans(vt), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC) * sm_scale
+    tl.store(dq_ptr + row_flat[:, None] * D + cols[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, rev_off_ptr, rev_q_ptr,
+                    dh_ptr, dz_ptr, dhtot_ptr, dztot_ptr, dk_ptr, dv_ptr,
+                    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                    sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
+                    H, N, n_q, n_k, qk_scale, sm_scale,
+                    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+                    FEATURE: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr):
+    """One key block: dk, dv from the query blocks that kept it, plus its linear-statistics gradient."""
+    pid_k = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    hh = (bh % H).to(tl.int64)
+    cols = tl.arange(0, D_PAD)
+    dmask = cols < D
+    rows_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    kvalid = rows_k < N
+    kvmask = kvalid[:, None] & dmask[None, :]
+    k64 = rows_k[:, None].to(tl.int64)
+    kt = tl.load(k_ptr + b * sk_b + hh * sk_h + k64 * sk_n + cols[None, :] * sk_d, mask=kvmask, other=0.0)
+    vt = tl.load(v_ptr + b * sv_b + hh * sv_h + k64 * sv_n + cols[None, :] * sv_d, mask=kvmask, other=0.0)
+    dk = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)
+    start = tl.load(rev_off_ptr + bh * n_k + pid_k)
+    end = tl.load(rev_off_ptr + bh * n_k + pid_k + 1)
+    for t in range(start, end):
+        i = tl.load(rev_q_ptr + t)
+        rows_q = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        rvalid = rows_q < N
+        qmask = rvalid[:, None] & dmask[None, :]
+        r64 = rows_q[:, None].to(tl.int64)
+        q = tl.load(q_ptr + b * sq_b + hh * sq_h + r64 * sq_n + cols[None, :] * sq_d, mask=qmask, other=0.0)
+        g = tl.load(do_ptr + b * sg_b + hh * sg_h + r64 * sg_n + cols[None, :] * sg_d, mask=qmask, other=0.0)
+        row_flat = bh.to(tl.int64) * N + rows_q
+        lse = tl.load(lse_ptr + row_flat, mask=rvalid, other=0.0)
+        delta = tl.load(delta_ptr + row_flat, mask=rvalid, other=0.0)
+        if LINEAR:
+            a = tl.load(alpha_ptr + hh * sa_h + i * sa_i)
+            d_os = (a * g.to(tl.float32)).to(q.dtype)
+        else:
+            d_os = g.to(q.dtype)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        p = tl.where(kvalid[None, :] & rvalid[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(q.dtype)), d_os, input_precision=PREC)
+        dp = tl.dot(d_os, tl.trans(vt), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    dk = dk * sm_scale
+    if LINEAR:
+        # A second pass over the same query blocks, so the D×D sum is not live during the flash loop.
+        dmask2 = dmask[:, None] & dmask[None, :]
+        h_offs = cols[:, None] * D + cols[None, :]
+        dh_kept = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+        dz_kept = tl.zeros([D_PAD], dtype=tl.float32)
+        for t in range(start, end):
+            blk = (bh * n_q + tl.load(rev_q_ptr + t)).to(tl.int64)
+            dh_kept += tl.load(dh_ptr + blk * (D * D) + h_offs, mask=dmask2, other=0.0)
+            dz_kept += tl.load(dz_ptr + blk * D + cols, mask=dmask, other=0.0)
+        dh = tl.load(dhtot_ptr + bh.to(tl.int64) * (D * D) + h_offs, mask=dmask2, other=0.0) - dh_kept
+        dz = tl.load(dztot_ptr + bh.to(tl.int64) * D + cols, mask=dmask, other=0.0) - dz_kept
+        kf = kt.to(tl.float32)
+        phik = tl.where(kvalid[:, None], _phi(kf, dmask, FEATURE), 0.0)
+        d_phik = tl.dot(vt, tl.trans(dh.to(vt.dtype)), input_precision=PREC) + dz[None, :]
+        dv += tl.dot(phik.to(vt.dtype), dh.to(vt.dtype), input_precision=PREC)
+        dk += _phi_backward(kf, phik, d_phik, dmask, FEATURE)
+    out = (bh.to(tl.int64) * N + rows_k)[:, None] * D + cols[None, :]
+    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=kvmask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kvmask)
+

@@ -1,0 +1,144 @@
+"""The Triton SLA2 backend against the PyTorch reference, on the CPU through Triton's interpreter.
+
+Small shapes (N=150: every block size leaves a partial last block) cover each head dim, block size,
+dtype, layout and feature map the kernels specialise on.
+"""
+
+import pytest
+import torch
+
+from sla2cli.kernels import available
+from sla2cli.kernels.function import linear_stats, route_pooled, sla2_triton
+from sla2cli.sla2 import attention as attention_module
+from sla2cli.sla2.reference import sla2_reference
+from sla2cli.sla2.routing import num_blocks, route
+
+N = 150
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def make_qkv(B, H, D, dtype, layout, seed=0):
+    """Fresh random q, k, v; `jit` gives the permuted views of one B×N×3×H×D tensor that JiT passes."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "jit":
+        qkv = torch.randn(B, N, 3, H, D, generator=gen).to(dtype)
+        return [t.transpose(1, 2) for t in qkv.unbind(2)]
+    return [torch.randn(B, H, N, D, generator=gen).to(dtype) for _ in range(3)]
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def projections(D, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    eye = torch.eye(D)
+    return eye + 0.2 * torch.randn(D, D, generator=gen), eye + 0.2 * torch.randn(D, D, generator=gen)
+
+
+# (D, block_q, block_k, dtype, layout, feature_map, topk, alpha per query block)
+CASES = [
+    (64, 64, 64, torch.float32, "bhnd", "softmax", 0.4, False),
+    (64, 128, 64, torch.bfloat16, "jit", "softmax", 0.4, False),
+    (64, 128, 128, torch.float16, "bhnd", "softmax", 0.6, True),
+    (72, 64, 64, torch.float32, "jit", "elu", 0.3, False),
+    (72, 128, 64, torch.bfloat16, "bhnd", "softmax", 0.4, True),
+    (80, 64, 64, torch.float16, "jit", "softmax", 0.4, False),
+    (80, 128, 128, torch.float32, "bhnd", "relu", 0.6, False),
+    (80, 128, 64, torch.bfloat16, "jit", "elu", 0.3, False),
+    (128, 64, 64, torch.bfloat16, "bhnd", "softmax", 0.4, False),
+    (128, 128, 64, torch.float32, "jit", "softmax", 0.3, True),
+    (128, 128, 128, torch.bfloat16, "jit", "softmax", 1.0, False),
+    (80, 64, 64, torch.float32, "bhnd", "softmax", 1.0, False),
+    (64, 32, 16, torch.bfloat16, "jit", "softmax", 0.3, False),
+]
+
+
+@pytest.mark.parametrize("D,block_q,block_k,dtype,layout,feature_map,topk,alpha_per_block", CASES)
+def test_forward_matches_reference(D, block_q, block_k, dtype, layout, feature_map, topk, alpha_per_block):
+    B, H = 1, 2
+    q, k, v = make_qkv(B, H, D, dtype, layout)
+    alpha_shape = (H, num_blocks(N, block_q)) if alpha_per_block else (H,)
+    alpha = torch.rand(alpha_shape, generator=torch.Generator().manual_seed(2))
+    proj_q, proj_k = projections(D)
+    routing = route(q, k, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k)
+    kwargs = dict(topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, feature_map=feature_map, routing=routing)
+    out = sla2_triton(q, k, v, **kwargs)
+    ref = sla2_reference(q, k, v, **kwargs)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "jit"])
+@pytest.mark.parametrize("D,block_q,block_k", [(64, 64, 64), (80, 128, 64), (72, 64, 128)])
+def test_router_matches_reference(D, block_q, block_k, layout):
+    q, k, v = make_qkv(2, 2, D, torch.float32, layout, seed=3)
+    proj_q, proj_k = projections(D, seed=4)
+    _, k_bar = linear_stats(k, v, block_k, "softmax")
+    for pq, pk in [(None, None), (proj_q, proj_k), (proj_q, None), (None, proj_k)]:
+        mine = route_pooled(q, k_bar, topk=0.3, block_q=block_q, block_k=block_k, proj_q=pq, proj_k=pk)
+        ref = route(q, k, topk=0.3, block_q=block_q, block_k=block_k, proj_q=pq, proj_k=pk)
+        assert torch.equal(mine.long(), ref.indices)
+
+
+def test_own_router_end_to_end_matches_reference():
+    q, k, v = make_qkv(1, 2, 64, torch.float32, "jit", seed=5)
+    proj_q, proj_k = projections(64, seed=6)
+    kwargs = dict(topk=0.3, alpha=torch.tensor([0.7, 0.9]), block_q=64, block_k=64, proj_q=proj_q, proj_k=proj_k)
+    assert rel_err(sla2_triton(q, k, v, **kwargs), sla2_reference(q, k, v, **kwargs)) < 1e-5
+
+
+def test_all_blocks_kept_is_exact_softmax_attention():
+    q, k, v = make_qkv(1, 2, 80, torch.float32, "bhnd", seed=7)
+    out = sla2_triton(q, k, v, topk=1.0, alpha=torch.tensor([0.2, 0.5]), block_q=128, block_k=64)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert rel_err(out, dense) < 1e-5
+
+
+# (D, block_q, block_k, dtype, layout, feature_map, topk, alpha per query block)
+BACKWARD_CASES = [
+    (72, 64, 64, torch.float32, "bhnd", "softmax", 0.4, False),
+    (64, 128, 64, torch.float32, "jit", "elu", 0.3, True),
+    (80, 64, 128, torch.float32, "bhnd", "relu", 0.6, False),
+    (128, 128, 128, torch.bfloat16, "jit", "softmax", 0.6, False),
+    (80, 128, 64, torch.float16, "bhnd", "softmax", 0.4, False),
+    (64, 64, 64, torch.float32, "jit", "softmax", 1.0, False),
+    (64, 16, 32, torch.float32, "jit", "softmax", 0.3, False),
+]
+
+
+@pytest.mark.parametrize("D,block_q,block_k,dtype,layout,feature_map,topk,alpha_per_block", BACKWARD_CASES)
+def test_backward_matches_reference(D, block_q, block_k, dtype, layout, feature_map, topk, alpha_per_block):
+    H = 2
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv(1, H, D, dtype, layout, seed=8))
+    alpha_shape = (H, num_blocks(N, block_q)) if alpha_per_block else (H,)
+    alpha = torch.rand(alpha_shape, generator=torch.Generator().manual_seed(9)).requires_grad_()
+    proj_q, proj_k = projections(D, seed=9)
+    routing = route(q, k, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k)
+    kwargs = dict(topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, feature_map=feature_map, routing=routing)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(10)).to(dtype)
+    wanted = (q, k, v, alpha) if topk < 1.0 else (q, k, v)  # with every block kept, α is unused
+    mine = torch.autograd.grad(sla2_triton(q, k, v, **kwargs), wanted, grad)
+    ref = torch.autograd.grad(sla2_reference(q, k, v, **kwargs), wanted, grad)
+    for name, a, b in zip("q k v alpha".split(), mine, ref):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < 5 * TOLERANCE[dtype], name
+
+
+def test_deterministic_run_to_run():
+    q, k, v = make_qkv(1, 2, 64, torch.bfloat16, "jit", seed=11)
+    kwargs = dict(topk=0.4, alpha=torch.tensor([0.7, 0.9]), block_q=64, block_k=64)
+    assert torch.equal(sla2_triton(q, k, v, **kwargs), sla2_triton(q, k, v, **kwargs))
+
+
+def test_qat_is_served_by_the_reference():
+    q, k, v = make_qkv(1, 2, 64, torch.float32, "bhnd", seed=12)
+    kwargs = dict(topk=0.4, alpha=torch.tensor([0.7, 0.9]), qat=True)
+    assert torch.equal(sla2_triton(q, k, v, **kwargs), sla2_reference(q, k, v, **kwargs))
+
+
+def test_registered_as_triton_backend_for_cuda_only():
+    fn, predicate = attention_module._BACKENDS["triton"]
+    assert fn is sla2_triton
+    assert not available(torch.zeros(1, 1, 4, 64))
