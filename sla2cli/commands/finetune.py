@@ -1,8 +1,151 @@
-"""`sla2 finetune`: not implemented yet (issue 4)."""
+"""`sla2 finetune`: train the router and α of a converted model against its dense self (or, with
+--full, every weight with JiT's v-loss), resumably, on one device or data-parallel under torchrun."""
 
-from ..errors import SLA2Error
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..checkpoints import check_output, load_model
+from ..distributed import init_from_env, rank_device, shutdown
+from ..errors import UsageError
+from ..finetune import DataSpec, FinetuneConfig, FinetuneResult, StepInfo, TopkSchedule, run_finetune
+from ..finetune.config import FULL_LR, ROUTER_LR
+from ._common import (DeviceOpt, DtypeOpt, ForceOpt, InContextStartOpt, JsonOpt, Output, SeedOpt, TrustOpt,
+                      WeightsOpt, resolve_device)
+
+BACKENDS = ("auto", "torch", "triton")
+ModelArg = Annotated[Path, typer.Argument(help="A converted (SLA2) model, as `sla2 convert` writes it.",
+                                          show_default=False)]
 
 
-def command():
-    """Not implemented yet (issue 4)."""
-    raise SLA2Error("sla2 finetune is not implemented yet (issue 4)")
+def command(
+    model_path: ModelArg,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the finetuned model "
+                                                   "(its resumable state goes next to it as DST.resume.pt).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Image folder: one sub-folder per class (or a flat "
+                                                 "folder with --class-index), resized and centre-cropped.")] = None,
+    data_free: Annotated[bool, typer.Option("--data-free", help="Train on samples of the dense model itself "
+                                            "(Heun, random labels) instead of --data.")] = False,
+    class_index: Annotated[Optional[int], typer.Option("--class-index", help="Class of every image of a flat "
+                                                       "--data folder.")] = None,
+    data_free_samples: Annotated[int, typer.Option("--data-free-samples", help="Size of the pool of teacher "
+                                                   "samples --data-free draws once and re-noises every step.")] = 64,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (split across torchrun "
+                                            "processes).")] = 8,
+    lr: Annotated[Optional[float], typer.Option(help=f"Learning rate (default {ROUTER_LR:g} for the router, "
+                                                f"α logits 10x; {FULL_LR:g} with --full).")] = None,
+    topk_schedule: Annotated[Optional[str], typer.Option("--topk-schedule", help="START:END: anneal topk "
+                                                         "linearly from START to END over the first half of "
+                                                         "the steps; END is the saved topk.")] = None,
+    tau: Annotated[float, typer.Option(help="SoftTop-k temperature of the router's soft mask.")] = 0.1,
+    full: Annotated[bool, typer.Option("--full", help="Stage 2: train every weight but the router with JiT's "
+                                       "v-loss (router frozen, hard top-k).")] = False,
+    e2e_weight: Annotated[float, typer.Option("--e2e-weight", help="Add this multiple of the output's relative "
+                                              "squared error against the dense teacher.")] = 0.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from DST.resume.pt.")] = False,
+    save_every: Annotated[int, typer.Option("--save-every", help="Write the resumable state every N steps "
+                                            "(0: never).")] = 50,
+    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Noised samples on which the per-layer "
+                                              "error is measured before and after.")] = 8,
+    backend: Annotated[str, typer.Option("--backend", help="SLA2 implementation to train with: auto (Triton "
+                                         "kernels on CUDA when available), torch, triton.")] = "auto",
+    weights: WeightsOpt = "auto",
+    in_context_start: InContextStartOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "fp32",
+    seed: SeedOpt = 0,
+    json_output: JsonOpt = False,
+):
+    """Finetune a converted model's router and α against dense attention (or all weights with --full)."""
+    out = Output(json_output)
+    if output is None:
+        raise UsageError("missing -o/--output: where to write the finetuned model")
+    if data is None and not data_free:
+        raise UsageError("choose the training images: --data DIR (an image folder) or --data-free (samples of "
+                         "the dense model itself)")
+    if data is not None and data_free:
+        raise UsageError("--data and --data-free exclude each other; choose one")
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+    schedule = TopkSchedule.parse(topk_schedule) if topk_schedule is not None else None
+    config = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, topk_schedule=schedule, tau=tau, full=full,
+                            e2e_weight=e2e_weight, save_every=save_every, eval_samples=eval_samples, seed=seed,
+                            dtype=dtype)
+    spec = DataSpec(folder=data, class_index=class_index, teacher_samples=data_free_samples)
+    check_output(output, force, (model_path,))  # fail before any slow work
+    dev = resolve_device(device)
+    group = init_from_env(dev)
+    try:
+        dev = rank_device(dev, group)
+        model, info = load_model(model_path, weights=weights, in_context_start=in_context_start,
+                                 trust_checkpoint=trust_checkpoint)
+
+        def started(summary: dict) -> None:
+            if not group.is_main:
+                return
+            source = f"--data {data}" if data is not None else f"--data-free ({data_free_samples} teacher samples)"
+            resumed = f", resuming at step {summary['resume_step']}" if summary["resume_step"] is not None else ""
+            out.log(f"finetune ({config.stage}): {len(summary['layers'])} SLA2 layers, {steps} steps of {batch_size} "
+                    f"on {dev}{f' x{group.world_size} processes' if group.distributed else ''}, {source}{resumed}")
+
+        every = max(1, steps // 10)
+        with out.progress() as progress:
+            task = progress.add_task("finetuning", total=steps)
+
+            def report(info_: StepInfo) -> None:
+                if not group.is_main:
+                    return
+                progress.update(task, completed=info_.step,
+                                description=f"finetuning: loss {info_.loss:.4f} topk {info_.topk:.3f}")
+                if not out.stderr.is_terminal and (info_.step % every == 0 or info_.step == info_.steps):
+                    out.log(f"step {info_.step}/{info_.steps}: loss {info_.loss:.5f}, topk {info_.topk:.3f}, "
+                            f"{info_.seconds:.1f} s")
+
+            result = run_finetune(model, info, source=model_path, dst=output, config=config, data=spec,
+                                  device=dev, group=group, force=force, resume=resume, backend=backend,
+                                  progress=report,
+                                  on_start=started)
+    finally:
+        shutdown(group)
+    if not group.is_main:
+        return
+    for warning in result.warnings:
+        out.warn(warning)
+    document = {"model": str(model_path), **result.to_dict()}
+    out.emit(document, lambda console: _render(console, model_path, result))
+
+
+def _render(console, model_path: Path, result: FinetuneResult) -> None:
+    console.print(_table(result, f"{model_path.name} → {result.output.name}: {result.stage} finetune"))
+    d = result.data
+    source = (f"image folder {d['path']} ({d['images']} images, {d['classes']} classes)" if d["source"] == "folder"
+              else f"{d['samples']} samples of the dense model ({d['sampling_steps']} Heun steps, random labels)")
+    console.print(f"data: {source}")
+    rate = f"{result.steps_per_second:.2f} steps/s" if result.steps_per_second else "no steps run"
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from is not None else ""
+    console.print(f"{result.steps_run} steps{resumed} in {result.seconds:.1f} s: {rate}, {result.world_size} "
+                  f"process(es), {result.backend} backend")
+    console.print(f"mean error against dense attention: {result.mean_error_before:.4f} → "
+                  f"{result.mean_error_after:.4f} ({result.error_reduction:.2f}x lower)")
+    console.print(f"wrote {result.output}")
+
+
+def _table(result: FinetuneResult, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in ("layer", "tokens", "kept / total", "error before", "error after", "x lower", "α mean [min, max]",
+                 "drift W_q", "drift W_k"):
+        table.add_column(name, justify="right")
+    for r in result.per_layer:
+        table.add_row(str(r["layer"]), str(r["tokens"]), f"{r['kept_blocks']}/{r['key_blocks']}",
+                      f"{r['error_before']:.4f}", f"{r['error_after']:.4f}",
+                      f"{r['error_before'] / max(r['error_after'], 1e-12):.2f}",
+                      f"{r['alpha_mean']:.3f} [{r['alpha_min']:.3f}, {r['alpha_max']:.3f}]",
+                      f"{r['router_drift_q']:.4f}", f"{r['router_drift_k']:.4f}")
+    return table

@@ -1,0 +1,471 @@
+"""The small trained JiT shipped inside the package, and `sla2 demo`'s pipeline over it.
+
+`sla2cli/assets/demo-jit.safetensors` is a class-conditional JiT (64x64 px, patch 2: 1024 image
+tokens + 8 in-context tokens, width 192, depth 6, 3 heads of 64) trained by
+`scripts/train_demo_model.py` on the procedural batik-like textures of `sla2cli.data.textures`.
+Its weight matrices are stored in float16 (vectors and the position table in float32) to keep the
+file under 10 MB; `load_model` reads a file of mixed dtypes into a float32 model.
+
+The demo (`run_step` over `STEPS`) converts it with the balanced preset, calibrates α, measures every
+converted layer against dense attention, runs fine-tuning, profiling and FID where those exist, and
+samples dense and SLA2 from the same seeds. Each step returns plain data; the command renders it.
+Evaluation data are textures of seed HELD_OUT_SEED (calibration and measurement, never seen in
+training) and the reference set `textures.reference_set` (regenerated on the spot; nothing stored).
+
+Library code: nothing here prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoints import file_sha256, load_model, save_model
+from .conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, resolve_settings, short_sequence_warnings
+from .data.textures import CLASS_NAMES, REFERENCE_SEED, reference_set, texture_batch
+from .diffusion import add_noise, velocity
+from .errors import CheckpointError, UsageError
+from .models.jit import JiT, JiTConfig
+from .sampling import paired_inputs, sample, to_uint8
+from .sla2.convert import apply_sla2, transformer_blocks
+from .sla2.probe import record_dense_qkv
+from .sla2.routing import num_blocks
+from .sla2.stats import calibrate_alpha, describe_layers, measure_layers
+
+DEMO_MODEL_PATH = Path(__file__).parent / "assets" / "demo-jit.safetensors"
+
+DEMO_CONFIG = JiTConfig(input_size=64, patch_size=2, in_channels=3, hidden_size=192, depth=6, num_heads=3,
+                        ffn_hidden_dim=512, num_classes=8, bottleneck_dim=16, in_context_len=8,
+                        in_context_start=2, noise_scale=1.0)
+
+# Where the held-out evaluation data comes from: the training run drew seed 0 only.
+HELD_OUT_SEED = 7_777
+
+
+def load_demo_model(device="cpu") -> tuple[JiT, object]:
+    """The shipped demo model (float32, eval mode) and its LoadInfo."""
+    if not DEMO_MODEL_PATH.exists():
+        raise CheckpointError(f"the demo model {DEMO_MODEL_PATH} is missing from this installation; "
+                              "reinstall sla2cli (pip install -e .)")
+    return load_model(DEMO_MODEL_PATH, device=device)
+
+
+def half_storage_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy whose weight matrices are float16 (vectors and `pos_embed` stay float32), for shipping.
+
+    A state_dict of mixed dtypes loads back into a float32 model (see `checkpoints._float_dtype`).
+    """
+    ship = copy.deepcopy(model).cpu().float()
+    for name, p in ship.named_parameters():
+        if p.dim() >= 2 and name != "pos_embed":
+            p.data = p.data.half()
+    return ship
+
+
+@torch.no_grad()
+def noised_batch(x: torch.Tensor, *, seed: int = 0, t: torch.Tensor | None = None,
+                 noise_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, t, ε) for clean images x: t from JiT's logit-normal unless given, both from `seed`."""
+    from .diffusion import sample_t
+
+    gen = torch.Generator().manual_seed(seed)
+    if t is None:
+        t = sample_t(x.shape[0], generator=gen)
+    eps = torch.randn(x.shape, generator=gen)
+    t, eps = t.to(x.device), eps.to(x.device, x.dtype)
+    return add_noise(x, t, eps, noise_scale), t, eps
+
+
+@torch.no_grad()
+def denoising_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0,
+                   t: torch.Tensor | None = None) -> float:
+    """JiT's training loss (MSE on the velocity of the x-prediction) on x noised reproducibly by `seed`."""
+    z, t, _ = noised_batch(x, seed=seed, t=t, noise_scale=getattr(model.config, "noise_scale", 1.0))
+    return _v_loss(model(z, t, y), x, z, t)
+
+
+def _v_loss(x_pred: torch.Tensor, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> float:
+    v_pred = velocity(x_pred.float(), z.float(), t)
+    v_true = velocity(x.float(), z.float(), t)
+    return (v_pred - v_true).pow(2).mean().item()
+
+
+@torch.no_grad()
+def attention_entropy(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                      layers: list[int] | None = None) -> dict[int, dict]:
+    """Per layer: mean entropy (nats) of each query's dense softmax attention, and log N for reference.
+
+    Uniform attention has entropy log N; a layer that attends locally or to a few tokens is far below.
+    """
+    layers = list(range(len(transformer_blocks(model)))) if layers is None else layers
+    qkv = record_dense_qkv(model, layers, z, t, y)
+    out = {}
+    for i in layers:
+        q, k, _ = qkv[i]
+        q, k = q.float(), k.float()
+        n = k.shape[-2]
+        entropies = []
+        for head in range(q.shape[1]):  # one head at a time: B×N×N stays small
+            logits = q[:, head] @ k[:, head].transpose(-1, -2) / math.sqrt(q.shape[-1])
+            logp = torch.log_softmax(logits, dim=-1)
+            entropies.append(-(logp.exp() * logp).sum(-1).mean(dim=(0, 1)))
+        per_head = torch.stack(entropies)
+        out[i] = {"tokens": n, "log_n": math.log(n), "entropy": per_head.mean().item(),
+                  "entropy_per_head": per_head.tolist()}
+    return out
+
+
+# --- the demo pipeline -------------------------------------------------------------------------
+
+MANIFEST = "sla2-demo.json"
+DEMO_PRESET = "balanced"
+CALIBRATION_OFFSET = 1_000  # calibration images are indices 1000.. of HELD_OUT_SEED; measurement uses 0..
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How much work each step does. `--fast` (for tests) trades the numbers' precision for time; on CUDA
+    there is time for more of everything."""
+
+    fast: bool
+    eval_images: int  # held-out noised textures for calibration, and again for measurement
+    samples: int  # paired dense / SLA2 samples (the grid, the paired comparison)
+    sample_steps: int  # Heun steps of the demo's sampler (no guidance)
+    sample_before_finetune: bool  # also sample the converted model before finetuning
+    finetune_steps: int
+    finetune_batch: int
+    finetune_lr: float
+    teacher_samples: int  # data-free finetune: the dense model's own samples (plus as many for evaluation)
+    teacher_steps: int
+    profile_ms: float  # time per latency measurement
+    fid_samples: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan_for(fast: bool, device: torch.device) -> DemoPlan:
+    """The demo's budget: under 3 minutes on a 2-core CPU (`--fast`: under one), 30 s on a GPU.
+
+    On a CPU the finetune is a token run (6 steps on 2 teacher samples: the per-layer error moves by a few
+    percent); on a GPU 60 steps on 16 samples visibly repair the samples (see docs/demo-dense-vs-sla2.png).
+    """
+    if device.type == "cuda":
+        return DemoPlan(fast=fast, eval_images=8, samples=8, sample_steps=10 if fast else 20,
+                        sample_before_finetune=True, finetune_steps=20 if fast else 60, finetune_batch=8,
+                        finetune_lr=2e-3, teacher_samples=16, teacher_steps=8, profile_ms=10.0 if fast else 30.0,
+                        fid_samples=32 if fast else 128)
+    if fast:
+        return DemoPlan(fast=True, eval_images=2, samples=4, sample_steps=3, sample_before_finetune=False,
+                        finetune_steps=2, finetune_batch=1, finetune_lr=1e-3, teacher_samples=1, teacher_steps=2,
+                        profile_ms=1.0, fid_samples=8)
+    return DemoPlan(fast=False, eval_images=2, samples=8, sample_steps=5, sample_before_finetune=True,
+                    finetune_steps=6, finetune_batch=2, finetune_lr=1e-3, teacher_samples=2, teacher_steps=3,
+                    profile_ms=10.0, fid_samples=16)
+
+
+@dataclass
+class Demo:
+    """State carried from step to step."""
+
+    out: Path
+    device: torch.device
+    plan: DemoPlan
+    seed: int = 0
+    dense: JiT | None = None
+    info: object = None
+    candidates: list[int] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    converted: JiT | None = None
+    tuned: JiT | None = None
+    results: dict = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+
+def prepare_out(out: Path) -> None:
+    """Create `out`, or reuse it if it is empty or was made by an earlier `sla2 demo`; never touch others."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise UsageError(f"--out {out} is not empty and was not made by 'sla2 demo'; choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps({"format": "sla2cli-demo", "complete": False}) + "\n")
+
+
+def load_backends(demo: Demo) -> None:
+    """On CUDA, register the Triton SLA2 kernels (the PyTorch reference serves where they cannot load)."""
+    if demo.device.type != "cuda":
+        return
+    try:
+        from . import kernels  # noqa: F401 - registers the "triton" backend
+    except Exception as exc:  # noqa: BLE001 - an optional backend must not stop the demo
+        demo.notices.append(f"Triton kernels unavailable ({type(exc).__name__}: {exc}); using the PyTorch reference")
+
+
+def implemented(command: str) -> bool:
+    """Whether `sla2 <command>` exists yet (its module is no longer the 'not implemented yet' placeholder)."""
+    module = importlib.import_module(f"sla2cli.commands.{command.replace('-', '_')}")
+    return "not implemented yet" not in (module.__doc__ or "")
+
+
+def _eval_batch(demo: Demo, offset: int = 0) -> tuple[torch.Tensor, ...]:
+    """(x, z, t, y): held-out textures, noised at t from JiT's training distribution; the same on every run."""
+    n = demo.plan.eval_images
+    x, y = texture_batch(torch.arange(offset, offset + n), seed=HELD_OUT_SEED)
+    z, t, _ = noised_batch(x, seed=demo.seed + offset)
+    return x.to(demo.device), z.to(demo.device), t.to(demo.device), y.to(demo.device)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def step_model(demo: Demo) -> dict:
+    """Load the shipped model; describe it; show that it is trained (v-loss) and attends sparsely (entropy)."""
+    demo.dense, demo.info = load_demo_model(device=demo.device)
+    cfg = demo.dense.config
+    x, z, t, y = _eval_batch(demo)
+    with torch.no_grad():
+        demo.cache["dense_out"] = demo.dense(z, t, y)
+    loss = _v_loss(demo.cache["dense_out"], x, z, t)
+    fixed_t = torch.full((min(2, x.shape[0]),), 0.6, device=demo.device)
+    z6, _, _ = noised_batch(x[: fixed_t.shape[0]], seed=demo.seed, t=fixed_t)
+    entropy = attention_entropy(demo.dense, z6, fixed_t, y[: fixed_t.shape[0]])
+    rows = describe_layers(demo.dense)
+    for r in rows:
+        e = entropy[r["layer"]]
+        n_k = num_blocks(r["tokens"], 64)
+        r.update({"attention_entropy": e["entropy"], "log_n": e["log_n"], "key_blocks_64": n_k})
+    prov = demo.info.provenance
+    return {"path": str(DEMO_MODEL_PATH), "config": cfg.to_dict(),
+            "parameters": sum(p.numel() for p in demo.dense.parameters()),
+            "file_bytes": DEMO_MODEL_PATH.stat().st_size, "classes": list(CLASS_NAMES),
+            "trained": {k: prov.get(k) for k in ("steps", "batch_size", "train_seconds", "device", "date")},
+            "held_out_v_loss": loss, "per_layer": rows}
+
+
+def step_plan_layers(demo: Demo) -> dict:
+    """Layers worth converting: those with enough key blocks for sparsity to pay off (as `sla2 convert` warns)."""
+    rows = describe_layers(demo.dense)
+    settings = resolve_settings(DEMO_PRESET)
+    demo.candidates = [r["layer"] for r in rows
+                       if num_blocks(r["tokens"], settings.block_k) >= MIN_KEY_BLOCKS_TO_PAY_OFF]
+    demo.layers = list(demo.candidates)
+    return {"candidates": demo.candidates,
+            "rule": f">= {MIN_KEY_BLOCKS_TO_PAY_OFF} key blocks of {settings.block_k} tokens",
+            "preset": DEMO_PRESET, "settings": settings.to_dict()}
+
+
+def step_profile(demo: Demo) -> dict:
+    """`sla2 profile` of the candidate conversion; its recommendation picks the layers to convert.
+
+    Where no layer is faster with SLA2 on this device (the PyTorch reference on a CPU never is), the demo
+    converts every candidate anyway so the rest of the pipeline has something to show, and says so.
+    """
+    from .profiling import Timer, profile_model
+
+    model = copy.deepcopy(demo.dense)
+    apply_sla2(model, demo.candidates, **resolve_settings(DEMO_PRESET).to_dict())
+    plan = demo.plan
+    dtype = torch.bfloat16 if demo.device.type == "cuda" else torch.float32
+    report = profile_model(model, device=demo.device, dtype=dtype, batch_size=1,
+                           timer=Timer(demo.device, warmup_ms=plan.profile_ms, rep_ms=plan.profile_ms,
+                                       min_run_time=plan.profile_ms / 1e3),
+                           seed=demo.seed, label=f"{DEMO_MODEL_PATH.name} (candidate layers, {DEMO_PRESET})")
+    del model
+    recommended = list(report["recommendation"]["convert"])
+    if recommended:
+        demo.layers = recommended
+    else:
+        demo.layers = list(demo.candidates)
+        demo.notices.append(f"the profile recommends keeping every layer dense on {demo.device.type} "
+                            f"({report['recommendation']['summary']}); the demo converts layers "
+                            f"{', '.join(map(str, demo.layers))} anyway to show the rest of the pipeline")
+    return report
+
+
+def _calibrated_copy(demo: Demo, layers: list[int]) -> tuple[JiT, dict]:
+    model = copy.deepcopy(demo.dense)
+    settings = resolve_settings(DEMO_PRESET)
+    apply_sla2(model, layers, **settings.to_dict())
+    _, z, t, y = _eval_batch(demo, CALIBRATION_OFFSET)
+    alpha = calibrate_alpha(model, z, t, y) if layers else {}
+    return model.eval(), {i: a.flatten().tolist() for i, a in alpha.items()}
+
+
+def step_convert(demo: Demo) -> dict:
+    """`sla2 convert --preset balanced`, α calibrated on held-out textures, written to --out."""
+    demo.converted, alpha = _calibrated_copy(demo, demo.layers)
+    dst = demo.out / "demo-jit-sla2.safetensors"
+    provenance = {"source": DEMO_MODEL_PATH.name, "source_sha256": file_sha256(DEMO_MODEL_PATH),
+                  "weights": demo.info.weights, "sla2cli_version": __version__, "preset": DEMO_PRESET,
+                  "calibration": f"{demo.plan.eval_images} held-out textures (seed {HELD_OUT_SEED}), noised at "
+                                 "JiT's training t", "history": demo.info.provenance}
+    save_model(demo.converted, dst, provenance=provenance, force=True)
+    demo.files["converted"] = str(dst)
+    rows = describe_layers(demo.converted)
+    settings = resolve_settings(DEMO_PRESET)
+    return {"layers": demo.layers, "settings": settings.to_dict(), "calibrated_alpha": alpha, "per_layer": rows,
+            "output": str(dst), "warnings": short_sequence_warnings(rows, settings.block_k)}
+
+
+def _measure(demo: Demo, model: JiT) -> dict:
+    """Per converted layer: kept fraction, captured mass, output error vs dense; and the whole model's."""
+    x, z, t, y = _eval_batch(demo)
+    per_layer = measure_layers(model, z, t, y)
+    with torch.no_grad():
+        if "dense_out" not in demo.cache:
+            demo.cache["dense_out"] = demo.dense(z, t, y)
+        dense_out = demo.cache["dense_out"]
+        out = model(z, t, y)
+    return {"per_layer": per_layer, "model_relative_error": _relative_error(out, dense_out),
+            "held_out_v_loss": _v_loss(out, x, z, t), "dense_held_out_v_loss": _v_loss(dense_out, x, z, t)}
+
+
+def step_finetune(demo: Demo) -> dict:
+    """`sla2 finetune`, a short data-free run (stage 1: router W_q, W_k and α against dense attention)."""
+    from .finetune import DataSpec, FinetuneConfig, run_finetune
+
+    plan = demo.plan
+    src = Path(demo.files["converted"])
+    dst = demo.out / "demo-jit-sla2-finetuned.safetensors"
+    model, info = load_model(src)
+    config = FinetuneConfig(steps=plan.finetune_steps, batch_size=plan.finetune_batch, lr=plan.finetune_lr,
+                            eval_samples=plan.teacher_samples, save_every=0, seed=demo.seed)
+    result = run_finetune(model, info, source=src, dst=dst, config=config, device=demo.device, force=True,
+                          data=DataSpec(teacher_samples=plan.teacher_samples, sampling_steps=plan.teacher_steps))
+    demo.tuned = model.to(demo.device).eval()
+    demo.files["finetuned"] = str(dst)
+    worse = [r for r in result.per_layer if r["error_after"] > r["error_before"] * 1.05]
+    if worse:
+        demo.notices.append("the short finetune raised the attention error of layer(s) " + ", ".join(
+            f"{r['layer']} ({r['error_before']:.3f} → {r['error_after']:.3f})" for r in worse)
+            + "; a real run needs more steps and samples (sla2 finetune --steps 200 --data-free-samples 64)")
+    return result.to_dict()
+
+
+def step_measure(demo: Demo) -> dict:
+    """`sla2 stats --measure` on the converted (and the finetuned) model, on held-out noised textures."""
+    record = {"converted": _measure(demo, demo.converted)}
+    if demo.tuned is not None:
+        record["finetuned"] = _measure(demo, demo.tuned)
+    return record
+
+
+def _grid(rows: list[tuple[str, torch.Tensor]], labels: torch.Tensor, path: Path) -> None:
+    """A PNG: one row per model, one column per seed, class names on top; nearest-neighbour upscaled 2x."""
+    from PIL import Image, ImageDraw
+
+    s, pad, left, head = 64, 14, 172, 16
+    n = labels.shape[0]
+    canvas = Image.new("RGB", (left + n * (s + pad), head + len(rows) * (s + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, c in enumerate(labels.tolist()):
+        draw.text((left + j * (s + pad), 2), CLASS_NAMES[c], fill=(0, 0, 0))
+    for i, (name, images) in enumerate(rows):
+        top = head + i * (s + pad)
+        draw.text((4, top + s // 2 - 6), name, fill=(0, 0, 0))
+        pixels = to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()
+        for j in range(n):
+            canvas.paste(Image.fromarray(pixels[j]), (left + j * (s + pad), top))
+    canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST).save(path)
+
+
+def _paired(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """PSNR (dB) and MAE per image between two sample sets on the uint8 grid, as `eval-fid --compare-to`."""
+    from .metrics.paired import image_errors, psnr
+
+    pa, pb = (to_uint8(v.cpu()).permute(0, 2, 3, 1).numpy() for v in (a, b))
+    errors = [image_errors(pa[i], pb[i]) for i in range(pa.shape[0])]
+    psnrs = [psnr(mse) for _, mse in errors]
+    finite = [p for p in psnrs if math.isfinite(p)]
+    return {"pairs": len(errors), "mae_mean": sum(e[0] for e in errors) / len(errors),
+            "psnr_mean": sum(finite) / len(finite) if finite else None, "psnr_worst": min(finite) if finite else None,
+            "identical": len(psnrs) - len(finite)}
+
+
+def step_samples(demo: Demo) -> dict:
+    """Dense and SLA2 samples from the same seeds (noise and label per index): a PNG grid and PSNR/MAE."""
+    plan = demo.plan
+    cfg = demo.dense.config
+    noise, labels = paired_inputs(demo.seed, range(plan.samples), (cfg.in_channels, cfg.input_size, cfg.input_size),
+                                  cfg.num_classes, cfg.noise_scale)
+    noise, labels = noise.to(demo.device), labels.to(demo.device)
+    models = [("dense", demo.dense)]
+    if demo.tuned is None or plan.sample_before_finetune:
+        models.append((f"SLA2 {DEMO_PRESET}", demo.converted))
+    if demo.tuned is not None:
+        models.append(("SLA2 finetuned", demo.tuned))
+    images = {}
+    for name, model in models:
+        images[name] = sample(model, noise, labels, steps=plan.sample_steps, cfg=1.0)
+    rows = list(images.items())
+    best = rows[-1][0]
+    rows.append((f"|dense - {best}| x4", (images["dense"] - images[best]).abs() * 4 - 1))
+    path = demo.out / "dense-vs-sla2.png"
+    _grid(rows, labels.cpu(), path)
+    demo.files["grid"] = str(path)
+    dense_images = images["dense"]
+    paired = {name: _paired(imgs, dense_images) for name, imgs in images.items() if name != "dense"}
+    return {"samples": plan.samples, "steps": plan.sample_steps, "cfg": 1.0, "seed": demo.seed,
+            "labels": labels.tolist(), "paired_vs_dense": paired, "grid": str(path)}
+
+
+def _write_reference(folder: Path, count: int) -> Path:
+    """The reference set as PNGs (`{index:06d}.png`), the form `eval-fid --ref` reads."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = reference_set(count)
+    for i, img in enumerate(to_uint8(images).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(img).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def step_fid(demo: Demo) -> dict:
+    """`sla2 eval-fid` of the SLA2 model against the reference textures, paired with the dense model.
+
+    FID needs torch-fidelity's Inception weights; the demo never downloads, so without them it says so and
+    the paired comparison of the samples step stands in.
+    """
+    from .errors import SLA2Error
+    from .metrics import EvalRequest, evaluate, resolve_weights
+
+    try:
+        weights = resolve_weights(None, allow_download=False)
+    except SLA2Error as exc:
+        notice = (f"FID skipped: {exc}. The paired comparison with the dense model (PSNR/MAE of samples from "
+                  f"the same seeds, above) stands in for it")
+        demo.notices.append(notice)
+        return {"fid": None, "notice": notice}
+    plan = demo.plan
+    model = Path(demo.files.get("finetuned") or demo.files["converted"])
+    reference = _write_reference(demo.out / "reference", plan.fid_samples)
+    request = EvalRequest(model=model, num_samples=plan.fid_samples, ref=str(reference),
+                          out=demo.out / f"samples-{model.stem}", steps=plan.sample_steps, cfg=1.0,
+                          batch_size=min(64, plan.fid_samples), seed=demo.seed, inception_weights=weights,
+                          compare_to=DEMO_MODEL_PATH, device=demo.device, dtype=torch.float32)
+    report = evaluate(request)
+    report["reference_set"] = (f"{plan.fid_samples} textures of seed {REFERENCE_SEED} "
+                               f"(sla2cli.data.textures.reference_set), written to {reference}")
+    return report
+
+
+def write_manifest(demo: Demo, timings: dict[str, float]) -> Path:
+    path = demo.out / MANIFEST
+    document = {"format": "sla2cli-demo", "complete": True, "plan": demo.plan.to_dict(), "device": str(demo.device),
+                "seed": demo.seed, "layers": demo.layers, "files": demo.files, "notices": demo.notices,
+                "seconds": timings, "results": demo.results}
+    path.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    return path

@@ -1,0 +1,138 @@
+"""The losses: layer-local distillation of the router and α (stage 1), JiT's v-loss (stage 2).
+
+Stage 1 compares each converted layer's SLA2 output with dense attention on the dense teacher's own
+q, k, v at that layer, so errors of earlier layers do not compound and every layer trains at once.
+Losses are means over samples of per-sample quantities: K processes averaging their gradients then
+give exactly the gradient of one process holding the whole batch.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diffusion import velocity
+from ..sla2.attention import SLA2Attention
+from ..sla2.convert import transformer_blocks
+from ..sla2.probe import dense_cores
+from .softtopk import soft_topk_attention
+
+
+def _touch(params) -> torch.Tensor:
+    """0 × every trainable parameter: a step where nothing is routed (topk 1 keeps every block) still has
+    a gradient (of zeros), so the optimiser and DistributedDataParallel see every parameter every step."""
+    params = [p for p in params if p.requires_grad]
+    return torch.stack([p.sum() for p in params]).sum() * 0.0 if params else torch.zeros(())
+
+
+def relative_squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sample (dim 0): ‖out − target‖² / ‖target‖², in float32."""
+    out, target = out.float(), target.float()
+    err = (out - target).flatten(1).square().sum(1)
+    return err / target.flatten(1).square().sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@torch.no_grad()
+def teacher_pass(model: nn.Module, layers, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    """Run the model with every layer dense: each of `layers`' (q, k, v) and the final x-prediction."""
+    captured: dict[int, tuple] = {}
+    with dense_cores(model):
+        blocks = transformer_blocks(model)
+        handles = [blocks[i].attn.core.register_forward_hook(
+            lambda _m, inputs, _out, i=i: captured.__setitem__(i, tuple(a.detach() for a in inputs)))
+            for i in layers]
+        try:
+            out = model(z, t, y)
+        finally:
+            for h in handles:
+                h.remove()
+    return captured, out
+
+
+class _SoftTopkCore(nn.Module):
+    """Stands in for an SLA2 core during an end-to-end pass: the same parameters, SoftTop-k gradients."""
+
+    def __init__(self, core: SLA2Attention, topk: float, tau: float):
+        super().__init__()
+        self.core, self.topk, self.tau = core, topk, tau
+
+    def forward(self, q, k, v):
+        return soft_topk_attention(self.core, q, k, v, topk=self.topk, tau=self.tau)
+
+
+@contextmanager
+def soft_topk_cores(model: nn.Module, cores: dict[int, SLA2Attention], topk: dict[int, float], tau: float):
+    blocks = transformer_blocks(model)
+    for i, core in cores.items():
+        blocks[i].attn.core = _SoftTopkCore(core, topk[i], tau)
+    try:
+        yield model
+    finally:
+        for i, core in cores.items():
+            blocks[i].attn.core = core
+
+
+class RouterDistillation(nn.Module):
+    """Stage 1's trainable part (each converted layer's W_q, W_k, α) and its loss.
+
+    forward(qkv, topk, ...) → (loss, per-layer losses, end-to-end loss): the mean over layers of the
+    relative squared error of SLA2 against dense attention on the teacher's q, k, v, plus
+    `e2e_weight` × the relative squared error of the whole model's output against the dense teacher's.
+    """
+
+    def __init__(self, model: nn.Module, cores: dict[int, SLA2Attention]):
+        super().__init__()
+        self.layers = sorted(cores)
+        self.cores = nn.ModuleDict({str(i): cores[i] for i in self.layers})
+        self._model = (model,)  # not a submodule: its frozen weights are no part of what trains
+
+    def forward(self, qkv: dict, topk: dict[int, float], tau: float, e2e_weight: float = 0.0, z=None, t=None,
+                y=None, teacher_out=None, autocast=None):
+        per_layer = []
+        for i in self.layers:
+            q, k, v = qkv[i]
+            target = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            out = soft_topk_attention(self.cores[str(i)], q, k, v, topk=topk[i], tau=tau)
+            per_layer.append(relative_squared_error(out, target).mean())
+        per_layer = torch.stack(per_layer)
+        loss = per_layer.mean() + _touch(self.parameters())
+        e2e = torch.zeros((), device=loss.device)
+        if e2e_weight > 0:
+            model = self._model[0]
+            cores = {i: self.cores[str(i)] for i in self.layers}
+            with soft_topk_cores(model, cores, topk, tau), autocast():
+                pred = model(z, t, y)
+            e2e = relative_squared_error(pred, teacher_out).mean()
+            loss = loss + e2e_weight * e2e
+        return loss, per_layer.detach(), e2e.detach()
+
+
+def v_loss(pred: torch.Tensor, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """JiT's training loss per sample: mean squared error of v = (x − z)/(1 − t) against the prediction's."""
+    v_pred, v_true = velocity(pred.float(), z.float(), t.float()), velocity(x.float(), z.float(), t.float())
+    return (v_pred - v_true).flatten(1).square().mean(1)
+
+
+class FullFinetune(nn.Module):
+    """Stage 2: every weight but the router, JiT's v-loss (+ `e2e_weight` × error against a dense teacher)."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self._teacher = (teacher,)
+
+    def forward(self, x, z, t, y, e2e_weight: float = 0.0, autocast=None):
+        with autocast():
+            pred = self.model(z, t, y)
+        loss = v_loss(pred, x, z, t).mean() + _touch(p for n, p in self.model.named_parameters()
+                                                     if n.endswith("alpha_logit"))
+        e2e = torch.zeros((), device=loss.device)
+        if e2e_weight > 0:
+            with torch.no_grad(), autocast():
+                target = self._teacher[0](z, t, y)
+            e2e = relative_squared_error(pred, target).mean()
+            loss = loss + e2e_weight * e2e
+        return loss, loss.detach()[None], e2e.detach()

@@ -1,0 +1,151 @@
+"""Training inputs: clean images (an image folder, or the dense teacher's own samples), noised as JiT does.
+
+Every random draw is a pure function of (seed, stream, global sample position): which image a step
+uses, its t and its noise. A run therefore needs no RNG state to resume exactly, and K processes
+that each take their slice of the global batch see the very samples one process would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+from ..data.images import ImageFolder
+from ..diffusion import add_noise, sample_t
+from ..distributed import ProcessGroup
+from ..sampling import sample
+from ..sla2.probe import dense_cores
+from .config import DataSpec
+
+STREAM_ORDER, STREAM_NOISE, STREAM_EVAL, STREAM_EVAL_NOISE, STREAM_POOL = range(5)
+SAMPLING_BATCH = 16  # the teacher samples its pool this many images at a time (or the training batch, if larger)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (a hash, so nearby inputs give unrelated streams)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def generator(device: torch.device, *parts: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(mix_seed(*parts))
+
+
+class _Shuffled:
+    """Position p of an endless stream → item index: a fresh permutation of n items every epoch."""
+
+    def __init__(self, n: int, seed: int, stream: int):
+        self.n, self.seed, self.stream = n, seed, stream
+        self._perm = lru_cache(maxsize=4)(self._permutation)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=generator(torch.device("cpu"), self.seed, self.stream, epoch))
+
+    def __call__(self, positions) -> list[int]:
+        return [int(self._perm(p // self.n)[p % self.n]) for p in positions]
+
+
+class FolderSource:
+    """Images of a folder (class sub-folders or one class), shuffled per epoch; evaluation on a fixed subset."""
+
+    kind = "folder"
+
+    def __init__(self, folder: ImageFolder, seed: int, eval_samples: int):
+        self.folder = folder
+        self.order = _Shuffled(len(folder), seed, STREAM_ORDER)
+        self.eval_indices = _Shuffled(len(folder), seed, STREAM_EVAL)(range(eval_samples))
+
+    def describe(self) -> dict:
+        return {"source": "folder", "path": str(self.folder.root), "images": len(self.folder),
+                "classes": len(self.folder.classes), "resolution": self.folder.resolution}
+
+    def train_batch(self, positions, device) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.folder.batch(self.order(positions))
+        return x.to(device), y.to(device)
+
+    def eval_batch(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.folder.batch(self.eval_indices)
+        return x.to(device), y.to(device)
+
+
+class TeacherSource:
+    """A pool of the dense teacher's own samples (random labels), drawn once; the last `eval_samples` evaluate."""
+
+    kind = "teacher"
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int, eval_samples: int, sampling_steps: int):
+        self.train_x, self.train_y = images[:-eval_samples], labels[:-eval_samples]
+        self.eval_x, self.eval_y = images[-eval_samples:], labels[-eval_samples:]
+        self.order = _Shuffled(len(self.train_x), seed, STREAM_ORDER)
+        self.sampling_steps = sampling_steps
+
+    def describe(self) -> dict:
+        return {"source": "teacher", "samples": len(self.train_x), "sampling_steps": self.sampling_steps,
+                "sampler": "heun", "labels": "uniform random"}
+
+    def train_batch(self, positions, device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor(self.order(positions), dtype=torch.long, device=self.train_x.device)
+        return self.train_x[idx].to(device), self.train_y[idx].to(device)
+
+    def eval_batch(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.eval_x.to(device), self.eval_y.to(device)
+
+
+@torch.no_grad()
+def teacher_samples(model, count: int, *, steps: int, seed: int, device: torch.device, batch_size: int,
+                    group: ProcessGroup, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` samples of the dense model (Heun, `steps` steps, uniform random labels), clamped to [-1, 1].
+
+    Sample i's label and noise depend on (seed, i) only. Under torchrun each rank draws a contiguous
+    share and the shares are gathered, so every rank holds the same pool.
+    """
+    cfg = model.config
+    share = math.ceil(count / group.world_size)
+    mine = range(group.rank * share, min(count, (group.rank + 1) * share))
+    images = torch.zeros(share, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+    labels = torch.zeros(share, dtype=torch.long, device=device)
+    for i0 in range(0, len(mine), batch_size):
+        chunk = mine[i0:i0 + batch_size]
+        gens = [generator(device, seed, STREAM_POOL, i) for i in chunk]
+        y = torch.stack([torch.randint(0, cfg.num_classes, (), generator=g, device=device) for g in gens])
+        noise = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g,
+                                         device=device) for g in gens]) * cfg.noise_scale
+        with dense_cores(model), autocast():
+            x = sample(model, noise, y, steps=steps)
+        images[i0:i0 + len(chunk)] = x.float().clamp(-1, 1)
+        labels[i0:i0 + len(chunk)] = y
+    if group.distributed:
+        gathered_x = [torch.empty_like(images) for _ in range(group.world_size)]
+        gathered_y = [torch.empty_like(labels) for _ in range(group.world_size)]
+        dist.all_gather(gathered_x, images)
+        dist.all_gather(gathered_y, labels)
+        images, labels = torch.cat(gathered_x), torch.cat(gathered_y)
+    return images[:count], labels[:count]
+
+
+def build_source(model, spec: DataSpec, *, seed: int, eval_samples: int, device: torch.device, batch_size: int,
+                 group: ProcessGroup, autocast, folder: ImageFolder | None = None):
+    """The run's source of clean images; `batch_size` bounds the teacher's sampling batch (at least 16)."""
+    if spec.kind == "folder":
+        return FolderSource(folder, seed, eval_samples)
+    x, y = teacher_samples(model, spec.teacher_samples + eval_samples, steps=spec.sampling_steps, seed=seed,
+                           device=device, batch_size=max(batch_size, SAMPLING_BATCH), group=group, autocast=autocast)
+    return TeacherSource(x, y, seed, eval_samples, spec.sampling_steps)
+
+
+def noised(x: torch.Tensor, positions, *, seed: int, stream: int, noise_scale: float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z = t·x + (1−t)·ε·noise_scale with t from JiT's logit-normal and ε normal, both keyed by position."""
+    device = x.device
+    ts, eps = [], []
+    for p in positions:
+        g = generator(device, seed, stream, p)
+        ts.append(sample_t(1, generator=g, device=device))
+        eps.append(torch.randn(x.shape[1:], generator=g, device=device))
+    t = torch.cat(ts) if ts else torch.empty(0, device=device)
+    noise = torch.stack(eps) if eps else torch.empty_like(x)
+    return add_noise(x, t.to(x.dtype), noise.to(x.dtype), noise_scale), t, noise

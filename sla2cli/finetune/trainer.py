@@ -1,0 +1,354 @@
+"""The finetune loop: stage 1 (router and α against dense attention) or stage 2 (`full`), resumable,
+data-parallel under torchrun.
+
+Order of work: check every input (nothing is written before), load or start the state, measure the
+per-layer error against dense attention on a fixed evaluation batch, train, measure again, write the
+output atomically (rank 0), and remove the resumable state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import __version__
+from ..checkpoints import LoadInfo, check_output, file_sha256, save_model
+from ..data.images import ImageFolder
+from ..distributed import ProcessGroup, barrier
+from ..errors import SLA2Error, UsageError
+from ..models.jit import JiT
+from ..sla2 import attention as sla2_attention_module
+from ..sla2.convert import layer_tokens, remove_sla2, sla2_layers
+from ..sla2.routing import keep_count, num_blocks
+from ..sla2.stats import measure_layers
+from .config import DataSpec, FinetuneConfig
+from .objectives import FullFinetune, RouterDistillation, teacher_pass
+from .sources import STREAM_EVAL_NOISE, STREAM_NOISE, build_source, noised
+from .state import check_resumable, load_state, restore_rng, rng_states, save_state, state_path
+
+ROUTER_PARAMS = ("proj_q", "proj_k")
+ALPHA_LR_SCALE = 10.0
+
+
+@dataclass
+class StepInfo:
+    """What the loop reports after each step (global values, averaged over ranks)."""
+
+    step: int
+    steps: int
+    loss: float
+    topk: float
+    per_layer: list[float]
+    seconds: float
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    stage: str
+    layers: list[int]
+    data: dict
+    options: dict
+    per_layer: list[dict]
+    loss_history: list[float]
+    steps_run: int
+    resumed_from: int | None
+    steps_per_second: float | None
+    seconds: float
+    world_size: int
+    backend: str
+    state_file: Path
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def mean_error_before(self) -> float:
+        return _mean([r["error_before"] for r in self.per_layer])
+
+    @property
+    def mean_error_after(self) -> float:
+        return _mean([r["error_after"] for r in self.per_layer])
+
+    @property
+    def error_reduction(self) -> float:
+        return self.mean_error_before / max(self.mean_error_after, 1e-12)
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.output), "stage": self.stage, "layers": self.layers, "data": self.data,
+                "options": self.options, "steps_run": self.steps_run, "resumed_from": self.resumed_from,
+                "steps_per_second": self.steps_per_second, "seconds": self.seconds, "world_size": self.world_size,
+                "backend": self.backend, "mean_error_before": self.mean_error_before,
+                "mean_error_after": self.mean_error_after, "error_reduction": self.error_reduction,
+                "per_layer": self.per_layer, "loss_history": self.loss_history, "warnings": self.warnings}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _kept_note(saved: int | None, spath: Path) -> str:
+    if saved is None:
+        return "nothing was written"
+    return f"nothing was written; the state of step {saved} in {spath} is intact (--resume continues from it)"
+
+
+def _data_options(spec: DataSpec) -> dict:
+    if spec.kind == "folder":
+        return {"source": "folder", "path": str(Path(spec.folder).resolve()), "class_index": spec.class_index}
+    return {"source": "teacher", "samples": spec.teacher_samples, "sampling_steps": spec.sampling_steps}
+
+
+def _load_kernels(device: torch.device) -> list[str]:
+    """Register the Triton backend on CUDA (the reference serves until it exists)."""
+    if device.type != "cuda":
+        return []
+    try:
+        import sla2cli.kernels  # noqa: F401 - registers the "triton" backend
+    except Exception as exc:  # noqa: BLE001 - a broken optional backend must not stop training
+        return [f"Triton kernels unavailable ({type(exc).__name__}: {exc}); using the PyTorch reference"]
+    return []
+
+
+def _backend_in_use(cores, device: torch.device) -> str:
+    backend = next(iter(cores.values())).backend
+    if backend != "auto":
+        return backend
+    return "triton" if device.type == "cuda" and "triton" in sla2_attention_module._BACKENDS else "torch"
+
+
+def _trainable(model: JiT, cores, full: bool) -> list[tuple[str, torch.nn.Parameter]]:
+    """Stage 1: each converted layer's W_q, W_k, α. Stage 2: every weight but the router (and fixed positions)."""
+    model.requires_grad_(False)
+    if full:
+        for name, p in model.named_parameters():
+            if name != "pos_embed" and name.rsplit(".", 1)[-1] not in ROUTER_PARAMS:
+                p.requires_grad_(True)
+    else:
+        for core in cores.values():
+            core.requires_grad_(True)
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _param_groups(named, config: FinetuneConfig) -> list[dict]:
+    """α logits learn ALPHA_LR_SCALE times faster in stage 1: a logit must travel a few units (α from its
+    0.9 default to the captured mass), a router entry only a few hundredths."""
+    lr = config.learning_rate
+    alpha = [p for name, p in named if name.endswith("alpha_logit")]
+    rest = [p for name, p in named if not name.endswith("alpha_logit")]
+    groups = [{"params": rest, "lr": lr}] if rest else []
+    if alpha:
+        groups.append({"params": alpha, "lr": lr if config.full else lr * ALPHA_LR_SCALE})
+    return groups
+
+
+def _measure(model, z, t, y) -> dict[int, dict]:
+    """Per-layer error against dense attention, always in float32: it measures SLA2, not rounding."""
+    return {r["layer"]: r for r in measure_layers(model, z, t, y)}
+
+
+def _set_topk(cores, topk: dict[int, float]) -> None:
+    for i, core in cores.items():
+        if core.config.topk != topk[i]:
+            core.config = dataclasses.replace(core.config, topk=topk[i])
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def _provenance(info: LoadInfo, source: Path, source_sha: str, options: dict, data: dict, rows: list[dict],
+                world: int) -> dict:
+    record = {"input": source.name, "input_sha256": source_sha, "stage": options["stage"], "steps": options["steps"],
+              "batch_size": options["batch_size"], "lr": options["lr"], "tau": options["tau"],
+              "topk_schedule": options["topk_schedule"], "e2e_weight": options["e2e_weight"], "seed": options["seed"],
+              "dtype": options["dtype"], "world_size": world, "data": data,
+              "errors": {str(r["layer"]): {"before": r["error_before"], "after": r["error_after"]} for r in rows},
+              "sla2cli_version": __version__,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    provenance = dict(info.provenance)
+    if "finetune" in provenance:
+        record["previous"] = provenance["finetune"]
+    provenance["finetune"] = record
+    return provenance
+
+
+def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config: FinetuneConfig, data: DataSpec,
+                 device: torch.device, group: ProcessGroup = ProcessGroup(), force: bool = False,
+                 resume: bool = False, backend: str | None = None, progress: Callable[[StepInfo], None] | None = None,
+                 on_start: Callable[[dict], None] | None = None) -> FinetuneResult:
+    """Finetune `model` (loaded from `source`) and write it to `dst`; see the module docstring for the order.
+
+    `backend` picks the SLA2 implementation the converted layers train with (None: as loaded, "auto").
+    `on_start(summary)` is called once every input has been checked (before any slow work), `progress`
+    after every step.
+    """
+    source, dst = Path(source), Path(dst)
+    cores = sla2_layers(model)
+    if not cores:
+        raise UsageError(f"{source.name} has no SLA2 layers to finetune; convert it first "
+                         f"(sla2 convert {source.name} -o SLA2.safetensors --layers ...)")
+    if config.batch_size % group.world_size:
+        raise UsageError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
+                         f"{group.world_size} processes")
+    check_output(dst, force, (source,))
+    spath = state_path(dst)
+    if resume and not spath.exists():
+        raise UsageError(f"--resume: there is no saved state {spath}; run without --resume to start")
+    if not resume and spath.exists() and not force:
+        raise UsageError(f"{spath} holds the state of an interrupted finetune; pass --resume to continue it, or "
+                         f"--force to start over")
+    folder = None
+    if data.kind == "folder":
+        folder = ImageFolder.open(data.folder, model.config.input_size, class_index=data.class_index,
+                                  num_classes=model.config.num_classes)
+    source_sha = file_sha256(source)
+    options = {**config.to_dict(), "stage": config.stage, "data": _data_options(data)}
+    state = load_state(spath) if resume else None
+    if state is not None:
+        check_resumable(state, options, source_sha, spath)
+
+    if on_start is not None:
+        on_start({"stage": config.stage, "layers": sorted(cores), "resume_step": None if state is None else state["step"],
+                  "data": _data_options(data), "world_size": group.world_size})
+    warnings = _load_kernels(device)
+    if backend is not None:
+        for core in cores.values():
+            core.backend = backend
+    layers = sorted(cores)
+    stored_dtype = next(model.parameters()).dtype
+    model.to(device=device, dtype=torch.float32)  # fp32 master weights; --dtype bf16 computes under autocast
+    autocast = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
+    target = {i: config.topk_schedule.end if config.topk_schedule else cores[i].config.topk for i in layers}
+    _set_topk(cores, target)
+    teacher = None
+    if config.full and config.e2e_weight > 0:
+        teacher = copy.deepcopy(model)
+        remove_sla2(teacher)
+        teacher.requires_grad_(False)
+    named = _trainable(model, cores, config.full)
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(_param_groups(named, config), weight_decay=0.0,
+                                  betas=(0.9, 0.95) if config.full else (0.9, 0.999))
+
+    per_rank = config.batch_size // group.world_size
+    src = build_source(model, data, seed=config.seed, eval_samples=config.eval_samples, device=device,
+                       batch_size=per_rank, group=group, autocast=autocast, folder=folder)
+    noise_scale = model.config.noise_scale
+    x_eval, y_eval = src.eval_batch(device)
+    z_eval, t_eval, _ = noised(x_eval, range(config.eval_samples), seed=config.seed, stream=STREAM_EVAL_NOISE,
+                               noise_scale=noise_scale)
+
+    start, history, before = 0, [], None
+    if state is not None:
+        start, history, before = state["step"], list(state["history"]), state["errors_before"]
+        weights = state["weights"]
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(weights[name])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], device)
+    elif group.is_main:
+        before = _measure(model, z_eval, t_eval, y_eval)
+
+    module = FullFinetune(model, teacher) if config.full else RouterDistillation(model, cores)
+    runner = module
+    if group.distributed:
+        runner = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(step: int) -> None:
+        if group.is_main:
+            save_state(spath, {
+                "step": step, "options": options, "source_sha256": source_sha, "history": history,
+                "errors_before": before, "weights": {name: p.detach().cpu() for name, p in named},
+                "optimizer": optimizer.state_dict(), "rng": rng_states(device)})
+        barrier(group)
+
+    began = time.perf_counter()
+    after_first = None
+    saved = start if state is not None else None
+    for step in range(start, config.steps):
+        topk = {i: config.topk_at(step, target[i]) for i in layers}
+        lo = step * config.batch_size + group.rank * per_rank
+        positions = range(lo, lo + per_rank)
+        x, y = src.train_batch(positions, device)
+        z, t, _ = noised(x, positions, seed=config.seed, stream=STREAM_NOISE, noise_scale=noise_scale)
+        if config.full:
+            _set_topk(cores, topk)
+            loss, parts, e2e = runner(x, z, t, y, config.e2e_weight, autocast)
+        else:
+            with autocast():
+                qkv, teacher_out = teacher_pass(model, layers, z, t, y)
+            loss, parts, e2e = runner(qkv, topk, config.tau, config.e2e_weight, z, t, y, teacher_out, autocast)
+        report = torch.cat([loss.detach().float()[None], parts.float(), e2e.float()[None]])
+        if group.distributed:
+            dist.all_reduce(report)
+            report /= group.world_size
+        if not torch.isfinite(report).all():
+            raise SLA2Error(f"the loss became {report[0].item()} at step {step + 1}; {_kept_note(saved, spath)}; "
+                            f"lower --lr or use --dtype fp32")
+        loss.backward()
+        norm = _grad_norm(params)
+        if not torch.isfinite(norm):
+            raise SLA2Error(f"the gradients became {norm.item()} at step {step + 1}; {_kept_note(saved, spath)}; "
+                            f"lower --lr or use --dtype fp32")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(report[0].item())
+        done = step + 1
+        if after_first is None:
+            after_first = time.perf_counter()
+        if config.save_every and done % config.save_every == 0 and done < config.steps:
+            save(done)
+            saved = done
+        if progress is not None:
+            progress(StepInfo(step=done, steps=config.steps, loss=history[-1],
+                              topk=sum(topk.values()) / len(topk),
+                              per_layer=report[1:1 + len(parts)].tolist(), seconds=time.perf_counter() - began))
+    ended = time.perf_counter()
+    steps_run = config.steps - start
+    rate = None
+    if steps_run >= 2:
+        rate = (steps_run - 1) / (ended - after_first)
+    elif steps_run == 1:
+        rate = 1 / (ended - began)
+
+    _set_topk(cores, target)
+    model.requires_grad_(False)
+    rows = []
+    if group.is_main:
+        after = _measure(model, z_eval, t_eval, y_eval)
+        for i in layers:
+            tokens = layer_tokens(model, i)
+            n_k = num_blocks(tokens, cores[i].config.block_k)
+            alpha = cores[i].alpha.detach().float()
+            eye = torch.eye(cores[i].proj_q.shape[0], device=alpha.device)
+            rows.append({
+                "layer": i, "tokens": tokens, "topk": target[i], "kept_blocks": keep_count(target[i], n_k),
+                "key_blocks": n_k, "error_before": before[i]["relative_error"], "error_after": after[i]["relative_error"],
+                "captured_mass": after[i]["captured_mass"], "alpha_mean": alpha.mean().item(),
+                "alpha_min": alpha.min().item(), "alpha_max": alpha.max().item(),
+                "router_drift_q": ((cores[i].proj_q.detach().float() - eye).norm() / eye.norm()).item(),
+                "router_drift_k": ((cores[i].proj_k.detach().float() - eye).norm() / eye.norm()).item()})
+        model.to(dtype=stored_dtype)
+        provenance = _provenance(info, source, source_sha, options, src.describe(), rows, group.world_size)
+        save_model(model, dst, provenance=provenance, force=force, sources=(source,))
+        spath.unlink(missing_ok=True)
+    barrier(group)
+    return FinetuneResult(
+        output=dst, stage=config.stage, layers=layers, data=src.describe(), options=options, per_layer=rows,
+        loss_history=history, steps_run=steps_run, resumed_from=start if state is not None else None,
+        steps_per_second=rate, seconds=ended - began, world_size=group.world_size,
+        backend=_backend_in_use(cores, device), state_file=spath, warnings=warnings)

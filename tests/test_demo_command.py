@@ -1,0 +1,131 @@
+"""`sla2 demo --fast` runs the whole pipeline on the shipped model and leaves its results in --out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import one_json
+from PIL import Image
+
+from sla2cli.checkpoints import load_model
+from sla2cli.demo import DEMO_CONFIG, MANIFEST, plan_for, prepare_out
+
+FAST = plan_for(True, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One `sla2 demo --fast --json` run (about a minute on two CPU cores), shared by the tests below."""
+    from sla2cli.cli import run
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = run(["demo", "--fast", "--device", "cpu", "--out", str(out), "--json"])
+    return code, stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_demo_exits_0_with_one_json_document(demo_run):
+    code, stdout, stderr, out = demo_run
+    assert code == 0, stderr
+    doc = one_json(stdout)
+    assert doc["plan"] == FAST.to_dict()
+    assert doc["layers"], "the demo converts at least one layer"
+    for step in ("model", "plan", "profile", "convert", "finetune", "measure", "samples", "fid"):
+        assert step in doc["results"] and step in doc["seconds"], step
+
+
+def test_demo_writes_converted_model_grid_and_manifest(demo_run):
+    code, stdout, _, out = demo_run
+    doc = one_json(stdout)
+    model, info = load_model(doc["files"]["converted"])
+    assert model.config == DEMO_CONFIG and info.sla2_layers == doc["layers"]
+    assert info.sla2_config.topk == 0.15 and info.sla2_config.qat  # the balanced preset
+    grid = Image.open(doc["files"]["grid"])
+    samples = FAST.samples
+    assert grid.width > samples * 64 * 2 and grid.height >= 3 * 64 * 2  # dense, SLA2, difference rows
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["layers"] == doc["layers"]
+
+
+def test_demo_numbers_are_sane(demo_run):
+    _, stdout, _, _ = demo_run
+    r = one_json(stdout)["results"]
+    assert r["model"]["held_out_v_loss"] < 0.3  # trained (untrained: about 0.86)
+    for model in ("converted", "finetuned"):
+        for row in r["measure"][model]["per_layer"]:
+            assert 0 < row["kept_fraction"] < 0.5 and 0 < row["captured_mass"] <= 1 and 0 <= row["relative_error"] < 1
+    assert r["finetune"]["steps_run"] == FAST.finetune_steps
+    assert len(r["finetune"]["per_layer"]) == len(r["convert"]["layers"])
+    assert {row["layer"] for row in r["profile"]["per_layer"]} == set(range(DEMO_CONFIG.depth))
+    paired = r["samples"]["paired_vs_dense"]
+    assert "SLA2 finetuned" in paired
+    assert all(p["psnr_mean"] is None or p["psnr_mean"] > 5 for p in paired.values())
+    # no Inception weights offline (CI): FID is skipped with a notice, never downloaded
+    assert r["fid"]["fid"] is None and "Inception" in r["fid"]["notice"]
+
+
+def test_demo_human_rendering_of_every_step(demo_run):
+    """What human mode prints, rendered from the same results (a second run would double the test's time)."""
+    from rich.console import Console
+
+    from sla2cli.commands.demo import STEPS, summary_table
+
+    doc = one_json(demo_run[1])
+    console = Console(record=True, width=200)
+    for step in STEPS:
+        step.render(doc["results"][step.key], console)
+    console.print(summary_table(doc["results"], doc["layers"], doc["seconds"]))
+    text = console.export_text()
+    for title in ("convert", "stats --measure", "finetune", "End to end", "Summary", "dense-vs-sla2.png",
+                  "entropy / log N", "FID skipped"):
+        assert title in text
+
+
+def test_demo_reuses_its_own_folder_only(tmp_path):
+    out = tmp_path / "out"
+    prepare_out(out)
+    (out / "dense-vs-sla2.png").write_bytes(b"old")
+    prepare_out(out)  # an earlier demo's folder is reused
+    assert json.loads((out / MANIFEST).read_text())["complete"] is False
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, cli):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, _, stderr = cli("demo", "--fast", "--out", foreign)
+    assert code == 2 and "not made by 'sla2 demo'" in stderr
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    file_out = tmp_path / "file"
+    file_out.write_text("x")
+    code, _, stderr = cli("demo", "--out", file_out)
+    assert code == 2 and "is a file" in stderr
+
+
+def test_demo_fid_step_runs_eval_fid_when_inception_weights_are_present(tmp_path, monkeypatch):
+    """With weights on disk the demo hands eval-fid the SLA2 model, the reference textures and the dense model."""
+    import sla2cli.metrics as metrics
+    from sla2cli import demo as lib
+
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"")
+    seen = {}
+    monkeypatch.setattr(metrics, "resolve_weights", lambda path, allow_download=True: (
+        seen.setdefault("allow_download", allow_download), weights)[1])
+    monkeypatch.setattr(metrics, "evaluate", lambda request: seen.setdefault("request", request) and {
+        "model": str(request.model), "fid": 12.5, "samples": request.num_samples, "compare": None})
+    out = tmp_path / "out"
+    prepare_out(out)
+    demo = lib.Demo(out=out, device=torch.device("cpu"), plan=FAST)
+    demo.files["converted"] = str(out / "demo-jit-sla2.safetensors")
+    report = lib.step_fid(demo)
+    request = seen["request"]
+    assert seen["allow_download"] is False and report["fid"] == 12.5
+    assert request.model == out / "demo-jit-sla2.safetensors" and request.compare_to == lib.DEMO_MODEL_PATH
+    assert request.inception_weights == weights and request.num_samples == FAST.fid_samples
+    assert len(list((out / "reference").glob("*.png"))) == FAST.fid_samples

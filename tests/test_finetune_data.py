@@ -1,0 +1,99 @@
+"""Finetune inputs: image folders (layouts, class indices, resize and crop) and the keyed random draws."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune_support import one_thread  # noqa: F401
+from sla2cli.data.images import ImageFolder, center_crop, to_tensor
+from sla2cli.errors import SLA2Error
+from sla2cli.finetune.sources import FolderSource, _Shuffled, noised
+
+
+def _save(path, size=(40, 20), colour=(255, 0, 0), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour if mode == "RGB" else colour[0]).save(path)
+    return path
+
+
+def test_class_folders_map_in_sorted_order_recursively(tmp_path):
+    _save(tmp_path / "zebra" / "a.png")
+    _save(tmp_path / "ant" / "deep" / "b.jpg")
+    _save(tmp_path / "ant" / "c.png")
+    _save(tmp_path / "ant" / ".hidden.png")
+    (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    folder = ImageFolder.open(tmp_path, 16, num_classes=10)
+    assert folder.classes == {0: "ant", 1: "zebra"}
+    assert [(p.name, y) for p, y in zip(folder.files, folder.labels)] == [("c.png", 0), ("b.jpg", 0), ("a.png", 1)]
+
+
+def test_integer_folder_names_are_the_class_indices(tmp_path):
+    for name in ("2", "10", "7"):
+        _save(tmp_path / name / "x.png")
+    folder = ImageFolder.open(tmp_path, 8, num_classes=11)
+    assert folder.classes == {2: "2", 7: "7", 10: "10"} and folder.labels == [2, 7, 10]
+
+
+def test_flat_folder_takes_its_class_from_the_option(tmp_path):
+    _save(tmp_path / "a.png")
+    _save(tmp_path / "b.webp")
+    folder = ImageFolder.open(tmp_path, 8, class_index=3, num_classes=4)
+    assert folder.labels == [3, 3] and len(folder) == 2
+
+
+def test_resize_and_centre_crop_follow_jit(tmp_path):
+    array = np.zeros((60, 100, 3), dtype=np.uint8)
+    array[:, 20:80] = 255  # a white centre square of 60x60 between black side bars
+    img = Image.fromarray(array)
+    cropped = center_crop(img, 30)
+    assert cropped.size == (30, 30)
+    assert np.asarray(cropped).min() >= 250  # the bars were cut off, only the centre remains
+    big = center_crop(Image.new("RGB", (1000, 700), (10, 20, 30)), 64)  # box-halved, then bicubic
+    assert big.size == (64, 64) and np.asarray(big)[32, 32].tolist() == [10, 20, 30]
+    x = to_tensor(Image.new("RGB", (2, 2), (255, 0, 127)))
+    assert x.shape == (3, 2, 2) and x[:, 0, 0].tolist() == pytest.approx([1.0, -1.0, 127 / 127.5 - 1])
+
+
+def test_grey_and_transparent_images_become_rgb(tmp_path):
+    _save(tmp_path / "c" / "grey.png", mode="L")
+    _save(tmp_path / "c" / "rgba.png", mode="RGBA", colour=(0, 255, 0, 128))
+    x, y = ImageFolder.open(tmp_path, 12).batch([0, 1])
+    assert x.shape == (2, 3, 12, 12) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+
+
+def test_an_image_that_breaks_after_its_header_is_a_clear_error(tmp_path):
+    path = _save(tmp_path / "c" / "a.png", size=(64, 64))
+    folder = ImageFolder.open(tmp_path, 8)
+    path.write_bytes(path.read_bytes()[:60])  # header intact, pixel data cut
+    with pytest.raises(SLA2Error, match="cannot read image .*a.png"):
+        folder.load(0)
+
+
+def test_every_epoch_visits_every_image_once():
+    order = _Shuffled(7, seed=3, stream=0)
+    for epoch in range(3):
+        assert sorted(order(range(epoch * 7, epoch * 7 + 7))) == list(range(7))
+    assert order(range(7)) != order(range(7, 14))
+
+
+def test_draws_depend_on_the_sample_position_only():
+    """Any split of a global batch across processes sees the same t and noise for each sample."""
+    x = torch.zeros(6, 3, 4, 4)
+    z, t, eps = noised(x, range(10, 16), seed=1, stream=1, noise_scale=2.0)
+    z2, t2, _ = noised(x[3:], range(13, 16), seed=1, stream=1, noise_scale=2.0)
+    assert torch.equal(z[3:], z2) and torch.equal(t[3:], t2)
+    torch.testing.assert_close(z, ((1 - t)[:, None, None, None] * eps * 2.0))
+    assert 0 < t.min() and t.max() < 1
+
+
+def test_folder_source_batches_are_deterministic(tmp_path):
+    for c in range(2):
+        for i in range(3):
+            _save(tmp_path / f"c{c}" / f"{i}.png", colour=(40 * i, 100 * c, 0))
+    source = FolderSource(ImageFolder.open(tmp_path, 8), seed=0, eval_samples=2)
+    a, ya = source.train_batch(range(4), "cpu")
+    b, yb = source.train_batch(range(4), "cpu")
+    assert torch.equal(a, b) and torch.equal(ya, yb) and a.shape == (4, 3, 8, 8)
+    assert source.describe() == {"source": "folder", "path": str(tmp_path), "images": 6, "classes": 2,
+                                 "resolution": 8}
