@@ -53,3 +53,15 @@ def stats_table(rows: list[dict], measured: dict[int, dict] | None = None) -> Ta
                 cells += [_fmt(m.get("kept_fraction")), _fmt(m.get("captured_mass")), _fmt(m.get("relative_error"), 4)]
         table.add_row(*cells)
     return table
+
+
+def finetune_summary(record: dict) -> str:
+    """One line for a finetune provenance record (the full record is in --json)."""
+    errors = record.get("errors", {})
+    before = [e["before"] for e in errors.values() if e.get("before") is not None]
+    after = [e["after"] for e in errors.values() if e.get("after") is not None]
+    change = (f", mean layer error {sum(before) / len(before):.4f} → {sum(after) / len(after):.4f}"
+              if before and after else "")
+    source = record.get("data", {}).get("source", "?") if isinstance(record.get("data"), dict) else "?"
+    return (f"finetuned ({record.get('stage', '?')}): {record.get('steps', '?')} steps on {source} data, "
+            f"batch {record.get('batch_size', '?')}, from {record.get('input', '?')}{change}")

@@ -8,7 +8,7 @@ import typer
 
 from ..checkpoints import load_model
 from ..errors import UsageError
-from ..report import stats_table
+from ..report import finetune_summary, stats_table
 from ..sla2.stats import describe_layers, measure_layers, own_noised_batch
 from ._common import (DeviceOpt, DtypeOpt, InContextStartOpt, JsonOpt, ModelArg, Output, SeedOpt, TrustOpt,
                       WeightsOpt, resolve_device, resolve_dtype)
@@ -61,7 +61,8 @@ def command(
         console.print(stats_table(rows, measured or None))
         if info.provenance:
             p = info.provenance
-            console.print(f"converted from {p.get('source')} ({p.get('weights')}, sha256 {str(p.get('source_sha256'))[:12]}…)"
-                          + (f"; finetuned: {p['finetune']}" if "finetune" in p else ""))
+            console.print(f"converted from {p.get('source')} ({p.get('weights')}, sha256 {str(p.get('source_sha256'))[:12]}…)")
+            if "finetune" in p:
+                console.print(finetune_summary(p["finetune"]))
 
     out.emit(document, render)
