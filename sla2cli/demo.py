@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -211,12 +210,6 @@ def load_backends(demo: Demo) -> None:
         from . import kernels  # noqa: F401 - registers the "triton" backend
     except Exception as exc:  # noqa: BLE001 - an optional backend must not stop the demo
         demo.notices.append(f"Triton kernels unavailable ({type(exc).__name__}: {exc}); using the PyTorch reference")
-
-
-def implemented(command: str) -> bool:
-    """Whether `sla2 <command>` exists yet (its module is no longer the 'not implemented yet' placeholder)."""
-    module = importlib.import_module(f"sla2cli.commands.{command.replace('-', '_')}")
-    return "not implemented yet" not in (module.__doc__ or "")
 
 
 def _eval_batch(demo: Demo, offset: int = 0) -> tuple[torch.Tensor, ...]:

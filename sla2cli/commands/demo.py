@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Callable, NamedTuple, Optional
+from typing import Annotated, Callable, NamedTuple
 
 import torch
 import typer
@@ -134,18 +134,17 @@ class Step(NamedTuple):
     title: str
     run: Callable
     render: Callable
-    needs: Optional[str] = None  # the command this step runs through; skipped while it is not implemented
 
 
 STEPS: list[Step] = [
     Step("model", "stats: the shipped model", lib.step_model, _render_model),
     Step("plan", "which layers could be converted", lib.step_plan_layers, _render_plan),
-    Step("profile", "profile: is SLA2 faster, layer by layer?", lib.step_profile, _render_profile, "profile"),
+    Step("profile", "profile: is SLA2 faster, layer by layer?", lib.step_profile, _render_profile),
     Step("convert", "convert (balanced preset)", lib.step_convert, _render_convert),
-    Step("finetune", "finetune (short, data-free)", lib.step_finetune, _render_finetune, "finetune"),
+    Step("finetune", "finetune (short, data-free)", lib.step_finetune, _render_finetune),
     Step("measure", "stats --measure", lib.step_measure, _render_measure),
     Step("samples", "dense vs SLA2 samples", lib.step_samples, _render_samples),
-    Step("fid", "eval-fid", lib.step_fid, _render_fid, "eval-fid"),
+    Step("fid", "eval-fid", lib.step_fid, _render_fid),
 ]
 
 
@@ -197,15 +196,11 @@ def command(
     lib.prepare_out(out_dir)
     demo = lib.Demo(out=out_dir, device=dev, plan=lib.plan_for(fast, dev), seed=seed)
     lib.load_backends(demo)
-    steps = [s for s in STEPS if s.needs is None or lib.implemented(s.needs)]
-    skipped = [s.needs for s in STEPS if s not in steps]
-    if skipped:
-        demo.notices.append(f"skipped (not implemented yet): {', '.join(f'sla2 {n}' for n in skipped)}")
     timings: dict[str, float] = {}
     torch.manual_seed(seed)
-    for number, step in enumerate(steps, 1):
+    for number, step in enumerate(STEPS, 1):
         if not json_output:
-            out.stdout.print(Rule(f"{number}/{len(steps)}  {step.title}", align="left"))
+            out.stdout.print(Rule(f"{number}/{len(STEPS)}  {step.title}", align="left"))
         start = time.perf_counter()
         with out.progress() as progress:
             progress.add_task(step.title, total=None)
