@@ -35,6 +35,7 @@ from .diffusion import add_noise, velocity
 from .errors import CheckpointError, UsageError
 from .models.jit import JiT, JiTConfig
 from .sampling import paired_inputs, sample, to_uint8
+from .sla2.attention import triton_available
 from .sla2.convert import apply_sla2, transformer_blocks
 from .sla2.probe import record_dense_qkv
 from .sla2.routing import num_blocks
@@ -203,13 +204,9 @@ def prepare_out(out: Path) -> None:
 
 
 def load_backends(demo: Demo) -> None:
-    """On CUDA, register the Triton SLA2 kernels (the PyTorch reference serves where they cannot load)."""
-    if demo.device.type != "cuda":
-        return
-    try:
-        from . import kernels  # noqa: F401 - registers the "triton" backend
-    except Exception as exc:  # noqa: BLE001 - an optional backend must not stop the demo
-        demo.notices.append(f"Triton kernels unavailable ({type(exc).__name__}: {exc}); using the PyTorch reference")
+    """On CUDA, say so when the Triton SLA2 kernels cannot load (the PyTorch reference then serves)."""
+    if demo.device.type == "cuda" and not triton_available():
+        demo.notices.append("Triton kernels unavailable; using the PyTorch reference")
 
 
 def _eval_batch(demo: Demo, offset: int = 0) -> tuple[torch.Tensor, ...]:

@@ -57,18 +57,20 @@ def register_backend(name: str, fn: Callable, available: Callable[[torch.Tensor]
     _BACKENDS[name] = (fn, available)
 
 
-def _load_kernels(q: torch.Tensor) -> None:
-    """Import the Triton kernels (they register themselves) the first time CUDA inputs need a backend."""
-    if q.is_cuda and "triton" not in _BACKENDS:
+def triton_available() -> bool:
+    """Import the Triton kernels once (they register themselves); whether the "triton" backend exists."""
+    if "triton" not in _BACKENDS:
         try:
             from .. import kernels  # noqa: F401
         except ImportError:  # no Triton on this machine: the torch backend serves
             pass
+    return "triton" in _BACKENDS
 
 
 def backend_name(name: str, q: torch.Tensor, return_stats: bool = False) -> str:
     """The backend that `backend=name` means for inputs like `q` ("auto" resolved; others as given)."""
-    _load_kernels(q)
+    if q.is_cuda:
+        triton_available()
     if name == "auto":
         for candidate in ("triton", "torch"):
             if candidate in _BACKENDS and _BACKENDS[candidate][1](q) and (candidate == "torch" or not return_stats):
