@@ -2,13 +2,8 @@
 # End-to-end profile of JiT-B/16 on the GPU (random weights, bf16, 95% sparsity), as recorded in RESULTS.md.
 # Usage on a GPU machine whose python has torch and triton: bash bench/profile_e2e.sh OUT_DIR [WHEEL_DIR]
 set -euo pipefail
-out=${1:?output folder}; wheels=${2:-}
-if [ -n "$wheels" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
-sla2() { python3 -c 'import sys; sys.argv[0] = "sla2"; from sla2cli.cli import main; main()' "$@"; }
+out=${1:?output folder}
+source "$(dirname "$0")/gpu_env.sh" "${2:-}"
 sla2 profile --arch JiT-B/16 --layers 4-11 --topk 0.05 --resolution 2048 --batch-size 1 --json > "$out/b16-2048-4-11.json"
 sla2 profile --arch JiT-B/16 --layers all --topk 0.05 --resolution 2048 --batch-size 1 --json > "$out/b16-2048-all.json"
 sla2 profile --arch JiT-B/16 --layers 4-11 --topk 0.05 --resolution 1024 --batch-size 4 --json > "$out/b16-1024-4-11.json"

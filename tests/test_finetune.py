@@ -2,28 +2,36 @@
 provenance, trains from image folders, and runs stage 2 (--full)."""
 
 import json
+import os
 
 import torch
 from PIL import Image
 from safetensors import safe_open
 
 from conftest import one_json
-from finetune_support import converted_file, one_thread, random_model, structured_images  # noqa: F401
+from finetune_support import DEMO, converted_file, one_thread, random_model, structured_images  # noqa: F401
 from sla2cli import load_model
 from sla2cli.finetune import TopkSchedule
 
 FAST = ("--batch-size", "4", "--eval-samples", "8", "--device", "cpu")
 
 
-def test_finetune_cuts_the_error_against_dense_attention_at_90_percent_sparsity(cli, tmp_path):
-    src = converted_file(cli, tmp_path)
+def test_finetune_cuts_the_demo_models_error_against_dense_attention_at_90_percent_sparsity(cli, tmp_path):
+    """The issue's bar: on the shipped demo model, converted as `sla2 convert` leaves it (no calibration),
+    topk 0.1 with 32-token blocks keeps 3 of 32-33 key blocks (90.6-90.9% sparsity); a 60-step stage-1
+    finetune must at least halve the mean per-layer relative squared error against dense attention."""
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # a real model: threads pay here
+    src = tmp_path / "demo-sla2.safetensors"
+    code, _, err = cli("convert", DEMO, "-o", src, "--layers", "all", "--topk", "0.1", "--block-q", "32",
+                       "--block-k", "32", "--no-qat")
+    assert code == 0, err
     dst = tmp_path / "ft.safetensors"
     code, out, err = cli("finetune", src, "-o", dst, "--data-free", "--data-free-samples", "16", "--steps", "60",
-                         "--lr", "1e-2", *FAST, "--json")
+                         *FAST, "--save-every", "0", "--json")
     assert code == 0, err
     doc = one_json(out)
     rows = doc["per_layer"]
-    assert [(r["kept_blocks"], r["key_blocks"]) for r in rows] == [(1, 9), (1, 10), (1, 10)]
+    assert [(r["kept_blocks"], r["key_blocks"]) for r in rows] == [(3, 32)] * 2 + [(3, 33)] * 4
     factor = doc["mean_error_before"] / doc["mean_error_after"]
     print(f"mean per-layer error {doc['mean_error_before']:.4f} -> {doc['mean_error_after']:.4f}: {factor:.2f}x")
     assert factor >= 2.0, rows
@@ -31,10 +39,10 @@ def test_finetune_cuts_the_error_against_dense_attention_at_90_percent_sparsity(
     assert doc["steps_per_second"] > 0 and not (tmp_path / "ft.safetensors.resume.pt").exists()
 
     model, info = load_model(dst)
-    assert info.sla2_layers == [0, 1, 2] and info.sla2_config.topk == 0.1
+    assert info.sla2_layers == list(range(6)) and info.sla2_config.topk == 0.1
     finetune = info.provenance["finetune"]
     assert finetune["stage"] == "router" and finetune["steps"] == 60 and finetune["data"]["source"] == "teacher"
-    assert set(finetune["errors"]) == {"0", "1", "2"} and info.provenance["source"] == "dense.safetensors"
+    assert set(finetune["errors"]) == {str(i) for i in range(6)} and info.provenance["source"] == DEMO.name
     # only the router and α changed
     before, _ = load_model(src)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
@@ -46,7 +54,7 @@ def test_human_output_is_a_table_of_errors_before_and_after(cli, tmp_path):
     code, out, err = cli("finetune", src, "-o", tmp_path / "ft.safetensors", "--data-free", "--data-free-samples",
                          "4", "--steps", "2", *FAST)
     assert code == 0, err
-    assert "error before" in out and "error after" in out and "steps/s" in out and "samples of the dense model" in out
+    assert "rel. sq. error before" in out and "after" in out and "steps/s" in out and "samples of the dense model" in out
     assert "step 2/2" in err  # progress lines on stderr when it is not a terminal
 
 

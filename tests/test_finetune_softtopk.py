@@ -108,8 +108,10 @@ def _core(head_dim=8, heads=2, topk=0.25, **kw):
     return core
 
 
-def test_forward_is_the_hard_top_k_output_and_gradients_reach_router_and_alpha():
+@pytest.mark.parametrize("prefix_tokens", [0, 6])
+def test_forward_is_the_hard_top_k_output_and_gradients_reach_router_and_alpha(prefix_tokens):
     core = _core()
+    core.prefix_tokens = prefix_tokens  # in-context tokens: their own block, in training as in inference
     q, k, v = (torch.randn(2, 2, 100, 8) for _ in range(3))
     out = soft_topk_attention(core, q, k, v, topk=0.25, tau=0.1)
     assert torch.equal(out, core(q, k, v))

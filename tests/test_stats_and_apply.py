@@ -8,7 +8,7 @@ from torch import nn
 from conftest import TINY, nonzero_model, one_json
 from sla2cli import apply_sla2, remove_sla2
 from sla2cli.models.jit import JiT
-from sla2cli.sla2 import SLA2Attention, sla2_layers
+from sla2cli.sla2 import SLA2Attention, SLA2Config, sla2_attention, sla2_layers
 
 
 def _converted_file(cli, official_pth, tmp_path, *extra):
@@ -137,6 +137,44 @@ def test_reconverting_keeps_trained_router_and_alpha():
     new = model.blocks[2].attn.core
     assert isinstance(new, SLA2Attention) and new.config.topk == 0.2
     assert torch.equal(new.proj_q, 2 * torch.eye(32)) and torch.all(new.alpha_logit == 0.3)
+
+
+def test_prepended_in_context_tokens_form_their_own_query_and_key_block():
+    """Upstream models prepend their class tokens; SLA2 sees them last, as their own (partial) block, so
+    a head that attends mostly to them (a class sink) finds one key block, not a mix with image rows."""
+    core = SLA2Attention(2, 32, SLA2Config(topk=0.2, block_q=32, block_k=32), prefix_tokens=8)
+    torch.manual_seed(0)
+    sink = torch.randn(32)
+    q, k, v = torch.randn(3, 2, 2, 264, 32).unbind(0)
+    q = q + 2 * sink
+    k[:, :, :8] = 3 * sink + 0.1 * torch.randn(2, 2, 8, 32)
+    out, stats = core(q, k, v, return_stats=True)
+    assert stats.kept.shape[-1] == 9 and stats.kept[..., -1].all()  # 8 image blocks + the sink's, always kept
+
+    def last(x):
+        return torch.cat([x[:, :, 8:], x[:, :, :8]], dim=2)
+
+    expected = sla2_attention(last(q), last(k), last(v), topk=0.2, alpha=core.alpha, block_q=32, block_k=32,
+                              backend="torch")
+    assert torch.equal(out, torch.cat([expected[:, :, -8:], expected[:, :, :-8]], dim=2))
+
+
+def test_our_jit_keeps_in_context_tokens_last_so_nothing_is_moved():
+    model = nonzero_model()  # 256 image tokens; 8 in-context tokens from layer 2 on
+    with torch.no_grad():
+        model.in_context_posemb.zero_()  # all 8 class tokens identical: recognisable in the attention input
+    apply_sla2(model, "all", topk=0.2, block_q=32, block_k=32)
+    assert [core.prefix_tokens for core in sla2_layers(model).values()] == [0, 0, 0, 0]
+    seen = {}
+    model.blocks[2].attn.core.register_forward_pre_hook(lambda _m, args: seen.update(v=args[2]))
+    model(torch.randn(1, 3, 32, 32), torch.tensor([0.5]), torch.tensor([1]))
+    v = seen["v"]
+    assert v.shape[2] == 264 and torch.allclose(v[:, :, -8:], v[:, :, -1:].expand(-1, -1, 8, -1))
+    assert not torch.allclose(v[:, :, :8], v[:, :, :1].expand(-1, -1, 8, -1))
+    upstream = ForeignModel()
+    upstream.in_context_len, upstream.in_context_start = 4, 1
+    apply_sla2(upstream, "all", topk=0.5, block_q=32, block_k=32)
+    assert [core.prefix_tokens for core in sla2_layers(upstream).values()] == [0, 4, 4]
 
 
 @pytest.mark.parametrize("size", [16, 48, 64])

@@ -73,14 +73,14 @@ def _render_convert(r: dict, console) -> None:
 def _render_finetune(r: dict, console) -> None:
     table = Table(title=f"finetune ({r['stage']} stage, data-free: {r['data'].get('samples')} teacher samples; "
                         f"{r['steps_run']} steps)", title_justify="left")
-    for name in ("layer", "kept / total", "error before", "error after", "α mean", "drift W_q", "drift W_k"):
+    for name in ("layer", "kept / total", "rel. sq. error before", "after", "α mean", "drift W_q", "drift W_k"):
         table.add_column(name, justify="right")
     for row in r["per_layer"]:
         table.add_row(str(row["layer"]), f"{row['kept_blocks']}/{row['key_blocks']}", f"{row['error_before']:.4f}",
                       f"{row['error_after']:.4f}", f"{row['alpha_mean']:.3f}", f"{row['router_drift_q']:.4f}",
                       f"{row['router_drift_k']:.4f}")
     console.print(table)
-    console.print(f"mean attention error {r['mean_error_before']:.4f} → {r['mean_error_after']:.4f} on the teacher's "
+    console.print(f"mean relative squared attention error {r['mean_error_before']:.4f} → {r['mean_error_after']:.4f} on the teacher's "
                   f"samples; {_f(r['steps_per_second'], 2)} steps/s; wrote {r['output']}", highlight=False)
 
 

@@ -132,14 +132,14 @@ def _render(console, model_path: Path, result: FinetuneResult) -> None:
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from is not None else ""
     console.print(f"{result.steps_run} steps{resumed} in {result.seconds:.1f} s: {rate}, {result.world_size} "
                   f"process(es), {result.backend} backend")
-    console.print(f"mean error against dense attention: {result.mean_error_before:.4f} → "
+    console.print(f"mean relative squared error against dense attention: {result.mean_error_before:.4f} → "
                   f"{result.mean_error_after:.4f} ({result.error_reduction:.2f}x lower)")
     console.print(f"wrote {result.output}")
 
 
 def _table(result: FinetuneResult, title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in ("layer", "tokens", "kept / total", "error before", "error after", "x lower", "α mean [min, max]",
+    for name in ("layer", "tokens", "kept / total", "rel. sq. error before", "after", "x lower", "α mean [min, max]",
                  "drift W_q", "drift W_k"):
         table.add_column(name, justify="right")
     for r in result.per_layer:

@@ -18,6 +18,7 @@ from ..diffusion import velocity
 from ..sla2.attention import SLA2Attention
 from ..sla2.convert import transformer_blocks
 from ..sla2.probe import dense_cores
+from ..sla2.stats import relative_squared_error
 from .softtopk import soft_topk_attention
 
 
@@ -26,13 +27,6 @@ def _touch(params) -> torch.Tensor:
     a gradient (of zeros), so the optimiser and DistributedDataParallel see every parameter every step."""
     params = [p for p in params if p.requires_grad]
     return torch.stack([p.sum() for p in params]).sum() * 0.0 if params else torch.zeros(())
-
-
-def relative_squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per sample (dim 0): ‖out − target‖² / ‖target‖², in float32."""
-    out, target = out.float(), target.float()
-    err = (out - target).flatten(1).square().sum(1)
-    return err / target.flatten(1).square().sum(1).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @torch.no_grad()

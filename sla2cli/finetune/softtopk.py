@@ -150,6 +150,7 @@ def soft_topk_attention(core: SLA2Attention, q: torch.Tensor, k: torch.Tensor, v
     router projections W_q, W_k through the soft mask of the scores.
     """
     c = core.config
+    q, k, v = (core.to_block_order(x) for x in (q, k, v))
     routing: Routing = route(q, k, topk=topk, block_q=c.block_q, block_k=c.block_k, proj_q=core.proj_q,
                              proj_k=core.proj_k)
     alpha = core.alpha
@@ -161,4 +162,4 @@ def soft_topk_attention(core: SLA2Attention, q: torch.Tensor, k: torch.Tensor, v
         soft = soft_topk_mask(routing.scores, kk, tau)
         out = _RouterGradient.apply(out, soft, q.detach(), k.detach(), v.detach(), alpha.detach(), routing.mask,
                                     c.block_q, c.block_k, c.feature_map)
-    return out
+    return core.from_block_order(out)

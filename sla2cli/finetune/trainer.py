@@ -337,7 +337,8 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
             eye = torch.eye(cores[i].proj_q.shape[0], device=alpha.device)
             rows.append({
                 "layer": i, "tokens": tokens, "topk": target[i], "kept_blocks": keep_count(target[i], n_k),
-                "key_blocks": n_k, "error_before": before[i]["relative_error"], "error_after": after[i]["relative_error"],
+                "key_blocks": n_k, "error_before": before[i]["relative_squared_error"],
+                "error_after": after[i]["relative_squared_error"],
                 "captured_mass": after[i]["captured_mass"], "alpha_mean": alpha.mean().item(),
                 "alpha_min": alpha.min().item(), "alpha_max": alpha.max().item(),
                 "router_drift_q": ((cores[i].proj_q.detach().float() - eye).norm() / eye.norm()).item(),

@@ -114,15 +114,16 @@ def sincos_pos_embed(embed_dim: int, grid: int) -> torch.Tensor:
 
 
 class AxialRoPE(nn.Module):
-    """2-D axial rotary embedding on interleaved pairs; in-context tokens get the identity rotation.
+    """2-D axial rotary embedding on interleaved pairs; the in-context tokens (which this JiT keeps after the
+    image tokens) get the identity rotation.
 
     Tables depend only on (grid, prefix, device, dtype) and are cached, so resolution can change freely.
     """
 
-    def __init__(self, head_dim: int, prefix_tokens: int = 0, theta: float = 10000.0):
+    def __init__(self, head_dim: int, context_tokens: int = 0, theta: float = 10000.0):
         super().__init__()
         self.head_dim = head_dim
-        self.prefix_tokens = prefix_tokens
+        self.context_tokens = context_tokens
         self.theta = theta
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -136,9 +137,9 @@ class AxialRoPE(nn.Module):
             angles = torch.cat([angles[:, None, :].expand(grid, grid, -1),
                                 angles[None, :, :].expand(grid, grid, -1)], dim=-1).reshape(grid * grid, -1)
             cos, sin = angles.cos(), angles.sin()
-            if self.prefix_tokens:
-                cos = torch.cat([torch.ones(self.prefix_tokens, cos.shape[1]), cos])
-                sin = torch.cat([torch.zeros(self.prefix_tokens, sin.shape[1]), sin])
+            if self.context_tokens:
+                cos = torch.cat([cos, torch.ones(self.context_tokens, cos.shape[1])])
+                sin = torch.cat([sin, torch.zeros(self.context_tokens, sin.shape[1])])
             self._cache[key] = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
         return self._cache[key]
 
@@ -296,7 +297,14 @@ class FinalLayer(nn.Module):
 
 
 class JiT(nn.Module):
-    """Just image Transformer: `forward(x, t, y)` returns the x-prediction (clean image estimate)."""
+    """Just image Transformer: `forward(x, t, y)` returns the x-prediction (clean image estimate).
+
+    Upstream prepends the in-context (class) tokens; this JiT appends them. Every other operation is per
+    token and attention is permutation-equivariant, so outputs are the same, but SLA2's blocks then hold
+    image tokens only, with the class tokens as their own last block, and no reordering copy is needed.
+    """
+
+    in_context_first = False  # read by `sla2.convert`: models without this attribute prepend (upstream)
 
     def __init__(self, config: JiTConfig):
         super().__init__()
@@ -312,7 +320,7 @@ class JiT(nn.Module):
         if config.in_context_len > 0:
             self.in_context_posemb = nn.Parameter(torch.zeros(1, config.in_context_len, D))
         self.feat_rope = AxialRoPE(config.head_dim)
-        self.feat_rope_incontext = AxialRoPE(config.head_dim, prefix_tokens=config.in_context_len)
+        self.feat_rope_incontext = AxialRoPE(config.head_dim, context_tokens=config.in_context_len)
         self.blocks = nn.ModuleList(
             JiTBlock(D, config.num_heads, config.ffn_hidden_dim) for _ in range(config.depth))
         self.final_layer = FinalLayer(D, config.patch_size, config.in_channels)
@@ -371,7 +379,7 @@ class JiT(nn.Module):
         for i, block in enumerate(self.blocks):
             if self.in_context_len > 0 and i == self.in_context_start:
                 tokens = y_emb.unsqueeze(1).repeat(1, self.in_context_len, 1) + self.in_context_posemb
-                x = torch.cat([tokens, x], dim=1)
+                x = torch.cat([x, tokens], dim=1)
             x = block(x, c, plain if i < self.in_context_start else incontext)
-        x = x[:, self.in_context_len:]
+        x = x[:, :grid * grid]
         return self.unpatchify(self.final_layer(x, c), grid)

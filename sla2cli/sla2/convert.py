@@ -63,6 +63,17 @@ def layer_tokens(model: nn.Module, layer: int) -> int | None:
         return None
 
 
+def layer_prefix_tokens(model: nn.Module, layer: int) -> int:
+    """In-context tokens in front of the image tokens at `layer`: upstream models prepend them from
+    in_context_start on; our JiT appends them (`in_context_first = False`), so it has none."""
+    if not getattr(model, "in_context_first", True):
+        return 0
+    config = getattr(model, "config", None)
+    source = config if config is not None and hasattr(config, "in_context_len") else model
+    length, start = getattr(source, "in_context_len", 0), getattr(source, "in_context_start", 0)
+    return length if length > 0 and layer >= start else 0
+
+
 def sla2_layers(model: nn.Module) -> dict[int, SLA2Attention]:
     """The converted layers of a model, by index."""
     return {i: b.attn.core for i, b in enumerate(transformer_blocks(model))
@@ -92,7 +103,8 @@ def apply_sla2(model: nn.Module, layers, topk: float = 0.15, block_q: int = 64, 
         head_dim = weight.shape[1] // attn.num_heads
         tokens = layer_tokens(model, i)
         query_blocks = None if tokens is None else -(-tokens // block_q)
-        core = SLA2Attention(attn.num_heads, head_dim, config, query_blocks, alpha_init, backend)
+        core = SLA2Attention(attn.num_heads, head_dim, config, query_blocks, alpha_init, backend,
+                             prefix_tokens=layer_prefix_tokens(model, i))
         old = getattr(attn, "core", None)
         if isinstance(old, SLA2Attention):
             core.load_state_dict({k: v for k, v in old.state_dict().items()

@@ -73,9 +73,18 @@ def own_noised_batch(model: nn.Module, batch_size: int, *, t: float | None = Non
     return add_noise(x, tt.to(dtype), eps, cfg.noise_scale), tt, labels
 
 
+def relative_squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sample (dim 0): ‖out − target‖² / ‖target‖², in float32 (the finetune loss and its reported error)."""
+    out, target = out.float(), target.float()
+    err = (out - target).flatten(1).square().sum(1)
+    return err / target.flatten(1).square().sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 @torch.no_grad()
 def measure_layers(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[dict]:
-    """Per converted layer: realised kept fraction, captured softmax mass, relative output error vs dense."""
+    """Per converted layer: realised kept fraction, captured softmax mass and the output's error against dense:
+    `relative_error` ‖O − O_dense‖ / ‖O_dense‖ over the batch, `relative_squared_error` the per-sample
+    mean of its square (what finetuning minimises)."""
     converted = sla2_layers(model)
     qkv = record_dense_qkv(model, list(converted), z, t, y)
     results = []
@@ -85,7 +94,8 @@ def measure_layers(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.
         out, stats = core(q, k, v, return_stats=True)
         err = ((out.float() - dense).norm() / dense.norm()).item()
         results.append({"layer": i, "kept_fraction": stats.kept_fraction,
-                        "captured_mass": stats.captured_mass.mean().item(), "relative_error": err})
+                        "captured_mass": stats.captured_mass.mean().item(), "relative_error": err,
+                        "relative_squared_error": relative_squared_error(out, dense).mean().item()})
     return results
 
 
