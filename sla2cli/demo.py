@@ -107,7 +107,7 @@ def attention_entropy(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: tor
     Uniform attention has entropy log N; a layer that attends locally or to a few tokens is far below.
     """
     layers = list(range(len(transformer_blocks(model)))) if layers is None else layers
-    qkv = record_dense_qkv(model, layers, z, t, y)
+    qkv, _ = record_dense_qkv(model, layers, z, t, y)
     out = {}
     for i in layers:
         q, k, _ = qkv[i]

@@ -33,7 +33,7 @@ def _same_files(a, b):
 def _interrupt_at(monkeypatch, step):
     """Make the teacher pass of training step `step` (1-based) raise KeyboardInterrupt, like Ctrl-C."""
     calls = {"n": 0}
-    original = trainer.teacher_pass
+    original = trainer.record_dense_qkv
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -41,7 +41,7 @@ def _interrupt_at(monkeypatch, step):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "teacher_pass", failing)
+    monkeypatch.setattr(trainer, "record_dense_qkv", failing)
 
 
 @pytest.mark.parametrize("stage", [(), ("--full", "--lr", "1e-3")], ids=["router", "full"])

@@ -17,7 +17,6 @@ from torch import nn
 from ..diffusion import velocity
 from ..sla2.attention import SLA2Attention
 from ..sla2.convert import transformer_blocks
-from ..sla2.probe import dense_cores
 from ..sla2.stats import relative_squared_error
 from .softtopk import soft_topk_attention
 
@@ -27,23 +26,6 @@ def _touch(params) -> torch.Tensor:
     a gradient (of zeros), so the optimiser and DistributedDataParallel see every parameter every step."""
     params = [p for p in params if p.requires_grad]
     return torch.stack([p.sum() for p in params]).sum() * 0.0 if params else torch.zeros(())
-
-
-@torch.no_grad()
-def teacher_pass(model: nn.Module, layers, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-    """Run the model with every layer dense: each of `layers`' (q, k, v) and the final x-prediction."""
-    captured: dict[int, tuple] = {}
-    with dense_cores(model):
-        blocks = transformer_blocks(model)
-        handles = [blocks[i].attn.core.register_forward_hook(
-            lambda _m, inputs, _out, i=i: captured.__setitem__(i, tuple(a.detach() for a in inputs)))
-            for i in layers]
-        try:
-            out = model(z, t, y)
-        finally:
-            for h in handles:
-                h.remove()
-    return captured, out
 
 
 class _SoftTopkCore(nn.Module):

@@ -30,10 +30,11 @@ from ..errors import SLA2Error, UsageError
 from ..models.jit import JiT
 from ..sla2 import attention as sla2_attention_module
 from ..sla2.convert import layer_tokens, remove_sla2, sla2_layers
+from ..sla2.probe import record_dense_qkv
 from ..sla2.routing import keep_count, num_blocks
 from ..sla2.stats import measure_layers
 from .config import DataSpec, FinetuneConfig
-from .objectives import FullFinetune, RouterDistillation, teacher_pass
+from .objectives import FullFinetune, RouterDistillation
 from .sources import STREAM_EVAL_NOISE, STREAM_NOISE, build_source, noised
 from .state import check_resumable, load_state, restore_rng, rng_states, save_state, state_path
 
@@ -290,7 +291,7 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
             loss, parts, e2e = runner(x, z, t, y, config.e2e_weight, autocast)
         else:
             with autocast():
-                qkv, teacher_out = teacher_pass(model, layers, z, t, y)
+                qkv, teacher_out = record_dense_qkv(model, layers, z, t, y)
             loss, parts, e2e = runner(qkv, topk, config.tau, config.e2e_weight, z, t, y, teacher_out, autocast)
         report = torch.cat([loss.detach().float()[None], parts.float(), e2e.float()[None]])
         if group.distributed:

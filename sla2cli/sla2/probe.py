@@ -1,4 +1,4 @@
-"""Recording the q, k, v a model's attention layers see when every layer runs dense.
+"""Recording the q, k, v a model's attention layers see when every layer runs dense (and its output).
 
 Calibration, `stats --measure` and fine-tuning all compare SLA2 with dense attention on the dense
 model's own activations (layer-local: errors of earlier layers do not compound).
@@ -32,8 +32,8 @@ def dense_cores(model: nn.Module):
 
 @torch.no_grad()
 def record_dense_qkv(model: nn.Module, layers, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
-                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Run the dense model once and return each requested layer's (q, k, v), B×H×N×D."""
+                     ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Run the dense model once: each requested layer's (q, k, v), B×H×N×D, and the model's output."""
     captured: dict[int, tuple] = {}
     with dense_cores(model):
         handles = [
@@ -41,8 +41,8 @@ def record_dense_qkv(model: nn.Module, layers, x: torch.Tensor, t: torch.Tensor,
                 lambda _m, inputs, _out, i=i: captured.__setitem__(i, tuple(a.detach() for a in inputs)))
             for i in layers]
         try:
-            model(x, t, y)
+            out = model(x, t, y)
         finally:
             for h in handles:
                 h.remove()
-    return captured
+    return captured, out

@@ -86,7 +86,7 @@ def measure_layers(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.
     `relative_error` ‖O − O_dense‖ / ‖O_dense‖ over the batch, `relative_squared_error` the per-sample
     mean of its square (what finetuning minimises)."""
     converted = sla2_layers(model)
-    qkv = record_dense_qkv(model, list(converted), z, t, y)
+    qkv, _ = record_dense_qkv(model, list(converted), z, t, y)
     results = []
     for i, core in converted.items():
         q, k, v = qkv[i]
@@ -103,7 +103,7 @@ def measure_layers(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.
 def calibrate_alpha(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[int, torch.Tensor]:
     """Set each converted layer's α to the captured softmax mass (per head, or per head and query block)."""
     converted = sla2_layers(model)
-    qkv = record_dense_qkv(model, list(converted), z, t, y)
+    qkv, _ = record_dense_qkv(model, list(converted), z, t, y)
     chosen = {}
     for i, core in converted.items():
         _, stats = core(*qkv[i], return_stats=True)
