@@ -37,24 +37,46 @@ def _phi(x, dmask, FEATURE: tl.constexpr):
 
 
 @triton.jit
+def _batch_and_head(bh, H):
+    """The program's flat batch·head index → (batch, head), as int64 for pointer arithmetic."""
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def _row_tile(rows, cols, s_n, s_d, ROW_ALIGN: tl.constexpr):
+    """Offsets of rows × cols within one head of a B×H×N×D tensor read through its strides; ROW_ALIGN
+    states what the token stride s_n is a multiple of (1: nothing known)."""
+    return tl.multiple_of(rows.to(tl.int64) * s_n, ROW_ALIGN)[:, None] + cols[None, :] * s_d
+
+
+@triton.jit
+def _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, cols, dmask, dmask2, D: tl.constexpr,
+                D_PAD: tl.constexpr):
+    """Σ h_j and Σ z_j over one query block's kept key blocks (fp32)."""
+    h_kept = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    z_kept = tl.zeros([D_PAD], dtype=tl.float32)
+    for t in range(kk):
+        jb = hz_base + tl.load(idx_row + t)
+        h_kept += tl.load(h_ptr + jb * (D * D) + h_offs, mask=dmask2, other=0.0).to(tl.float32)
+        z_kept += tl.load(z_ptr + jb * D + cols, mask=dmask, other=0.0)
+    return h_kept, z_kept
+
+
+@triton.jit
 def _stats_kernel(k_ptr, v_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   H, N, n_k, D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_K: tl.constexpr,
                   D_PAD: tl.constexpr, FEATURE: tl.constexpr, PREC: tl.constexpr):
     """One key block: k's block mean (fp32), h_j = φ(K_j)ᵀV_j (stored in h's dtype) and z_j = Σφ(K_j)."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = (bh % H).to(tl.int64)
+    b, hh = _batch_and_head(bh, H)
     cols = tl.arange(0, D_PAD)
     dmask = cols < D
     rows = j * BLOCK_K + tl.arange(0, BLOCK_K)
     rvalid = rows < N
     mask = rvalid[:, None] & dmask[None, :]
-    r64 = rows.to(tl.int64)
-    k_rows = tl.multiple_of(r64 * sk_n, ROW_ALIGN)[:, None]
-    v_rows = tl.multiple_of(r64 * sv_n, ROW_ALIGN)[:, None]
-    kt = tl.load(k_ptr + b * sk_b + hh * sk_h + k_rows + cols[None, :] * sk_d, mask=mask, other=0.0)
-    vt = tl.load(v_ptr + b * sv_b + hh * sv_h + v_rows + cols[None, :] * sv_d, mask=mask, other=0.0)
+    kt = tl.load(k_ptr + b * sk_b + hh * sk_h + _row_tile(rows, cols, sk_n, sk_d, ROW_ALIGN), mask=mask, other=0.0)
+    vt = tl.load(v_ptr + b * sv_b + hh * sv_h + _row_tile(rows, cols, sv_n, sv_d, ROW_ALIGN), mask=mask, other=0.0)
     kf = kt.to(tl.float32)
     phik = tl.where(rvalid[:, None], _phi(kf, dmask, FEATURE), 0.0).to(vt.dtype)
     h = tl.dot(tl.trans(phik), vt, input_precision=PREC)
@@ -77,13 +99,11 @@ def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, sq_b, sq_h, sq_n, sq_d, 
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = (bh % H).to(tl.int64)
+    b, hh = _batch_and_head(bh, H)
     cols = tl.arange(0, D_PAD)
     dmask = cols < D
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_rows = tl.multiple_of(rows.to(tl.int64) * sq_n, ROW_ALIGN)[:, None]
-    q = tl.load(q_ptr + b * sq_b + hh * sq_h + q_rows + cols[None, :] * sq_d,
+    q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows, cols, sq_n, sq_d, ROW_ALIGN),
                 mask=(rows < N)[:, None] & dmask[None, :], other=0.0)
     u = tl.sum(q.to(tl.float32), 0) / tl.minimum(N - pid_q * BLOCK_Q, BLOCK_Q).to(tl.float32)
     row = (bh * n_q + pid_q).to(tl.int64)
@@ -135,14 +155,12 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = (bh % H).to(tl.int64)
+    b, hh = _batch_and_head(bh, H)
     cols = tl.arange(0, D_PAD)
     dmask = cols < D
     rows_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = (rows_q < N)[:, None] & dmask[None, :]
-    q_rows = tl.multiple_of(rows_q.to(tl.int64) * sq_n, ROW_ALIGN)[:, None]
-    q = tl.load(q_ptr + b * sq_b + hh * sq_h + q_rows + cols[None, :] * sq_d, mask=qmask, other=0.0)
+    q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows_q, cols, sq_n, sq_d, ROW_ALIGN), mask=qmask, other=0.0)
     k_base = k_ptr + b * sk_b + hh * sk_h
     v_base = v_ptr + b * sv_b + hh * sv_h
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
@@ -153,26 +171,21 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
         dmask2 = dmask[:, None] & dmask[None, :]
         h_offs = cols[:, None] * D + cols[None, :]
         hz_base = (bh * n_k).to(tl.int64)
-        h_kept = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-        z_kept = tl.zeros([D_PAD], dtype=tl.float32)
         a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i)
         if LIN_FIRST:
-            for t in range(kk):
-                jb = hz_base + tl.load(idx_row + t)
-                h_kept += tl.load(h_ptr + jb * (D * D) + h_offs, mask=dmask2, other=0.0).to(tl.float32)
-                z_kept += tl.load(z_ptr + jb * D + cols, mask=dmask, other=0.0)
+            h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, cols, dmask, dmask2, D, D_PAD)
             lin_part = ((1.0 - a) * _linear_out(q, h_kept, z_kept, htot_ptr, ztot_ptr, bh, cols, dmask, h_offs,
                                                 D, FEATURE, PREC)).to(q.dtype)
+        else:  # summed inside the attention loop
+            h_kept = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+            z_kept = tl.zeros([D_PAD], dtype=tl.float32)
     for t in range(kk):
         j = tl.load(idx_row + t)
         rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
         kvalid = rows_k < N
         kvmask = kvalid[:, None] & dmask[None, :]
-        r64 = rows_k.to(tl.int64)
-        k_rows = tl.multiple_of(r64 * sk_n, ROW_ALIGN)[:, None]
-        v_rows = tl.multiple_of(r64 * sv_n, ROW_ALIGN)[:, None]
-        kt = tl.load(k_base + k_rows + cols[None, :] * sk_d, mask=kvmask, other=0.0)
-        vt = tl.load(v_base + v_rows + cols[None, :] * sv_d, mask=kvmask, other=0.0)
+        kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask, other=0.0)
+        vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
         if LINEAR and not LIN_FIRST:
             jb = hz_base + j
             h_kept += tl.load(h_ptr + jb * (D * D) + h_offs, mask=dmask2, other=0.0).to(tl.float32)
@@ -196,5 +209,5 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
         else:
             out = a * out + (1.0 - a) * _linear_out(q, h_kept, z_kept, htot_ptr, ztot_ptr, bh, cols, dmask, h_offs,
                                                     D, FEATURE, PREC)
-    o_rows = tl.multiple_of(rows_q.to(tl.int64) * so_n, ROW_ALIGN)[:, None]
-    tl.store(o_ptr + b * so_b + hh * so_h + o_rows + cols[None, :] * so_d, out.to(o_ptr.dtype.element_ty), mask=qmask)
+    tl.store(o_ptr + b * so_b + hh * so_h + _row_tile(rows_q, cols, so_n, so_d, ROW_ALIGN),
+             out.to(o_ptr.dtype.element_ty), mask=qmask)

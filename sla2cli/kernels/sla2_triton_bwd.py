@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sla2_triton import _phi
+from .sla2_triton import _batch_and_head, _kept_stats, _phi, _row_tile
 
 
 @triton.jit
@@ -43,16 +43,14 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alp
     """One query block: Δ, dα, the linear branch's gradients and dq."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = (bh % H).to(tl.int64)
+    b, hh = _batch_and_head(bh, H)
     cols = tl.arange(0, D_PAD)
     dmask = cols < D
     rows_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rvalid = rows_q < N
     qmask = rvalid[:, None] & dmask[None, :]
-    r64 = rows_q[:, None].to(tl.int64)
-    q = tl.load(q_ptr + b * sq_b + hh * sq_h + r64 * sq_n + cols[None, :] * sq_d, mask=qmask, other=0.0)
-    g = tl.load(do_ptr + b * sg_b + hh * sg_h + r64 * sg_n + cols[None, :] * sg_d, mask=qmask,
+    q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows_q, cols, sq_n, sq_d, 1), mask=qmask, other=0.0)
+    g = tl.load(do_ptr + b * sg_b + hh * sg_h + _row_tile(rows_q, cols, sg_n, sg_d, 1), mask=qmask,
                 other=0.0).to(tl.float32)
     row_flat = bh.to(tl.int64) * N + rows_q
     o_s = tl.load(os_ptr + row_flat[:, None] * D + cols[None, :], mask=qmask, other=0.0).to(tl.float32)
@@ -64,13 +62,8 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alp
         a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i)
         dmask2 = dmask[:, None] & dmask[None, :]
         h_offs = cols[:, None] * D + cols[None, :]
-        hz_base = (bh * n_k).to(tl.int64)
-        h_kept = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-        z_kept = tl.zeros([D_PAD], dtype=tl.float32)
-        for t in range(kk):
-            jb = hz_base + tl.load(idx_row + t)
-            h_kept += tl.load(h_ptr + jb * (D * D) + h_offs, mask=dmask2, other=0.0).to(tl.float32)
-            z_kept += tl.load(z_ptr + jb * D + cols, mask=dmask, other=0.0)
+        h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, (bh * n_k).to(tl.int64), h_offs, cols, dmask,
+                                     dmask2, D, D_PAD)
         h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (D * D) + h_offs, mask=dmask2, other=0.0) - h_kept
         z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * D + cols, mask=dmask, other=0.0) - z_kept
         qf = q.to(tl.float32)
@@ -102,9 +95,8 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alp
         rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
         kvalid = rows_k < N
         kvmask = kvalid[:, None] & dmask[None, :]
-        k64 = rows_k[:, None].to(tl.int64)
-        kt = tl.load(k_base + k64 * sk_n + cols[None, :] * sk_d, mask=kvmask, other=0.0)
-        vt = tl.load(v_base + k64 * sv_n + cols[None, :] * sv_d, mask=kvmask, other=0.0)
+        kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, 1), mask=kvmask, other=0.0)
+        vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, 1), mask=kvmask, other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         p = tl.where(kvalid[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(d_os, tl.trans(vt), input_precision=PREC)
@@ -124,16 +116,14 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, 
     """One key block: dk, dv from the query blocks that kept it, plus its linear-statistics gradient."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    hh = (bh % H).to(tl.int64)
+    b, hh = _batch_and_head(bh, H)
     cols = tl.arange(0, D_PAD)
     dmask = cols < D
     rows_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kvalid = rows_k < N
     kvmask = kvalid[:, None] & dmask[None, :]
-    k64 = rows_k[:, None].to(tl.int64)
-    kt = tl.load(k_ptr + b * sk_b + hh * sk_h + k64 * sk_n + cols[None, :] * sk_d, mask=kvmask, other=0.0)
-    vt = tl.load(v_ptr + b * sv_b + hh * sv_h + k64 * sv_n + cols[None, :] * sv_d, mask=kvmask, other=0.0)
+    kt = tl.load(k_ptr + b * sk_b + hh * sk_h + _row_tile(rows_k, cols, sk_n, sk_d, 1), mask=kvmask, other=0.0)
+    vt = tl.load(v_ptr + b * sv_b + hh * sv_h + _row_tile(rows_k, cols, sv_n, sv_d, 1), mask=kvmask, other=0.0)
     dk = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)
     start = tl.load(rev_off_ptr + bh * n_k + pid_k)
@@ -143,9 +133,8 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, 
         rows_q = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
         rvalid = rows_q < N
         qmask = rvalid[:, None] & dmask[None, :]
-        r64 = rows_q[:, None].to(tl.int64)
-        q = tl.load(q_ptr + b * sq_b + hh * sq_h + r64 * sq_n + cols[None, :] * sq_d, mask=qmask, other=0.0)
-        g = tl.load(do_ptr + b * sg_b + hh * sg_h + r64 * sg_n + cols[None, :] * sg_d, mask=qmask, other=0.0)
+        q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows_q, cols, sq_n, sq_d, 1), mask=qmask, other=0.0)
+        g = tl.load(do_ptr + b * sg_b + hh * sg_h + _row_tile(rows_q, cols, sg_n, sg_d, 1), mask=qmask, other=0.0)
         row_flat = bh.to(tl.int64) * N + rows_q
         lse = tl.load(lse_ptr + row_flat, mask=rvalid, other=0.0)
         delta = tl.load(delta_ptr + row_flat, mask=rvalid, other=0.0)
