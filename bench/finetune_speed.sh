@@ -8,9 +8,9 @@ source "$(dirname "$0")/gpu_env.sh" "${2:-}"
 python3 - "$out/b16.safetensors" <<'PY'
 import sys, torch
 from sla2cli import save_model
-from sla2cli.models.jit import JiT, preset_config
+from sla2cli.models.jit import JiT, architecture_config
 torch.manual_seed(0)
-m = JiT(preset_config("JiT-B/16", input_size=1024))
+m = JiT(architecture_config("JiT-B/16", input_size=1024))
 with torch.no_grad():  # upstream zero-initialises these; small random values keep every block a real one
     for n, p in m.named_parameters():
         if "adaLN_modulation" in n or "final_layer.linear" in n:

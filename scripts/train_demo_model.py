@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from sla2cli import save_model
 from sla2cli.checkpoints import load_model
 from sla2cli.data.textures import CLASS_NAMES, NUM_CLASSES, class_batch, texture_batch
-from sla2cli.demo import (DEMO_CONFIG, HELD_OUT_SEED, attention_entropy, denoising_loss, half_storage_copy,
+from sla2cli.pipeline import (DEMO_CONFIG, HELD_OUT_SEED, attention_entropy, denoising_loss, half_storage_copy,
                           noised_batch)
 from sla2cli.diffusion import add_noise, sample_t, velocity
 from sla2cli.models.jit import JiT

@@ -14,25 +14,25 @@ from .checkpoints import LoadInfo, file_sha256, save_model
 from .errors import UsageError
 from .models.jit import JiT
 from .sla2.attention import SLA2Config
-from .sla2.convert import apply_sla2, parse_layer_spec, remove_sla2, sla2_layers
+from .sla2.layers import apply_sla2, parse_layer_spec, remove_sla2, sla2_layers
 from .sla2.stats import calibrate_alpha, describe_layers, own_noised_batch
 
 # Fewer key blocks than this and the kept blocks plus routing cost about as much as dense attention.
 MIN_KEY_BLOCKS_TO_PAY_OFF = 8
 
-PRESETS: dict[str, dict] = {
+SLA2_PRESETS: dict[str, dict] = {
     "max-speed": {"topk": 0.05, "qat": True},
     "balanced": {"topk": 0.15, "qat": True},
     "quality": {"topk": 0.25, "qat": False},
 }
 
 
-def resolve_settings(preset: str | None, base: SLA2Config | None = None, **explicit) -> SLA2Config:
+def sla2_settings(preset: str | None, base: SLA2Config | None = None, **explicit) -> SLA2Config:
     """Preset values, then explicit options on top; `base` (an existing conversion) fills the rest."""
-    if preset is not None and preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if preset is not None and preset not in SLA2_PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(SLA2_PRESETS)}")
     values = (base or SLA2Config()).to_dict()
-    values.update(PRESETS.get(preset, {}))
+    values.update(SLA2_PRESETS.get(preset, {}))
     values.update({k: v for k, v in explicit.items() if v is not None})
     return SLA2Config(**values)
 

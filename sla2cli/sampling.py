@@ -172,7 +172,7 @@ def default_cfg(preset: str | None) -> float | None:
     return PRESET_CFG.get(preset) if preset else None
 
 
-def resolve_settings(sampler: str, *, steps: int, cfg: float | None, cfg_interval: tuple[float, float] | None,
+def sampler_settings(sampler: str, *, steps: int, cfg: float | None, cfg_interval: tuple[float, float] | None,
                      time_shift: float | None, preset: str | None) -> SamplerSettings:
     """Fill a sampler's defaults (interval, shift, per-preset CFG) and check every value."""
     if sampler not in SAMPLERS:

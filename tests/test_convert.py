@@ -10,7 +10,7 @@ from conftest import TINY, nonzero_model, one_json, sha256
 from sla2cli import apply_sla2, load_model
 from sla2cli.checkpoints.architecture import infer_config
 from sla2cli.errors import UsageError
-from sla2cli.models.jit import PRESETS
+from sla2cli.models.jit import ARCHITECTURES
 
 ICS = ("--in-context-start", "2")  # the tiny model is no preset: its in_context_start must be given
 
@@ -247,15 +247,15 @@ def _shapes_only(config):
     return state
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_architecture_is_read_off_the_shapes_of_every_preset(name):
-    preset = PRESETS[name]
+    preset = ARCHITECTURES[name]
     assert infer_config(_shapes_only(preset)) == preset
     assert infer_config(_shapes_only(preset), args={"model": name}).in_context_start == preset.in_context_start
 
 
 def test_in_context_start_comes_from_args_model_before_shape_matching():
-    state = _shapes_only(PRESETS["JiT-B/16"])
+    state = _shapes_only(ARCHITECTURES["JiT-B/16"])
     assert infer_config(state, args={"model": "JiT-B/16"}).in_context_start == 4
     assert infer_config(state, in_context_start=6).in_context_start == 6
     with pytest.raises(UsageError, match="--in-context-start"):

@@ -10,7 +10,7 @@ from conftest import one_json
 from PIL import Image
 
 from sla2cli.checkpoints import load_model
-from sla2cli.demo import DEMO_CONFIG, MANIFEST, plan_for, prepare_out
+from sla2cli.pipeline import DEMO_CONFIG, MANIFEST, plan_for, prepare_out
 
 FAST = plan_for(True, torch.device("cpu"))
 
@@ -110,7 +110,7 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, cli):
 def test_demo_fid_step_runs_eval_fid_when_inception_weights_are_present(tmp_path, monkeypatch):
     """With weights on disk the demo hands eval-fid the SLA2 model, the reference textures and the dense model."""
     import sla2cli.metrics as metrics
-    from sla2cli import demo as lib
+    from sla2cli import pipeline as lib
 
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"")

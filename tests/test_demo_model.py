@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sla2cli.data.textures import CLASS_NAMES, NUM_CLASSES, reference_set, texture_batch
-from sla2cli.demo import (DEMO_CONFIG, DEMO_MODEL_PATH, HELD_OUT_SEED, attention_entropy, denoising_loss,
+from sla2cli.pipeline import (DEMO_CONFIG, DEMO_MODEL_PATH, HELD_OUT_SEED, attention_entropy, denoising_loss,
                           load_demo_model, noised_batch)
 from sla2cli.models.jit import JiT
 

@@ -11,7 +11,7 @@ import torch
 from conftest import nonzero_model
 from sla2cli.errors import UsageError
 from sla2cli.models.jit import JiTConfig
-from sla2cli.sampling import (PRESET_CFG, jit_time_grid, paired_inputs, pixelgen_time_grid, resolve_settings,
+from sla2cli.sampling import (PRESET_CFG, jit_time_grid, paired_inputs, pixelgen_time_grid, sampler_settings,
                               sample, sample_label, sample_noise, to_uint8)
 
 T_EPS = 0.05
@@ -169,18 +169,18 @@ def test_to_uint8_rounds_like_jit():
 def test_settings_defaults_per_preset_and_sampler():
     for preset, w in [("JiT-B/16", 3.0), ("JiT-L/16", 2.4), ("JiT-H/16", 2.2), ("JiT-B/32", 3.0),
                       ("JiT-L/32", 2.5), ("JiT-H/32", 2.3)]:
-        s = resolve_settings("jit", steps=50, cfg=None, cfg_interval=None, time_shift=None, preset=preset)
+        s = sampler_settings("jit", steps=50, cfg=None, cfg_interval=None, time_shift=None, preset=preset)
         assert s.cfg == w == PRESET_CFG[preset] and s.cfg_interval == (0.1, 1.0) and s.time_shift is None
-    s = resolve_settings("pixelgen", steps=50, cfg=None, cfg_interval=None, time_shift=None, preset="PixelGen-XL")
+    s = sampler_settings("pixelgen", steps=50, cfg=None, cfg_interval=None, time_shift=None, preset="PixelGen-XL")
     assert (s.cfg, s.cfg_interval, s.time_shift) == (2.25, (0.1, 0.9), 2.0)
-    assert resolve_settings("jit", steps=8, cfg=1.5, cfg_interval=(0.2, 0.7), time_shift=None, preset=None).cfg == 1.5
+    assert sampler_settings("jit", steps=8, cfg=1.5, cfg_interval=(0.2, 0.7), time_shift=None, preset=None).cfg == 1.5
     with pytest.raises(UsageError, match="pass --cfg"):
-        resolve_settings("jit", steps=50, cfg=None, cfg_interval=None, time_shift=None, preset=None)
+        sampler_settings("jit", steps=50, cfg=None, cfg_interval=None, time_shift=None, preset=None)
     with pytest.raises(UsageError, match="pixelgen sampler only"):
-        resolve_settings("jit", steps=50, cfg=2.0, cfg_interval=None, time_shift=2.0, preset=None)
+        sampler_settings("jit", steps=50, cfg=2.0, cfg_interval=None, time_shift=2.0, preset=None)
     with pytest.raises(UsageError, match="cfg-interval"):
-        resolve_settings("jit", steps=50, cfg=2.0, cfg_interval=(0.9, 0.1), time_shift=None, preset=None)
+        sampler_settings("jit", steps=50, cfg=2.0, cfg_interval=(0.9, 0.1), time_shift=None, preset=None)
     with pytest.raises(UsageError, match="unknown sampler"):
-        resolve_settings("ddim", steps=50, cfg=2.0, cfg_interval=None, time_shift=None, preset=None)
-    assert math.isclose(resolve_settings("pixelgen", steps=5, cfg=1.0, cfg_interval=None, time_shift=3.0,
+        sampler_settings("ddim", steps=50, cfg=2.0, cfg_interval=None, time_shift=None, preset=None)
+    assert math.isclose(sampler_settings("pixelgen", steps=5, cfg=1.0, cfg_interval=None, time_shift=3.0,
                                          preset=None).time_shift, 3.0)

@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY, nonzero_model
-from sla2cli.models.jit import JiT, preset_config
+from sla2cli.models.jit import JiT, architecture_config
 from sla2cli.profiling import model_flops, sla2_flops, through_custom_op
 from sla2cli.profiling.flops import count_fvcore, count_torch, meta_inputs
 from sla2cli.sla2 import SLA2Attention, SLA2Config, apply_sla2, sla2_attention
@@ -13,7 +13,7 @@ from sla2cli.sla2 import SLA2Attention, SLA2Config, apply_sla2, sla2_attention
 
 def meta_preset(name: str, **overrides) -> JiT:
     with torch.device("meta"):
-        return JiT(preset_config(name, **overrides))
+        return JiT(architecture_config(name, **overrides))
 
 
 @pytest.mark.parametrize("name,resolution", [("JiT-B/16", 256), ("JiT-L/16", 256), ("JiT-H/16", 256),

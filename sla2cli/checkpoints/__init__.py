@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UsageError
-from ..models.jit import PRESETS, JiT, JiTConfig
+from ..models.jit import ARCHITECTURES, JiT, JiTConfig
 from ..sla2.attention import SLA2Config
-from ..sla2.convert import apply_sla2, sla2_layers
+from ..sla2.layers import apply_sla2, sla2_layers
 from .architecture import infer_config, with_in_context_start
 from .reading import RawCheckpoint, read_checkpoint
 from .writing import WRITERS, check_output, file_sha256, split_state
@@ -39,7 +39,7 @@ class LoadInfo:
 
 
 def preset_name(config: JiTConfig) -> str | None:
-    for name, preset in PRESETS.items():
+    for name, preset in ARCHITECTURES.items():
         if dataclasses.replace(preset, input_size=config.input_size, num_classes=config.num_classes,
                                noise_scale=config.noise_scale) == config:
             return name

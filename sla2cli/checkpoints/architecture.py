@@ -13,14 +13,14 @@ import re
 import torch
 
 from ..errors import CheckpointError, UsageError
-from ..models.jit import PRESETS, JiTConfig
+from ..models.jit import ARCHITECTURES, JiTConfig
 
 _REQUIRED = ("pos_embed", "x_embedder.proj1.weight", "y_embedder.embedding_table.weight",
              "blocks.0.attn.q_norm.weight", "blocks.0.mlp.w12.weight", "final_layer.linear.weight")
 
 
 def _preset_for(depth: int, hidden: int) -> tuple[str, JiTConfig] | None:
-    for name, cfg in PRESETS.items():
+    for name, cfg in ARCHITECTURES.items():
         if cfg.depth == depth and cfg.hidden_size == hidden:
             return name, cfg
     return None
@@ -44,8 +44,8 @@ def infer_config(state: dict[str, torch.Tensor], *, args: dict | None = None,
     start = in_context_start
     if start is None and in_context_len == 0:
         start = 0
-    if start is None and isinstance(args.get("model"), str) and args["model"] in PRESETS:
-        preset = PRESETS[args["model"]]
+    if start is None and isinstance(args.get("model"), str) and args["model"] in ARCHITECTURES:
+        preset = ARCHITECTURES[args["model"]]
         if (preset.depth, preset.hidden_size) == (depth, hidden):
             start = preset.in_context_start
     if start is None and (match := _preset_for(depth, hidden)):

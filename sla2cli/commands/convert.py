@@ -53,7 +53,7 @@ def command(
     dev = resolve_device(device)
     model, info = load_model(src, weights=weights, in_context_start=in_context_start,
                              trust_checkpoint=trust_checkpoint)
-    settings = conversion.resolve_settings(preset, info.sla2_config, topk=topk, block_q=block_q, block_k=block_k,
+    settings = conversion.sla2_settings(preset, info.sla2_config, topk=topk, block_q=block_q, block_k=block_k,
                                            feature_map=feature_map, qat=qat, alpha_mode=alpha_mode)
     with out.progress() as progress:
         progress.add_task(f"converting{' and calibrating' if calibrate else ''}", total=None)

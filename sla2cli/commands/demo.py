@@ -11,7 +11,7 @@ import typer
 from rich.rule import Rule
 from rich.table import Table
 
-from .. import demo as lib
+from .. import pipeline as lib
 from ..report import layers_table
 from ._common import DeviceOpt, JsonOpt, Output, SeedOpt, resolve_device
 

@@ -9,7 +9,7 @@ import typer
 
 from ..checkpoints import check_output, load_model
 from ..errors import UsageError
-from ..models.jit import PRESETS
+from ..models.jit import ARCHITECTURES
 from ._common import (DeviceOpt, ForceOpt, InContextStartOpt, JsonOpt, Output, SeedOpt, TrustOpt,
                       WeightsOpt, resolve_device, resolve_dtype)
 
@@ -32,7 +32,7 @@ def command(
         help="Checkpoint (dense or converted): official JiT .pth, PixelGen .ckpt, state_dict or .safetensors. "
              "Omit it and pass --arch to profile random weights.", show_default=False, metavar="MODEL")] = None,
     arch: Annotated[Optional[str], typer.Option(
-        help=f"Profile a preset with random weights: {', '.join(PRESETS)}.")] = None,
+        help=f"Profile a preset with random weights: {', '.join(ARCHITECTURES)}.")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward.")] = 1,
     layers: Annotated[Optional[str], typer.Option(help="Layers to run as SLA2: 6-11, 0,2,5-7, all, none, last:6 "
@@ -66,8 +66,8 @@ def command(
     if (model_path is None) == (arch is None):
         raise UsageError("give either a MODEL file or --arch NAME (random weights), not both" if arch
                          else "missing MODEL: give a checkpoint file, or --arch NAME to profile random weights")
-    if arch is not None and arch not in PRESETS:
-        raise UsageError(f"unknown --arch {arch!r}; choose one of: {', '.join(PRESETS)}")
+    if arch is not None and arch not in ARCHITECTURES:
+        raise UsageError(f"unknown --arch {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     if counter not in COUNTERS:
         raise UsageError(f"unknown --counter {counter!r}; choose one of: {', '.join(COUNTERS)}")
     if batch_size < 1:

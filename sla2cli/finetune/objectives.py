@@ -16,7 +16,7 @@ from torch import nn
 
 from ..diffusion import velocity
 from ..sla2.attention import SLA2Attention
-from ..sla2.convert import transformer_blocks
+from ..sla2.layers import transformer_blocks
 from ..sla2.stats import relative_squared_error
 from .softtopk import soft_topk_attention
 

@@ -29,7 +29,7 @@ from ..distributed import ProcessGroup, barrier
 from ..errors import SLA2Error, UsageError
 from ..models.jit import JiT
 from ..sla2 import attention as sla2_attention_module
-from ..sla2.convert import layer_tokens, remove_sla2, sla2_layers
+from ..sla2.layers import layer_tokens, remove_sla2, sla2_layers
 from ..sla2.probe import record_dense_qkv
 from ..sla2.routing import keep_count, num_blocks
 from ..sla2.stats import measure_layers

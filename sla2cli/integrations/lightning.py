@@ -28,7 +28,7 @@ from ..checkpoints.reading import SLA2_PREFIX
 from ..checkpoints.writing import CORE_MARKER
 from ..errors import SLA2Error
 from ..sla2.control import disable_qat, enable_qat, freeze_router, set_topk
-from ..sla2.convert import apply_sla2, sla2_layers
+from ..sla2.layers import apply_sla2, sla2_layers
 from ..sla2.routing import keep_count, num_blocks
 from ..sla2.stats import describe_layers
 

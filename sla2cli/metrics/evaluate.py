@@ -15,7 +15,7 @@ import torch
 from ..checkpoints import LoadInfo, file_sha256, load_model
 from ..distributed import ProcessGroup, barrier, init_from_env, rank_device, shutdown
 from ..errors import UsageError
-from ..sampling import SamplerSettings, resolve_settings
+from ..sampling import SamplerSettings, sampler_settings
 from .fid import Reference, frechet_distance, inception_score, reference_statistics, resolve_reference, statistics
 from .generate import Generation, Progress, generate_samples
 from .inception import FEATURE_EXTRACTOR, FID_LAYER, ISC_LAYER, create_extractor, dataset_features, resolve_weights
@@ -138,7 +138,7 @@ def _evaluate(r: EvalRequest, reference: Reference, weights_file: Path, group: P
               device: torch.device, progress: Progress | None, started: float) -> dict | None:
     main = _Subject(path=r.model, folder=Path())
     main.model, main.info = _load(r.model, r, device)
-    settings = resolve_settings(r.sampler, steps=r.steps, cfg=r.cfg, cfg_interval=r.cfg_interval,
+    settings = sampler_settings(r.sampler, steps=r.steps, cfg=r.cfg, cfg_interval=r.cfg_interval,
                                 time_shift=r.time_shift, preset=main.info.preset)
     main.folder = r.out if r.out is not None else default_folder(r, settings)
     main.manifest = _manifest(main.info, r.model, settings, r)

@@ -1,5 +1,5 @@
 """Model definitions: JiT and its presets."""
 
-from .jit import PRESETS, JiT, JiTConfig, preset_config
+from .jit import ARCHITECTURES, JiT, JiTConfig, architecture_config
 
-__all__ = ["PRESETS", "JiT", "JiTConfig", "preset_config"]
+__all__ = ["ARCHITECTURES", "JiT", "JiTConfig", "architecture_config"]

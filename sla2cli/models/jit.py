@@ -63,7 +63,7 @@ def _preset(hidden, depth, heads, bottleneck, start, patch, **extra) -> JiTConfi
                      in_context_start=start, patch_size=patch, ffn_hidden_dim=_swiglu_hidden(hidden), **extra)
 
 
-PRESETS: dict[str, JiTConfig] = {
+ARCHITECTURES: dict[str, JiTConfig] = {
     "JiT-B/16": _preset(768, 12, 12, 128, 4, 16),
     "JiT-B/32": _preset(768, 12, 12, 128, 4, 32, input_size=512),
     "JiT-L/16": _preset(1024, 24, 16, 128, 8, 16),
@@ -75,10 +75,10 @@ PRESETS: dict[str, JiTConfig] = {
 }
 
 
-def preset_config(name: str, **overrides) -> JiTConfig:
-    if name not in PRESETS:
-        raise UsageError(f"unknown architecture {name!r}; choose one of: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+def architecture_config(name: str, **overrides) -> JiTConfig:
+    if name not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    return dataclasses.replace(ARCHITECTURES[name], **overrides)
 
 
 class RMSNorm(nn.Module):
@@ -304,7 +304,7 @@ class JiT(nn.Module):
     image tokens only, with the class tokens as their own last block, and no reordering copy is needed.
     """
 
-    in_context_first = False  # read by `sla2.convert`: models without this attribute prepend (upstream)
+    in_context_first = False  # read by `sla2.layers`: models without this attribute prepend (upstream)
 
     def __init__(self, config: JiTConfig):
         super().__init__()

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import SLA2Error, UsageError
 from ..models.jit import JiT
 from ..sla2.attention import backend_name
-from ..sla2.convert import apply_sla2, sla2_layers
+from ..sla2.layers import apply_sla2, sla2_layers
 from ..sla2.probe import dense_cores
 from .ops import FVCORE_HANDLES, through_custom_op
 

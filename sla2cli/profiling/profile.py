@@ -18,9 +18,9 @@ from torch import nn
 
 from ..conversion import MIN_KEY_BLOCKS_TO_PAY_OFF
 from ..errors import UsageError
-from ..models.jit import DenseAttention, JiT, JiTConfig, preset_config
+from ..models.jit import DenseAttention, JiT, JiTConfig, architecture_config
 from ..sla2.attention import SLA2Attention, SLA2Config, backend_name
-from ..sla2.convert import apply_sla2, parse_layer_spec, remove_sla2, sla2_layers, transformer_blocks
+from ..sla2.layers import apply_sla2, parse_layer_spec, remove_sla2, sla2_layers, transformer_blocks
 from ..sla2.routing import keep_count, num_blocks
 from .flops import FLOP_CONVENTION, model_flops
 from .timing import LAUNCH_BOUND_MS, Timer, environment
@@ -87,7 +87,7 @@ def layer_spec(layers: list[int]) -> str:
 def random_model(arch: str, *, resolution: int | None = None, device="cpu", seed: int = 0) -> JiT:
     """A preset with random weights; upstream's zero-initialised parameters (adaLN, output) get small random
     values too, so nothing is timed on zeros."""
-    config = preset_config(arch, **({"input_size": resolution} if resolution else {}))
+    config = architecture_config(arch, **({"input_size": resolution} if resolution else {}))
     torch.manual_seed(seed)
     with torch.device(device):
         model = JiT(config)

@@ -1,7 +1,7 @@
 """The SLA2 method: routing, the reference maths, the attention module, conversion and statistics."""
 
 from .attention import ALPHA_INIT, SLA2Attention, SLA2Config, register_backend, sla2_attention
-from .convert import apply_sla2, parse_layer_spec, remove_sla2, sla2_layers
+from .layers import apply_sla2, parse_layer_spec, remove_sla2, sla2_layers
 from .reference import SLA2Stats, sla2_reference
 from .routing import Routing, keep_count, route
 

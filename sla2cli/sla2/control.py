@@ -10,7 +10,7 @@ import dataclasses
 
 from torch import nn
 
-from .convert import sla2_layers
+from .layers import sla2_layers
 
 
 def _update(model: nn.Module, **changes) -> list[int]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..models.jit import DenseAttention
-from .convert import transformer_blocks
+from .layers import transformer_blocks
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from torch import nn
 from ..diffusion import add_noise, sample_t
 from ..sampling import sample
 from .attention import SLA2Attention
-from .convert import layer_tokens, sla2_layers, transformer_blocks
+from .layers import layer_tokens, sla2_layers, transformer_blocks
 from .probe import dense_cores, record_dense_qkv
 from .routing import keep_count, num_blocks
 

@@ -6,7 +6,7 @@ tokens + 8 in-context tokens, width 192, depth 6, 3 heads of 64) trained by
 Its weight matrices are stored in float16 (vectors and the position table in float32) to keep the
 file under 10 MB; `load_model` reads a file of mixed dtypes into a float32 model.
 
-The demo (`run_step` over `STEPS`) converts it with the balanced preset, calibrates α, measures every
+The demo (the `step_*` functions, which `sla2 demo` runs in order) converts it with the balanced preset, calibrates α, measures every
 converted layer against dense attention, runs fine-tuning, profiling and FID where those exist, and
 samples dense and SLA2 from the same seeds. Each step returns plain data; the command renders it.
 Evaluation data are textures of seed HELD_OUT_SEED (calibration and measurement, never seen in
@@ -29,14 +29,14 @@ from torch import nn
 
 from . import __version__
 from .checkpoints import file_sha256, load_model, save_model
-from .conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, resolve_settings, short_sequence_warnings
+from .conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, sla2_settings, short_sequence_warnings
 from .data.textures import CLASS_NAMES, REFERENCE_SEED, reference_set, texture_batch
 from .diffusion import add_noise, velocity
 from .errors import CheckpointError, UsageError
 from .models.jit import JiT, JiTConfig
 from .sampling import paired_inputs, sample, to_uint8
 from .sla2.attention import triton_available
-from .sla2.convert import apply_sla2, transformer_blocks
+from .sla2.layers import apply_sla2, transformer_blocks
 from .sla2.probe import record_dense_qkv
 from .sla2.routing import num_blocks
 from .sla2.stats import calibrate_alpha, describe_layers, measure_layers
@@ -248,7 +248,7 @@ def step_model(demo: Demo) -> dict:
 def step_plan_layers(demo: Demo) -> dict:
     """Layers worth converting: those with enough key blocks for sparsity to pay off (as `sla2 convert` warns)."""
     rows = describe_layers(demo.dense)
-    settings = resolve_settings(DEMO_PRESET)
+    settings = sla2_settings(DEMO_PRESET)
     demo.candidates = [r["layer"] for r in rows
                        if num_blocks(r["tokens"], settings.block_k) >= MIN_KEY_BLOCKS_TO_PAY_OFF]
     demo.layers = list(demo.candidates)
@@ -266,7 +266,7 @@ def step_profile(demo: Demo) -> dict:
     from .profiling import Timer, profile_model
 
     model = copy.deepcopy(demo.dense)
-    apply_sla2(model, demo.candidates, **resolve_settings(DEMO_PRESET).to_dict())
+    apply_sla2(model, demo.candidates, **sla2_settings(DEMO_PRESET).to_dict())
     plan = demo.plan
     dtype = torch.bfloat16 if demo.device.type == "cuda" else torch.float32
     report = profile_model(model, device=demo.device, dtype=dtype, batch_size=1,
@@ -287,7 +287,7 @@ def step_profile(demo: Demo) -> dict:
 
 def _calibrated_copy(demo: Demo, layers: list[int]) -> tuple[JiT, dict]:
     model = copy.deepcopy(demo.dense)
-    settings = resolve_settings(DEMO_PRESET)
+    settings = sla2_settings(DEMO_PRESET)
     apply_sla2(model, layers, **settings.to_dict())
     _, z, t, y = _eval_batch(demo, CALIBRATION_OFFSET)
     alpha = calibrate_alpha(model, z, t, y) if layers else {}
@@ -305,7 +305,7 @@ def step_convert(demo: Demo) -> dict:
     save_model(demo.converted, dst, provenance=provenance, force=True)
     demo.files["converted"] = str(dst)
     rows = describe_layers(demo.converted)
-    settings = resolve_settings(DEMO_PRESET)
+    settings = sla2_settings(DEMO_PRESET)
     return {"layers": demo.layers, "settings": settings.to_dict(), "calibrated_alpha": alpha, "per_layer": rows,
             "output": str(dst), "warnings": short_sequence_warnings(rows, settings.block_k)}
 
