@@ -24,8 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sla2cli.kernels.function import (  # noqa: E402
-    _linear_first, linear_stats, route_pooled, sla2_forward, sla2_triton)
+from sla2cli.kernels.function import _linear_first, linear_stats, route_pooled, sla2_forward, sla2_triton  # noqa: E402
 from sla2cli.sla2.reference import sla2_reference  # noqa: E402
 from sla2cli.sla2.routing import Routing, num_blocks, route  # noqa: E402
 
@@ -149,7 +148,7 @@ def forward_rows(shapes, sweep: bool):
                     except Exception as exc:  # flex's block-size / head-dim limits differ by version
                         print(f"  flex failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                         t_flex = float("nan")
-                    del ref, full, mask
+                    ref = full = mask = None
                     sweep_note = ""
                     if sweep and N == 32768 and keep == 0.05:
                         trials = []
@@ -175,7 +174,7 @@ def forward_rows(shapes, sweep: bool):
                       f"flex {t_flex:.3f}; torch reference {t_ref:.3f}; rel err {err:.2e}; "
                       f"router agreement {agree:.4f}; "
                       f"deterministic {same}{sweep_note}", flush=True)
-        del q, k, v
+        q = k = v = None  # free the inputs before the next shape
         torch.cuda.empty_cache()
     return rows
 
@@ -204,13 +203,13 @@ def backward_rows(shapes):
                                  routing=Routing(mask.float(), indices.long(), mask))
         ref = torch.autograd.grad(ref_out, (q, k, v, alpha), grad)
         errs = {f"d{n}": rel_err(a, b) for n, a, b in zip(("q", "k", "v", "alpha"), mine, ref)}
-        del ref_out, ref, mine, out
+        ref_out = ref = mine = out = None
         rows.append(dict(name=name, shape=f"{B}x{H}x{N}x{D}", keep=keep, blocks=f"{block_q},{block_k}", errs=errs,
                          **timings))
         print(f"backward {name} keep {keep} blocks ({block_q},{block_k}): "
               + ", ".join(f"{key} {val:.3f} ms" for key, val in timings.items())
               + "; rel err " + ", ".join(f"{key} {val:.1e}" for key, val in errs.items()), flush=True)
-        del q, k, v
+        q = k = v = None  # free the inputs before the next shape
         torch.cuda.empty_cache()
     return rows
 

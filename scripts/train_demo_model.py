@@ -31,16 +31,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sla2cli import save_model
 from sla2cli.checkpoints import load_model
 from sla2cli.data.textures import CLASS_NAMES, NUM_CLASSES, class_batch, texture_batch
-from sla2cli.pipeline import (DEMO_CONFIG, HELD_OUT_SEED, attention_entropy, denoising_loss, half_storage_copy,
-                          noised_batch)
-from sla2cli.diffusion import add_noise, sample_t, velocity
+from sla2cli.diffusion import add_noise, denoising_loss, noised, sample_t, v_loss
 from sla2cli.models.jit import JiT
+from sla2cli.models.shipped import DEMO_CONFIG, HELD_OUT_SEED, half_storage_copy
 from sla2cli.sampling import sample
+from sla2cli.seeding import PROBE_NOISE
+from sla2cli.sla2.stats import attention_entropy
 
 TRAIN_SEED = 0
 
@@ -67,11 +67,11 @@ def lr_at(step: int, frac: float, args) -> float:
     return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def v_loss(model, x, y, t, eps, autocast: bool) -> torch.Tensor:
+def training_loss(model, x, y, t, eps, autocast: bool) -> torch.Tensor:
     z = add_noise(x, t, eps)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         x_pred = model(z, t, y)
-    return F.mse_loss(velocity(x_pred.float(), z, t), velocity(x, z, t))
+    return v_loss(x_pred, x, z, t).mean()
 
 
 def train(args) -> tuple[JiT, dict]:
@@ -105,7 +105,7 @@ def train(args) -> tuple[JiT, dict]:
         y = torch.where(drop, torch.full_like(y, NUM_CLASSES), y)
         t = sample_t(B, generator=gen, device=dev)
         eps = torch.randn(x.shape, generator=gen, device=dev)
-        loss = v_loss(model, x, y, t, eps, autocast)
+        loss = training_loss(model, x, y, t, eps, autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -141,7 +141,7 @@ def evaluate(model: JiT, dev) -> dict:
     loss = denoising_loss(model, x, y, seed=1)
     fresh = JiT(DEMO_CONFIG).to(dev).eval()
     untrained = denoising_loss(fresh, x, y, seed=1)
-    z, t, _ = noised_batch(x[:8], seed=2, t=torch.full((8,), 0.6))
+    z, t, _ = noised(x[:8], seed=2, stream=PROBE_NOISE, t=torch.full((8,), 0.6))
     ent = attention_entropy(model, z, t.to(dev), y[:8])
     ent_fresh = attention_entropy(fresh, z, t.to(dev), y[:8])
     return {"held_out_v_loss": loss, "untrained_v_loss": untrained,

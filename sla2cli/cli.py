@@ -8,26 +8,29 @@ import traceback
 import typer
 from rich.console import Console
 
-from .commands import convert, demo, eval_fid, finetune, profile, stats
-from .errors import SLA2Error
+from .commands import convert, demo, eval_fid, finetune, profile, quality, stats
+from .commands._errors import cli_message
+from .errors import ParameterError, SLA2Error
 
 app = typer.Typer(
     name="sla2", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="SLA2 sparse-linear attention for JiT pixel-diffusion transformers.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-_state = {"debug": False}
+_state = {"debug": False, "command": None}
 # Typer re-exports no UsageError; BadParameter's parent is it, in both vendored and plain click.
 _ParseError = typer.BadParameter.__mro__[1]
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")):
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")):
     _state["debug"] = debug
+    _state["command"] = ctx.invoked_subcommand  # library errors name parameters; this command's flags replace them
 
 
 for _name, _module in (("convert", convert), ("finetune", finetune), ("profile", profile),
-                       ("eval-fid", eval_fid), ("stats", stats), ("demo", demo)):
+                       ("eval-fid", eval_fid), ("stats", stats), ("quality", quality), ("demo", demo)):
     app.command(_name)(_module.command)
 
 
@@ -39,6 +42,7 @@ def _fail(message: str, code: int) -> int:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 failure, 2 bad usage, 130 interrupted."""
     _state["debug"] = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _state["command"] = None
     try:
         code = app(args=argv, standalone_mode=False)
         if code == 130:  # Typer turns Ctrl-C into this return value instead of raising
@@ -56,12 +60,14 @@ def run(argv: list[str] | None = None) -> int:
     except SLA2Error as exc:
         if _state["debug"]:
             traceback.print_exc()
-        return _fail(str(exc), exc.exit_code)
+        message = cli_message(exc, _state["command"]) if isinstance(exc, ParameterError) else str(exc)
+        return _fail(message, exc.exit_code)
     except Exception as exc:  # a bug, not the user's doing: say so, keep the traceback behind --debug
         if _state["debug"]:
             traceback.print_exc()
             return 1
-        return _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with 'sla2 --debug ...' for the traceback)", 1)
+        return _fail(f"internal error: {type(exc).__name__}: {exc} "
+                     "(rerun with 'sla2 --debug ...' for the traceback)", 1)
 
 
 def main() -> None:

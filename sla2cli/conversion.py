@@ -9,13 +9,15 @@ import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import __version__
 from .checkpoints import LoadInfo, file_sha256, save_model
-from .errors import UsageError
+from .errors import InvalidParameter
 from .models.jit import JiT
 from .sla2.attention import SLA2Config
-from .sla2.layers import apply_sla2, parse_layer_spec, remove_sla2, sla2_layers
-from .sla2.stats import calibrate_alpha, describe_layers, own_noised_batch
+from .sla2.layers import set_sla2_layers
+from .sla2.stats import calibrate_alpha, describe_layers
 
 # Fewer key blocks than this and the kept blocks plus routing cost about as much as dense attention.
 MIN_KEY_BLOCKS_TO_PAY_OFF = 8
@@ -30,7 +32,8 @@ SLA2_PRESETS: dict[str, dict] = {
 def sla2_settings(preset: str | None, base: SLA2Config | None = None, **explicit) -> SLA2Config:
     """Preset values, then explicit options on top; `base` (an existing conversion) fills the rest."""
     if preset is not None and preset not in SLA2_PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(SLA2_PRESETS)}")
+        raise InvalidParameter("preset", preset, "unknown preset {value!r}; choose one of: {choices}",
+                               choices=", ".join(SLA2_PRESETS))
     values = (base or SLA2Config()).to_dict()
     values.update(SLA2_PRESETS.get(preset, {}))
     values.update({k: v for k, v in explicit.items() if v is not None})
@@ -45,6 +48,7 @@ class ConversionResult:
     warnings: list[str] = field(default_factory=list)
     calibrated_alpha: dict[int, list[float]] = field(default_factory=dict)
     output: Path | None = None
+    budget: list[dict] = field(default_factory=list)  # per-layer choices of a --max-error conversion
 
 
 def short_sequence_warnings(rows: list[dict], block_k: int) -> list[str]:
@@ -58,37 +62,40 @@ def short_sequence_warnings(rows: list[dict], block_k: int) -> list[str]:
             f"(choose --layers without them) or run at a higher resolution"]
 
 
-def convert_model(model: JiT, info: LoadInfo, *, layer_spec: str | None, settings: SLA2Config,
-                  calibrate: int = 0, device="cpu", seed: int = 0) -> ConversionResult:
-    """Convert `model` in place so exactly the layers of `layer_spec` are SLA2 (None keeps the current set)."""
-    depth = model.config.depth
-    layers = sorted(sla2_layers(model)) if layer_spec is None and info.sla2_layers else \
-        parse_layer_spec(layer_spec or "all", depth)
-    remove_sla2(model, [i for i in sla2_layers(model) if i not in layers])
-    apply_sla2(model, layers, **settings.to_dict())
+def convert_model(model: JiT, *, layer_spec: str | list[int] | None, settings: SLA2Config,
+                  calibration: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  topk_per_layer: dict[int, float] | None = None) -> ConversionResult:
+    """Convert `model` in place so exactly the layers of `layer_spec` are SLA2 (see `set_sla2_layers`,
+    also for `topk_per_layer`); with a `calibration` batch (z, t, y) on the model's device, α is set to
+    the softmax mass the kept blocks capture on it."""
+    layers = set_sla2_layers(model, layer_spec, settings, topk_per_layer)
     calibrated = {}
-    if calibrate and layers:
-        model.to(device)
-        z, t, y = own_noised_batch(model, calibrate, seed=seed, device=device)
-        calibrated = {i: a.flatten().tolist() for i, a in calibrate_alpha(model, z, t, y).items()}
-        model.to("cpu")
+    if calibration is not None and layers:
+        calibrated = {i: a.flatten().tolist() for i, a in calibrate_alpha(model, *calibration).items()}
     rows = describe_layers(model)
     return ConversionResult(layers=layers, config=settings, rows=rows,
                             warnings=short_sequence_warnings(rows, settings.block_k), calibrated_alpha=calibrated)
 
 
-def provenance_for(src: Path, info: LoadInfo, calibrate: int) -> dict:
-    record = {"source": src.name, "source_sha256": file_sha256(src), "source_layout": info.layout,
-              "weights": info.weights, "sla2cli_version": __version__,
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "calibration_samples": calibrate}
+def provenance_record(**facts) -> dict:
+    """`facts` on how a model file was made, with the sla2cli that made it and when."""
+    return {**facts, "sla2cli_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def provenance_for(src: Path, info: LoadInfo, **details) -> dict:
+    """The provenance of a model converted from `src`: the source file (name, hash, layout, weights),
+    `details` of the conversion, and the source's own provenance as `history`."""
+    record = provenance_record(source=src.name, source_sha256=file_sha256(src), source_layout=info.layout,
+                               weights=info.weights, **details)
     if info.provenance:
         record["history"] = info.provenance
     return record
 
 
-def write_converted(model: JiT, src: Path, dst: Path, info: LoadInfo, *, format: str, force: bool,
-                    calibrate: int) -> Path:
-    return save_model(model, dst, format=format, provenance=provenance_for(src, info, calibrate), force=force,
+def write_converted(model: JiT, src: Path, dst: Path, info: LoadInfo, *, format: str = "safetensors",
+                    force: bool = False, **details) -> Path:
+    """Write `model`, converted from `src`, with its provenance (`details` as in `provenance_for`)."""
+    return save_model(model, dst, format=format, provenance=provenance_for(src, info, **details), force=force,
                       sources=(src,))
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from .seeding import PROBE_NOISE, generator
 
 P_MEAN = -0.8
 P_STD = 0.8
@@ -24,3 +27,38 @@ def velocity(x_pred: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_eps: floa
     """v = (x̂ − z) / (1 − t), with 1 − t clamped as upstream does near t = 1."""
     t = t.view(-1, *([1] * (z.dim() - 1)))
     return (x_pred - z) / (1 - t).clamp_min(t_eps)
+
+
+def noised(x: torch.Tensor, positions=None, *, seed: int, stream: int, noise_scale: float = 1.0,
+           t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, t, ε) for clean images x: z = t·x + (1−t)·ε·noise_scale, t from JiT's logit-normal unless given.
+
+    Sample i's t and ε are drawn from (seed, stream, positions[i]) alone (positions default to 0, 1, ...),
+    so a sample is noised alike whatever batch or process holds it; a given t leaves ε unchanged.
+    """
+    device = x.device
+    positions = range(x.shape[0]) if positions is None else positions
+    ts, eps = [], []
+    for p in positions:
+        g = generator(seed, stream, p, device=device)
+        ts.append(sample_t(1, generator=g, device=device))
+        eps.append(torch.randn(x.shape[1:], generator=g, device=device))
+    if t is None:
+        t = torch.cat(ts) if ts else torch.empty(0, device=device)
+    noise = torch.stack(eps) if eps else torch.empty_like(x)
+    t = t.to(device)
+    return add_noise(x, t.to(x.dtype), noise.to(x.dtype), noise_scale), t, noise
+
+
+def v_loss(pred: torch.Tensor, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """JiT's training loss per sample: mean squared error of v = (x − z)/(1 − t) against the prediction's."""
+    v_pred, v_true = velocity(pred.float(), z.float(), t.float()), velocity(x.float(), z.float(), t.float())
+    return (v_pred - v_true).flatten(1).square().mean(1)
+
+
+@torch.no_grad()
+def denoising_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0,
+                   t: torch.Tensor | None = None) -> float:
+    """JiT's training loss (mean v-loss) of `model` on x noised reproducibly by `seed`."""
+    z, t, _ = noised(x, seed=seed, stream=PROBE_NOISE, t=t, noise_scale=getattr(model.config, "noise_scale", 1.0))
+    return v_loss(model(z, t, y), x, z, t).mean().item()

@@ -56,3 +56,12 @@ def barrier(group: ProcessGroup) -> None:
 def shutdown(group: ProcessGroup) -> None:
     if group.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def from_main(group: ProcessGroup, value):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if not (group.distributed and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

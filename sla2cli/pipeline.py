@@ -1,16 +1,11 @@
-"""The small trained JiT shipped inside the package, and `sla2 demo`'s pipeline over it.
+"""`sla2 demo`'s pipeline over the small JiT shipped inside the package (`models.shipped`, "demo").
 
-`sla2cli/assets/demo-jit.safetensors` is a class-conditional JiT (64x64 px, patch 2: 1024 image
-tokens + 8 in-context tokens, width 192, depth 6, 3 heads of 64) trained by
-`scripts/train_demo_model.py` on the procedural batik-like textures of `sla2cli.data.textures`.
-Its weight matrices are stored in float16 (vectors and the position table in float32) to keep the
-file under 10 MB; `load_model` reads a file of mixed dtypes into a float32 model.
-
-The demo (the `step_*` functions, which `sla2 demo` runs in order) converts it with the balanced preset, calibrates α, measures every
-converted layer against dense attention, runs fine-tuning, profiling and FID where those exist, and
-samples dense and SLA2 from the same seeds. Each step returns plain data; the command renders it.
-Evaluation data are textures of seed HELD_OUT_SEED (calibration and measurement, never seen in
-training) and the reference set `textures.reference_set` (regenerated on the spot; nothing stored).
+The demo (the `step_*` functions, which `sla2 demo` runs in order) converts it with the balanced preset,
+calibrates α, measures every converted layer against dense attention, runs fine-tuning, profiling and FID
+where those exist, and samples dense and SLA2 from the same seeds. Each step returns plain data; the
+command renders it. Evaluation data are textures of seed HELD_OUT_SEED (calibration and measurement,
+never seen in training) and the reference set `textures.reference_set` (regenerated on the spot; nothing
+stored).
 
 Library code: nothing here prints.
 """
@@ -25,106 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from . import __version__
-from .checkpoints import file_sha256, load_model, save_model
-from .conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, sla2_settings, short_sequence_warnings
+from .checkpoints import load_model
+from .conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, convert_model, sla2_settings, write_converted
 from .data.textures import CLASS_NAMES, REFERENCE_SEED, reference_set, texture_batch
-from .diffusion import add_noise, velocity
-from .errors import CheckpointError, UsageError
-from .models.jit import JiT, JiTConfig
+from .diffusion import noised, v_loss
+from .errors import InvalidParameter
+from .models.jit import JiT
+from .models.shipped import DEMO, DEMO_MODEL_PATH, HELD_OUT_SEED
 from .sampling import paired_inputs, sample, to_uint8
-from .sla2.attention import triton_available
-from .sla2.layers import apply_sla2, transformer_blocks
-from .sla2.probe import record_dense_qkv
+from .seeding import PROBE_NOISE
+from .sla2.backends import kernels_unavailable
+from .sla2.layers import apply_sla2
 from .sla2.routing import num_blocks
-from .sla2.stats import calibrate_alpha, describe_layers, measure_layers
-
-DEMO_MODEL_PATH = Path(__file__).parent / "assets" / "demo-jit.safetensors"
-
-DEMO_CONFIG = JiTConfig(input_size=64, patch_size=2, in_channels=3, hidden_size=192, depth=6, num_heads=3,
-                        ffn_hidden_dim=512, num_classes=8, bottleneck_dim=16, in_context_len=8,
-                        in_context_start=2, noise_scale=1.0)
-
-# Where the held-out evaluation data comes from: the training run drew seed 0 only.
-HELD_OUT_SEED = 7_777
-
-
-def load_demo_model(device="cpu") -> tuple[JiT, object]:
-    """The shipped demo model (float32, eval mode) and its LoadInfo."""
-    if not DEMO_MODEL_PATH.exists():
-        raise CheckpointError(f"the demo model {DEMO_MODEL_PATH} is missing from this installation; "
-                              "reinstall sla2cli (pip install -e .)")
-    return load_model(DEMO_MODEL_PATH, device=device)
-
-
-def half_storage_copy(model: nn.Module) -> nn.Module:
-    """A CPU copy whose weight matrices are float16 (vectors and `pos_embed` stay float32), for shipping.
-
-    A state_dict of mixed dtypes loads back into a float32 model (see `checkpoints._float_dtype`).
-    """
-    ship = copy.deepcopy(model).cpu().float()
-    for name, p in ship.named_parameters():
-        if p.dim() >= 2 and name != "pos_embed":
-            p.data = p.data.half()
-    return ship
-
-
-@torch.no_grad()
-def noised_batch(x: torch.Tensor, *, seed: int = 0, t: torch.Tensor | None = None,
-                 noise_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z, t, ε) for clean images x: t from JiT's logit-normal unless given, both from `seed`."""
-    from .diffusion import sample_t
-
-    gen = torch.Generator().manual_seed(seed)
-    if t is None:
-        t = sample_t(x.shape[0], generator=gen)
-    eps = torch.randn(x.shape, generator=gen)
-    t, eps = t.to(x.device), eps.to(x.device, x.dtype)
-    return add_noise(x, t, eps, noise_scale), t, eps
-
-
-@torch.no_grad()
-def denoising_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0,
-                   t: torch.Tensor | None = None) -> float:
-    """JiT's training loss (MSE on the velocity of the x-prediction) on x noised reproducibly by `seed`."""
-    z, t, _ = noised_batch(x, seed=seed, t=t, noise_scale=getattr(model.config, "noise_scale", 1.0))
-    return _v_loss(model(z, t, y), x, z, t)
-
-
-def _v_loss(x_pred: torch.Tensor, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> float:
-    v_pred = velocity(x_pred.float(), z.float(), t)
-    v_true = velocity(x.float(), z.float(), t)
-    return (v_pred - v_true).pow(2).mean().item()
-
-
-@torch.no_grad()
-def attention_entropy(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                      layers: list[int] | None = None) -> dict[int, dict]:
-    """Per layer: mean entropy (nats) of each query's dense softmax attention, and log N for reference.
-
-    Uniform attention has entropy log N; a layer that attends locally or to a few tokens is far below.
-    """
-    layers = list(range(len(transformer_blocks(model)))) if layers is None else layers
-    qkv, _ = record_dense_qkv(model, layers, z, t, y)
-    out = {}
-    for i in layers:
-        q, k, _ = qkv[i]
-        q, k = q.float(), k.float()
-        n = k.shape[-2]
-        entropies = []
-        for head in range(q.shape[1]):  # one head at a time: B×N×N stays small
-            logits = q[:, head] @ k[:, head].transpose(-1, -2) / math.sqrt(q.shape[-1])
-            logp = torch.log_softmax(logits, dim=-1)
-            entropies.append(-(logp.exp() * logp).sum(-1).mean(dim=(0, 1)))
-        per_head = torch.stack(entropies)
-        out[i] = {"tokens": n, "log_n": math.log(n), "entropy": per_head.mean().item(),
-                  "entropy_per_head": per_head.tolist()}
-    return out
-
-
-# --- the demo pipeline -------------------------------------------------------------------------
+from .sla2.stats import attention_entropy, describe_layers, measure_layers
 
 MANIFEST = "sla2-demo.json"
 DEMO_PRESET = "balanced"
@@ -196,16 +105,17 @@ class Demo:
 def prepare_out(out: Path) -> None:
     """Create `out`, or reuse it if it is empty or was made by an earlier `sla2 demo`; never touch others."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
+        raise InvalidParameter("out", out, "{name} {value} is a file; give a folder")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
-        raise UsageError(f"--out {out} is not empty and was not made by 'sla2 demo'; choose another folder")
+        raise InvalidParameter("out", out, "{name} {value} is not empty and was not made by 'sla2 demo'; choose "
+                               "another folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).write_text(json.dumps({"format": "sla2cli-demo", "complete": False}) + "\n")
 
 
 def load_backends(demo: Demo) -> None:
     """On CUDA, say so when the Triton SLA2 kernels cannot load (the PyTorch reference then serves)."""
-    if demo.device.type == "cuda" and not triton_available():
+    if demo.device.type == "cuda" and kernels_unavailable(demo.device):
         demo.notices.append("Triton kernels unavailable; using the PyTorch reference")
 
 
@@ -213,7 +123,7 @@ def _eval_batch(demo: Demo, offset: int = 0) -> tuple[torch.Tensor, ...]:
     """(x, z, t, y): held-out textures, noised at t from JiT's training distribution; the same on every run."""
     n = demo.plan.eval_images
     x, y = texture_batch(torch.arange(offset, offset + n), seed=HELD_OUT_SEED)
-    z, t, _ = noised_batch(x, seed=demo.seed + offset)
+    z, t, _ = noised(x, range(offset, offset + n), seed=demo.seed, stream=PROBE_NOISE)
     return x.to(demo.device), z.to(demo.device), t.to(demo.device), y.to(demo.device)
 
 
@@ -223,14 +133,14 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def step_model(demo: Demo) -> dict:
     """Load the shipped model; describe it; show that it is trained (v-loss) and attends sparsely (entropy)."""
-    demo.dense, demo.info = load_demo_model(device=demo.device)
+    demo.dense, demo.info = DEMO.load(device=demo.device)
     cfg = demo.dense.config
     x, z, t, y = _eval_batch(demo)
     with torch.no_grad():
         demo.cache["dense_out"] = demo.dense(z, t, y)
-    loss = _v_loss(demo.cache["dense_out"], x, z, t)
+    loss = v_loss(demo.cache["dense_out"], x, z, t).mean().item()
     fixed_t = torch.full((min(2, x.shape[0]),), 0.6, device=demo.device)
-    z6, _, _ = noised_batch(x[: fixed_t.shape[0]], seed=demo.seed, t=fixed_t)
+    z6, _, _ = noised(x[: fixed_t.shape[0]], seed=demo.seed, stream=PROBE_NOISE, t=fixed_t)
     entropy = attention_entropy(demo.dense, z6, fixed_t, y[: fixed_t.shape[0]])
     rows = describe_layers(demo.dense)
     for r in rows:
@@ -266,7 +176,7 @@ def step_profile(demo: Demo) -> dict:
     from .profiling import Timer, profile_model
 
     model = copy.deepcopy(demo.dense)
-    apply_sla2(model, demo.candidates, **sla2_settings(DEMO_PRESET).to_dict())
+    apply_sla2(model, demo.candidates, sla2_settings(DEMO_PRESET))
     plan = demo.plan
     dtype = torch.bfloat16 if demo.device.type == "cuda" else torch.float32
     report = profile_model(model, device=demo.device, dtype=dtype, batch_size=1,
@@ -285,29 +195,20 @@ def step_profile(demo: Demo) -> dict:
     return report
 
 
-def _calibrated_copy(demo: Demo, layers: list[int]) -> tuple[JiT, dict]:
-    model = copy.deepcopy(demo.dense)
-    settings = sla2_settings(DEMO_PRESET)
-    apply_sla2(model, layers, **settings.to_dict())
-    _, z, t, y = _eval_batch(demo, CALIBRATION_OFFSET)
-    alpha = calibrate_alpha(model, z, t, y) if layers else {}
-    return model.eval(), {i: a.flatten().tolist() for i, a in alpha.items()}
-
-
 def step_convert(demo: Demo) -> dict:
     """`sla2 convert --preset balanced`, α calibrated on held-out textures, written to --out."""
-    demo.converted, alpha = _calibrated_copy(demo, demo.layers)
-    dst = demo.out / "demo-jit-sla2.safetensors"
-    provenance = {"source": DEMO_MODEL_PATH.name, "source_sha256": file_sha256(DEMO_MODEL_PATH),
-                  "weights": demo.info.weights, "sla2cli_version": __version__, "preset": DEMO_PRESET,
-                  "calibration": f"{demo.plan.eval_images} held-out textures (seed {HELD_OUT_SEED}), noised at "
-                                 "JiT's training t", "history": demo.info.provenance}
-    save_model(demo.converted, dst, provenance=provenance, force=True)
-    demo.files["converted"] = str(dst)
-    rows = describe_layers(demo.converted)
     settings = sla2_settings(DEMO_PRESET)
-    return {"layers": demo.layers, "settings": settings.to_dict(), "calibrated_alpha": alpha, "per_layer": rows,
-            "output": str(dst), "warnings": short_sequence_warnings(rows, settings.block_k)}
+    _, z, t, y = _eval_batch(demo, CALIBRATION_OFFSET)
+    demo.converted = copy.deepcopy(demo.dense)
+    result = convert_model(demo.converted, layer_spec=demo.layers, settings=settings, calibration=(z, t, y))
+    demo.converted.eval()
+    dst = demo.out / "demo-jit-sla2.safetensors"
+    write_converted(demo.converted, DEMO_MODEL_PATH, dst, demo.info, force=True, preset=DEMO_PRESET,
+                    calibration_samples=demo.plan.eval_images,
+                    calibration=f"held-out textures (seed {HELD_OUT_SEED}), noised at JiT's training t")
+    demo.files["converted"] = str(dst)
+    return {"layers": result.layers, "settings": settings.to_dict(), "calibrated_alpha": result.calibrated_alpha,
+            "per_layer": result.rows, "output": str(dst), "warnings": result.warnings}
 
 
 def _measure(demo: Demo, model: JiT) -> dict:
@@ -320,7 +221,8 @@ def _measure(demo: Demo, model: JiT) -> dict:
         dense_out = demo.cache["dense_out"]
         out = model(z, t, y)
     return {"per_layer": per_layer, "model_relative_error": _relative_error(out, dense_out),
-            "held_out_v_loss": _v_loss(out, x, z, t), "dense_held_out_v_loss": _v_loss(dense_out, x, z, t)}
+            "held_out_v_loss": v_loss(out, x, z, t).mean().item(),
+            "dense_held_out_v_loss": v_loss(dense_out, x, z, t).mean().item()}
 
 
 def step_finetune(demo: Demo) -> dict:

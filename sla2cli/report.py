@@ -19,15 +19,19 @@ def _kept(row: dict) -> str:
     return f"{row['kept_blocks']}/{row['key_blocks']}" if row.get("converted") and row.get("key_blocks") else "-"
 
 
-def layers_table(rows: list[dict], title: str) -> Table:
-    """Layer, tokens, heads, head_dim, converted, kept blocks per query block / total, nominal sparsity."""
+def layers_table(rows: list[dict], title: str, why: dict[int, str] | None = None) -> Table:
+    """Layer, tokens, heads, head_dim, converted, kept blocks per query block / total, nominal sparsity, and
+    with `why` (a budgeted conversion) the reason each layer got its setting."""
     table = Table(title=title, title_justify="left")
     for name in ("layer", "tokens", "heads", "head_dim", "converted", "kept / total blocks", "nominal sparsity"):
         table.add_column(name, justify="right")
+    if why is not None:
+        table.add_column("why", justify="left")
     for r in rows:
         sparsity = f"{r['nominal_sparsity']:.0%}" if r.get("nominal_sparsity") is not None else "-"
-        table.add_row(str(r["layer"]), _fmt(r["tokens"]), str(r["heads"]), str(r["head_dim"]),
-                      _fmt(r["converted"]), _kept(r), sparsity)
+        cells = [str(r["layer"]), _fmt(r["tokens"]), str(r["heads"]), str(r["head_dim"]), _fmt(r["converted"]),
+                 _kept(r), sparsity]
+        table.add_row(*cells, *([] if why is None else [why.get(r["layer"], "dense: not among the layers to convert")]))
     return table
 
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from .diffusion import T_EPS
-from .errors import UsageError
+from .errors import InvalidParameter
+from .seeding import SAMPLE_LABELS, SAMPLE_NOISE, generator
 
 # Guidance scales of the official evaluations (JiT README: ImageNet 256/512, 50 Heun steps, interval
 # 0.1-1.0; PixelGen-XL config: 2.25 with its own sampler).
@@ -116,7 +116,7 @@ def jit_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, s
                trajectory: list | None = None, **_) -> torch.Tensor:
     """LTH14/JiT `Denoiser.generate`: Heun (or Euler) steps on linspace(0, 1, steps+1), last step Euler."""
     if method not in ("heun", "euler"):
-        raise UsageError(f"unknown JiT sampling method {method!r}; choose heun or euler")
+        raise InvalidParameter("method", method, "unknown JiT sampling {name} {value!r}; choose heun or euler")
     grid = jit_time_grid(steps, _state_dtype(noise)).to(noise.device)
     z = noise.to(_state_dtype(noise))
 
@@ -172,31 +172,39 @@ def default_cfg(preset: str | None) -> float | None:
     return PRESET_CFG.get(preset) if preset else None
 
 
+def sampler_spec(sampler: str) -> SamplerSpec:
+    """The registered sampler called `sampler`."""
+    if sampler not in SAMPLERS:
+        raise InvalidParameter("sampler", sampler, "unknown {name} {value!r}; choose one of: {choices}",
+                               choices=", ".join(SAMPLERS))
+    return SAMPLERS[sampler]
+
+
 def sampler_settings(sampler: str, *, steps: int, cfg: float | None, cfg_interval: tuple[float, float] | None,
                      time_shift: float | None, preset: str | None) -> SamplerSettings:
     """Fill a sampler's defaults (interval, shift, per-preset CFG) and check every value."""
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    spec = SAMPLERS[sampler]
+    spec = sampler_spec(sampler)
     if steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
+        raise InvalidParameter("steps", steps, "{name} must be >= 1, got {value}")
     if cfg is None:
         cfg = default_cfg(preset)
         if cfg is None:
-            raise UsageError("no default CFG scale for this architecture (not a JiT/PixelGen preset); "
-                             "pass --cfg F (1.0 turns guidance off)")
+            raise InvalidParameter("cfg", None, "no default CFG scale for this architecture (not a JiT/PixelGen "
+                                   "preset); pass {name} (1.0 turns guidance off)")
     if cfg < 0:
-        raise UsageError(f"--cfg must be >= 0, got {cfg}")
+        raise InvalidParameter("cfg", cfg, "{name} must be >= 0, got {value}")
     interval = spec.cfg_interval if cfg_interval is None else tuple(float(x) for x in cfg_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-        raise UsageError(f"--cfg-interval must be LOW,HIGH with 0 <= LOW <= HIGH <= 1, got {cfg_interval}")
+        raise InvalidParameter("cfg_interval", cfg_interval,
+                               "{name} must be LOW,HIGH with 0 <= LOW <= HIGH <= 1, got {value}")
     if spec.time_shift is None:
         if time_shift is not None:
-            raise UsageError(f"--time-shift applies to the pixelgen sampler only, not {sampler}")
+            raise InvalidParameter("time_shift", time_shift, "{name} applies to the pixelgen sampler only, "
+                                   "not {sampler}", sampler=sampler)
     else:
         time_shift = spec.time_shift if time_shift is None else float(time_shift)
         if time_shift <= 0:
-            raise UsageError(f"--time-shift must be > 0, got {time_shift}")
+            raise InvalidParameter("time_shift", time_shift, "{name} must be > 0, got {value}")
     return SamplerSettings(sampler=sampler, steps=steps, cfg=float(cfg), cfg_interval=interval,
                            time_shift=time_shift)
 
@@ -209,9 +217,7 @@ def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, steps
 
     The result has the noise's dtype. `trajectory`, if a list, receives z after every step.
     """
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    spec = SAMPLERS[sampler]
+    spec = sampler_spec(sampler)
     interval = spec.cfg_interval if cfg_interval is None else cfg_interval
     shift = spec.time_shift if time_shift is None else time_shift
     z = spec.run(model, noise, labels, steps=steps, cfg=cfg, cfg_interval=interval, method=method,
@@ -227,25 +233,14 @@ def sample_with(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, set
 
 # --- pairing: every sample's noise and label are functions of (seed, index) -----------------------
 
-def _stream_seed(seed: int, *key: int) -> int:
-    """A 64-bit seed for the stream named by (seed, *key): NumPy's SeedSequence hashing, no collisions
-    between nearby seeds and indices."""
-    if seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {seed}")
-    return int(np.random.SeedSequence([seed, *key]).generate_state(1, np.uint64)[0])
-
-
-_NOISE, _LABELS = 0, 1
-
-
 def sample_noise(seed: int, index: int, shape: tuple[int, ...], noise_scale: float = 1.0) -> torch.Tensor:
     """Sample `index`'s starting noise, float32 on the CPU (the same on every machine and world size)."""
-    gen = torch.Generator(device="cpu").manual_seed(_stream_seed(seed, _NOISE, index))
+    gen = generator(seed, SAMPLE_NOISE, index)
     return torch.randn(shape, generator=gen, dtype=torch.float32) * noise_scale
 
 
 def _class_order(seed: int, cycle: int, num_classes: int) -> torch.Tensor:
-    gen = torch.Generator(device="cpu").manual_seed(_stream_seed(seed, _LABELS, cycle))
+    gen = generator(seed, SAMPLE_LABELS, cycle)
     return torch.randperm(num_classes, generator=gen)
 
 

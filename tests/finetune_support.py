@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import nonzero_model
+
 from sla2cli import save_model
 from sla2cli.diffusion import add_noise, sample_t, velocity
 from sla2cli.models.jit import JiT, JiTConfig

@@ -4,10 +4,10 @@ import argparse
 
 import pytest
 import torch
+from conftest import TINY, nonzero_model, one_json, sha256
 from safetensors import safe_open
 
-from conftest import TINY, nonzero_model, one_json, sha256
-from sla2cli import apply_sla2, load_model
+from sla2cli import SLA2Config, apply_sla2, load_model
 from sla2cli.checkpoints.architecture import infer_config
 from sla2cli.errors import UsageError
 from sla2cli.models.jit import ARCHITECTURES
@@ -33,7 +33,7 @@ def test_convert_writes_a_model_that_loads_back_identical(cli, official_pth, tmp
         meta = f.metadata()
     assert meta["format"] == "sla2cli" and '"source_sha256"' in meta["provenance"]
     expected, _ = load_model(official_pth, in_context_start=2)
-    apply_sla2(expected, [2, 3], topk=0.3)
+    apply_sla2(expected, [2, 3], SLA2Config(topk=0.3))
     x, t, y = _inputs()
     with torch.no_grad():
         assert torch.equal(model(x, t, y), expected(x, t, y))
@@ -62,10 +62,12 @@ def test_the_way_back_gives_the_original_tensors_bit_for_bit(cli, official_pth, 
     if fmt == "jit-pth":
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(back, weights_only=True, map_location="cpu")
-        entries = [{k[len("net."):]: v for k, v in payload[name].items()} for name in ("model", "model_ema1", "model_ema2")]
+        entries = [{k[len("net."):]: v for k, v in payload[name].items()}
+                   for name in ("model", "model_ema1", "model_ema2")]
     elif fmt == "pixelgen-ckpt":
         state = torch.load(back, weights_only=True, map_location="cpu")["state_dict"]
-        entries = [{k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".")} for p in ("denoiser", "ema_denoiser")]
+        entries = [{k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".")}
+                   for p in ("denoiser", "ema_denoiser")]
     else:
         model, info = load_model(back)
         assert info.sla2_layers == []
@@ -188,7 +190,7 @@ def _not_jit(_, tmp_path):
     (lambda p, t: p, ("--topk", "0"), 2, "topk must be in (0, 1]"),
     (lambda p, t: p, ("--topk", "1.5"), 2, "topk must be in (0, 1]"),
     (lambda p, t: p, ("--topk", "-0.1"), 2, "topk must be in (0, 1]"),
-    (lambda p, t: p, ("--block-q", "48"), 2, "block_q must be one of"),
+    (lambda p, t: p, ("--block-q", "48"), 2, "--block-q must be one of"),
     (lambda p, t: p, ("--feature-map", "cosine"), 2, "unknown feature map"),
     (lambda p, t: p, ("--preset", "fastest"), 2, "unknown preset"),
     (lambda p, t: p, ("--weights", "model_ema3"), 2, "available: model, model_ema1, model_ema2"),
@@ -258,7 +260,7 @@ def test_in_context_start_comes_from_args_model_before_shape_matching():
     state = _shapes_only(ARCHITECTURES["JiT-B/16"])
     assert infer_config(state, args={"model": "JiT-B/16"}).in_context_start == 4
     assert infer_config(state, in_context_start=6).in_context_start == 6
-    with pytest.raises(UsageError, match="--in-context-start"):
+    with pytest.raises(UsageError, match="pass it as in_context_start"):
         infer_config(_shapes_only(TINY))
 
 

@@ -10,7 +10,8 @@ from conftest import one_json
 from PIL import Image
 
 from sla2cli.checkpoints import load_model
-from sla2cli.pipeline import DEMO_CONFIG, MANIFEST, plan_for, prepare_out
+from sla2cli.models.shipped import DEMO_CONFIG, DEMO_MODEL_PATH
+from sla2cli.pipeline import MANIFEST, plan_for, prepare_out
 
 FAST = plan_for(True, torch.device("cpu"))
 
@@ -18,9 +19,10 @@ FAST = plan_for(True, torch.device("cpu"))
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """One `sla2 demo --fast --json` run (about a minute on two CPU cores), shared by the tests below."""
-    from sla2cli.cli import run
     import contextlib
     import io
+
+    from sla2cli.cli import run
 
     out = tmp_path_factory.mktemp("demo") / "out"
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -126,6 +128,6 @@ def test_demo_fid_step_runs_eval_fid_when_inception_weights_are_present(tmp_path
     report = lib.step_fid(demo)
     request = seen["request"]
     assert seen["allow_download"] is False and report["fid"] == 12.5
-    assert request.model == out / "demo-jit-sla2.safetensors" and request.compare_to == lib.DEMO_MODEL_PATH
+    assert request.model == out / "demo-jit-sla2.safetensors" and request.compare_to == DEMO_MODEL_PATH
     assert request.inception_weights == weights and request.num_samples == FAST.fid_samples
     assert len(list((out / "reference").glob("*.png"))) == FAST.fid_samples

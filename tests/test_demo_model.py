@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from sla2cli.data.textures import CLASS_NAMES, NUM_CLASSES, reference_set, texture_batch
-from sla2cli.pipeline import (DEMO_CONFIG, DEMO_MODEL_PATH, HELD_OUT_SEED, attention_entropy, denoising_loss,
-                          load_demo_model, noised_batch)
+from sla2cli.diffusion import denoising_loss, noised
 from sla2cli.models.jit import JiT
+from sla2cli.models.shipped import DEMO, DEMO_CONFIG, DEMO_MODEL_PATH, HELD_OUT_SEED
+from sla2cli.seeding import PROBE_NOISE
+from sla2cli.sla2.stats import attention_entropy
 
 
 @pytest.fixture(scope="module")
 def demo():
     torch.manual_seed(0)
-    model, info = load_demo_model()
+    model, info = DEMO.load()
     return model, info
 
 
@@ -53,7 +55,7 @@ def test_demo_model_denoises_far_better_than_untrained(demo, held_out):
 def test_demo_attention_is_far_from_uniform(demo, held_out):
     model, _ = demo
     x, y = held_out
-    z, t, _ = noised_batch(x[:2], seed=4, t=torch.full((2,), 0.6))
+    z, t, _ = noised(x[:2], seed=4, stream=PROBE_NOISE, t=torch.full((2,), 0.6))
     trained = attention_entropy(model, z, t, y[:2])
     torch.manual_seed(0)
     untrained = attention_entropy(JiT(DEMO_CONFIG).eval(), z, t, y[:2])

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import nonzero_model, one_json
+from test_eval_fid_metrics import folder_features, inception_weights, scipy_frechet, write_images  # noqa: F401
+
 from sla2cli import save_model
 from sla2cli.metrics import EvalRequest, evaluate
 from sla2cli.metrics import generate as generate_module
 from sla2cli.metrics import inception as inception_module
 from sla2cli.models.jit import JiTConfig
-from test_eval_fid_metrics import folder_features, inception_weights, scipy_frechet, write_images  # noqa: F401
 
 SMALL = JiTConfig(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2, ffn_hidden_dim=48,
                   num_classes=5, bottleneck_dim=8, in_context_len=4, in_context_start=1)

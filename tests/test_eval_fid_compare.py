@@ -6,16 +6,16 @@ import math
 import shutil
 
 import pytest
-
 from conftest import nonzero_model, one_json
-from sla2cli import apply_sla2, save_model
 from test_eval_fid_cli import SMALL, files  # noqa: F401
 from test_eval_fid_metrics import inception_weights  # noqa: F401
+
+from sla2cli import SLA2Config, apply_sla2, save_model
 
 
 def test_compare_converted_with_dense_then_with_a_folder(cli, files, inception_weights, tmp_path, monkeypatch):
     converted = nonzero_model(SMALL)
-    apply_sla2(converted, "all", topk=0.5, block_q=16, block_k=16)
+    apply_sla2(converted, "all", SLA2Config(topk=0.5, block_q=16, block_k=16))
     sla2_file = save_model(converted, tmp_path / "small-sla2.safetensors")
     monkeypatch.chdir(tmp_path)
     common = ["-n", 4, "--steps", 3, "--cfg", 2.0, "--batch-size", 2, "--dtype", "fp32", "--device", "cpu",
@@ -52,8 +52,9 @@ def test_compare_converted_with_dense_then_with_a_folder(cli, files, inception_w
 
 
 def test_compare_to_must_be_paired(cli, files, inception_weights, tmp_path):
-    from sla2cli.metrics.samples import prepare_folder, write_sample
     import torch
+
+    from sla2cli.metrics.samples import prepare_folder, write_sample
     folder = tmp_path / "seed7"
     prepare_folder(folder, {"seed": 7, "resolution": 16, "num_classes": 5, "noise_scale": 1.0}, create=True)
     for i in range(3):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import nonzero_model, one_json
-from sla2cli import save_model
 from test_eval_fid_cli import SMALL
 from test_eval_fid_metrics import inception_weights  # noqa: F401
+
+from sla2cli import save_model
 
 RUNNER = "import sys\nfrom sla2cli.cli import main\nsys.argv[0] = 'sla2'\nmain()\n"
 

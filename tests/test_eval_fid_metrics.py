@@ -17,8 +17,16 @@ import torch
 from PIL import Image
 
 from sla2cli.errors import SLA2Error, UsageError
-from sla2cli.metrics import (create_extractor, dataset_features, frechet_distance, inception_score,
-                             paired_metrics, resolve_reference, resolve_weights, statistics)
+from sla2cli.metrics import (
+    create_extractor,
+    dataset_features,
+    frechet_distance,
+    inception_score,
+    paired_metrics,
+    resolve_reference,
+    resolve_weights,
+    statistics,
+)
 from sla2cli.metrics import inception as inception_module
 from sla2cli.metrics.inception import INCEPTION_FILE, INCEPTION_URL
 
@@ -150,7 +158,7 @@ def test_missing_weights_name_the_file_and_place(tmp_path, monkeypatch):
     with pytest.raises(SLA2Error) as exc:
         resolve_weights(None)
     message = str(exc.value)
-    assert INCEPTION_URL in message and str(cached) in message and "--inception-weights" in message
+    assert INCEPTION_URL in message and str(cached) in message and "inception_weights" in message
     assert calls == [(INCEPTION_URL, cached)] and not cached.exists()
     with pytest.raises(UsageError, match="does not exist"):
         resolve_weights(tmp_path / "missing.pth")

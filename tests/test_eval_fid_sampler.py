@@ -7,12 +7,21 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import nonzero_model
+
 from sla2cli.errors import UsageError
 from sla2cli.models.jit import JiTConfig
-from sla2cli.sampling import (PRESET_CFG, jit_time_grid, paired_inputs, pixelgen_time_grid, sampler_settings,
-                              sample, sample_label, sample_noise, to_uint8)
+from sla2cli.sampling import (
+    PRESET_CFG,
+    jit_time_grid,
+    paired_inputs,
+    pixelgen_time_grid,
+    sample,
+    sample_label,
+    sample_noise,
+    sampler_settings,
+    to_uint8,
+)
 
 T_EPS = 0.05
 # Smaller than conftest's TINY (16 tokens, 2 blocks): a sampler test runs the network dozens of times.
@@ -174,11 +183,11 @@ def test_settings_defaults_per_preset_and_sampler():
     s = sampler_settings("pixelgen", steps=50, cfg=None, cfg_interval=None, time_shift=None, preset="PixelGen-XL")
     assert (s.cfg, s.cfg_interval, s.time_shift) == (2.25, (0.1, 0.9), 2.0)
     assert sampler_settings("jit", steps=8, cfg=1.5, cfg_interval=(0.2, 0.7), time_shift=None, preset=None).cfg == 1.5
-    with pytest.raises(UsageError, match="pass --cfg"):
+    with pytest.raises(UsageError, match="pass cfg"):
         sampler_settings("jit", steps=50, cfg=None, cfg_interval=None, time_shift=None, preset=None)
     with pytest.raises(UsageError, match="pixelgen sampler only"):
         sampler_settings("jit", steps=50, cfg=2.0, cfg_interval=None, time_shift=2.0, preset=None)
-    with pytest.raises(UsageError, match="cfg-interval"):
+    with pytest.raises(UsageError, match="cfg_interval"):
         sampler_settings("jit", steps=50, cfg=2.0, cfg_interval=(0.9, 0.1), time_shift=None, preset=None)
     with pytest.raises(UsageError, match="unknown sampler"):
         sampler_settings("ddim", steps=50, cfg=2.0, cfg_interval=None, time_shift=None, preset=None)

@@ -5,11 +5,11 @@ import json
 import os
 
 import torch
+from conftest import one_json
+from finetune_support import DEMO, converted_file, one_thread, random_model, structured_images  # noqa: F401
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import one_json
-from finetune_support import DEMO, converted_file, one_thread, random_model, structured_images  # noqa: F401
 from sla2cli import load_model
 from sla2cli.finetune import TopkSchedule
 
@@ -54,7 +54,8 @@ def test_human_output_is_a_table_of_errors_before_and_after(cli, tmp_path):
     code, out, err = cli("finetune", src, "-o", tmp_path / "ft.safetensors", "--data-free", "--data-free-samples",
                          "4", "--steps", "2", *FAST)
     assert code == 0, err
-    assert "rel. sq. error before" in out and "after" in out and "steps/s" in out and "samples of the dense model" in out
+    assert "rel. sq. error before" in out and "after" in out and "steps/s" in out
+    assert "samples of the dense model" in out
     assert "step 2/2" in err  # progress lines on stderr when it is not a terminal
 
 
@@ -108,7 +109,8 @@ def test_provenance_of_a_second_finetune_keeps_the_first(cli, tmp_path):
     src = converted_file(cli, tmp_path)
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert cli("finetune", src, "-o", first, "--data-free", "--data-free-samples", "4", "--steps", "1", *FAST)[0] == 0
-    assert cli("finetune", first, "-o", second, "--data-free", "--data-free-samples", "4", "--steps", "1", *FAST)[0] == 0
+    code = cli("finetune", first, "-o", second, "--data-free", "--data-free-samples", "4", "--steps", "1", *FAST)[0]
+    assert code == 0
     with safe_open(str(second), framework="pt") as f:
         provenance = json.loads(f.metadata()["provenance"])
     assert provenance["finetune"]["input"] == "a.safetensors"

@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from finetune_support import one_thread  # noqa: F401
 from PIL import Image
 
-from finetune_support import one_thread  # noqa: F401
 from sla2cli.data.images import ImageFolder, center_crop, to_tensor
+from sla2cli.diffusion import noised
 from sla2cli.errors import SLA2Error
-from sla2cli.finetune.sources import FolderSource, _Shuffled, noised
+from sla2cli.finetune.sources import FolderSource, _Shuffled
 
 
 def _save(path, size=(40, 20), colour=(255, 0, 0), mode="RGB"):

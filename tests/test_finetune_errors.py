@@ -1,10 +1,9 @@
 """Every bad input to `sla2 finetune`: one error line, a non-zero exit, nothing written, input untouched."""
 
 import pytest
-from PIL import Image
-
 from conftest import sha256
 from finetune_support import converted_file, one_thread, random_model  # noqa: F401
+from PIL import Image
 
 RUN = ("--steps", "1", "--batch-size", "2", "--eval-samples", "1", "--data-free-samples", "2", "--device", "cpu")
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import one_json
 from finetune_support import converted_file, one_thread, random_model  # noqa: F401
+from safetensors.torch import load_file
+
 import sla2cli.finetune.trainer as trainer
 
 ARGS = ("--data-free", "--data-free-samples", "6", "--batch-size", "2", "--eval-samples", "2", "--device", "cpu",

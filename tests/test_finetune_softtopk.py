@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from finetune_support import one_thread  # noqa: F401
 
 import sla2cli.finetune.softtopk as softtopk
-from finetune_support import one_thread  # noqa: F401
 from sla2cli.finetune import routing_gradient, soft_topk_attention, soft_topk_mask
 from sla2cli.finetune.softtopk import soft_topk_threshold
 from sla2cli.sla2 import SLA2Attention, SLA2Config, route, sla2_reference

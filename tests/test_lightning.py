@@ -7,13 +7,13 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import TINY, nonzero_model
 from lightning.pytorch.loggers import Logger
 
-from conftest import TINY, nonzero_model
 from sla2cli import load_model, save_model
 from sla2cli.diffusion import add_noise, sample_t, velocity
 from sla2cli.integrations.lightning import SLA2Convert, SLA2QATSwitch, SLA2StatsLogger, SLA2TopkSchedule
-from sla2cli.sla2 import apply_sla2, sla2_layers
+from sla2cli.sla2 import SLA2Config, apply_sla2, sla2_layers
 
 
 class PixelGenLike(pl.LightningModule):
@@ -63,7 +63,8 @@ class MemoryLogger(Logger):
 
 def _loader(n=8):
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 5, (n,), generator=g))
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g),
+                                          torch.randint(0, 5, (n,), generator=g))
     return torch.utils.data.DataLoader(data, batch_size=2)
 
 
@@ -95,7 +96,7 @@ def test_callbacks_convert_log_schedule_and_toggle_qat(tmp_path):
 
 def test_frozen_router_and_settings_from_an_sla2_file(tmp_path):
     source = nonzero_model()
-    apply_sla2(source, [1, 3], topk=0.3, block_q=32, block_k=32)
+    apply_sla2(source, [1, 3], SLA2Config(topk=0.3, block_q=32, block_k=32))
     with torch.no_grad():
         source.blocks[3].attn.core.alpha_logit.fill_(1.5)
     path = save_model(source, tmp_path / "tuned.safetensors")

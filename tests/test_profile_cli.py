@@ -3,7 +3,6 @@
 import builtins
 
 import pytest
-
 from conftest import one_json
 
 # The tiny official checkpoint at 16 px: 64 tokens in layers 0-1, 72 (two 64-blocks) in 2-3.
@@ -110,13 +109,17 @@ def _row(tokens=4128, key_blocks=65, backend="triton"):
 
 def test_layer_advice_uses_gpu_time_at_launch_bound_sizes_and_says_why():
     import torch
+
     from sla2cli.profiling.profile import layer_advice
     cuda = torch.device("cuda")
     # launch-bound alone (eager slower) but faster as a CUDA graph: convert, and say so
-    advice = layer_advice(_row(), {"dense": {"ms": 0.51, "graph_ms": 0.50}, "sla2": {"ms": 0.89, "graph_ms": 0.23}}, cuda)
-    assert advice["recommendation"] == "sla2" and "CUDA graph" in advice["reason"] and "launch-bound" in advice["reason"]
+    advice = layer_advice(_row(), {"dense": {"ms": 0.51, "graph_ms": 0.50}, "sla2": {"ms": 0.89, "graph_ms": 0.23}},
+                          cuda)
+    assert advice["recommendation"] == "sla2"
+    assert "CUDA graph" in advice["reason"] and "launch-bound" in advice["reason"]
     # 288 tokens: 5 key blocks, 0.05 ms of dense attention: keep dense, for both reasons
-    advice = layer_advice(_row(288, 5), {"dense": {"ms": 0.05, "graph_ms": 0.048}, "sla2": {"ms": 0.8, "graph_ms": 0.14}}, cuda)
+    advice = layer_advice(_row(288, 5), {"dense": {"ms": 0.05, "graph_ms": 0.048},
+                                         "sla2": {"ms": 0.8, "graph_ms": 0.14}}, cuda)
     assert advice["recommendation"] == "keep dense"
     assert advice["reason_codes"] == ["few_key_blocks", "launch_bound"] and "5 blocks of 64 tokens" in advice["reason"]
     # the reference backend on a GPU is named as a reason; a long sequence slower for no listed reason says so
@@ -129,7 +132,8 @@ def test_layer_advice_uses_gpu_time_at_launch_bound_sizes_and_says_why():
 def test_recommendation_is_checked_end_to_end():
     from sla2cli.profiling.profile import recommendation
     rows = [{"layer": 0, "mode": "dense", "recommendation": None},
-            {"layer": 1, "mode": "sla2", "recommendation": "sla2"}, {"layer": 2, "mode": "sla2", "recommendation": "sla2"}]
+            {"layer": 1, "mode": "sla2", "recommendation": "sla2"},
+            {"layer": 2, "mode": "sla2", "recommendation": "sla2"}]
     faster = recommendation(rows, {"dense": {"ms": 50.0}, "converted": {"ms": 40.0}})
     assert faster["convert"] == [1, 2] and faster["measured"]["ms"] == 40.0 and "every converted" in faster["summary"]
     within_noise = recommendation(rows, {"dense": {"ms": 50.0}, "converted": {"ms": 49.5}})

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import TINY, nonzero_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import TINY, nonzero_model
 from sla2cli.models.jit import JiT, architecture_config
 from sla2cli.profiling import model_flops, sla2_flops, through_custom_op
 from sla2cli.profiling.flops import count_fvcore, count_torch, meta_inputs
@@ -44,7 +44,7 @@ def kept_block_formula(B, H, N, D, kk, n, block=64, reference=True):
 def test_sla2_flops_equal_the_kept_block_formula():
     model = meta_preset("JiT-B/16")
     c = model.config
-    apply_sla2(model, f"{c.in_context_start}-{c.depth - 1}", topk=0.05)
+    apply_sla2(model, f"{c.in_context_start}-{c.depth - 1}", SLA2Config(topk=0.05))
     B = 3
     flops = model_flops(model, batch_size=B, resolution=256)
     expected = kept_block_formula(B, 12, 288, 64, kk=1, n=5)  # 288 tokens: 5 blocks of 64, keep 1
@@ -79,7 +79,7 @@ def test_custom_op_matches_sla2_attention_and_keeps_training_differentiable():
 
 def test_fvcore_and_torch_counters_agree_on_dense_and_converted_models():
     model = meta_preset("JiT-B/16")
-    apply_sla2(model, "4-11", topk=0.05)
+    apply_sla2(model, "4-11", SLA2Config(topk=0.05))
     names = [f"blocks.{i}" for i in range(12)] + [f"blocks.{i}.attn.core" for i in range(12)]
     a = model_flops(model, batch_size=2, resolution=256, counter="torch")
     b = model_flops(model, batch_size=2, resolution=256, counter="fvcore")
@@ -88,7 +88,7 @@ def test_fvcore_and_torch_counters_agree_on_dense_and_converted_models():
         (b.total, b.dense_total, b.attention, b.dense_attention, b.rest_of_block)
     # on real CPU tensors too (no meta-device patch linear), per module
     tiny = nonzero_model(TINY)
-    apply_sla2(tiny, "2-3", topk=0.5)
+    apply_sla2(tiny, "2-3", SLA2Config(topk=0.5))
     x = torch.randn(1, 3, 32, 32)
     inputs = (x, torch.rand(1), torch.zeros(1, dtype=torch.long))
     t, f = count_torch(tiny, inputs, names[:4] + names[12:16]), count_fvcore(tiny, inputs, names[:4] + names[12:16])

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, nonzero_model, one_json
 from torch import nn
 
-from conftest import TINY, nonzero_model, one_json
 from sla2cli import apply_sla2, remove_sla2
 from sla2cli.models.jit import JiT
 from sla2cli.sla2 import SLA2Attention, SLA2Config, sla2_attention, sla2_layers
@@ -36,7 +36,7 @@ def test_stats_lists_every_layer_with_alpha_and_router_drift(cli, official_pth, 
 
 def test_router_drift_is_relative_frobenius_distance_to_identity(tmp_path):
     model = nonzero_model()
-    apply_sla2(model, [3], topk=0.5)
+    apply_sla2(model, [3], SLA2Config(topk=0.5))
     core = model.blocks[3].attn.core
     with torch.no_grad():
         core.proj_q.add_(0.1 * torch.eye(32))
@@ -109,18 +109,26 @@ class ForeignModel(nn.Module):
         return x
 
 
+def test_apply_sla2_keyword_settings_still_work_with_a_deprecation_warning():
+    model, old = nonzero_model(), nonzero_model()
+    apply_sla2(model, [2, 3], SLA2Config(topk=0.3, block_q=32))
+    with pytest.warns(DeprecationWarning, match="SLA2Config"):
+        apply_sla2(old, [2, 3], topk=0.3, block_q=32)
+    assert all(old.blocks[i].attn.core.config == model.blocks[i].attn.core.config for i in (2, 3))
+
+
 def test_apply_sla2_works_on_another_codebases_model_and_keeps_its_keys():
     torch.manual_seed(0)
     model = ForeignModel()
     x = torch.randn(2, 100, 32)
     dense_out = model(x)
     keys = set(model.state_dict())
-    apply_sla2(model, [1, 2], topk=1.0, block_q=32, block_k=32)
+    apply_sla2(model, [1, 2], SLA2Config(topk=1.0, block_q=32, block_k=32))
     assert set(sla2_layers(model)) == {1, 2}
     assert set(model.state_dict()) - keys == {f"blocks.{i}.attn.core.{p}" for i in (1, 2)
                                               for p in ("proj_q", "proj_k", "alpha_logit")}
     assert ((model(x) - dense_out).norm() / dense_out.norm()) < 1e-6
-    apply_sla2(model, [1, 2], topk=0.25, block_q=32, block_k=32)
+    apply_sla2(model, [1, 2], SLA2Config(topk=0.25, block_q=32, block_k=32))
     assert ((model(x) - dense_out).norm() / dense_out.norm()) > 1e-3  # really sparse now
     remove_sla2(model)
     assert sla2_layers(model) == {} and torch.allclose(model(x), dense_out, atol=1e-6)
@@ -128,12 +136,12 @@ def test_apply_sla2_works_on_another_codebases_model_and_keeps_its_keys():
 
 def test_reconverting_keeps_trained_router_and_alpha():
     model = nonzero_model()
-    apply_sla2(model, [2], topk=0.5)
+    apply_sla2(model, [2], SLA2Config(topk=0.5))
     core = model.blocks[2].attn.core
     with torch.no_grad():
         core.proj_q.mul_(2.0)
         core.alpha_logit.fill_(0.3)
-    apply_sla2(model, [2], topk=0.2)
+    apply_sla2(model, [2], SLA2Config(topk=0.2))
     new = model.blocks[2].attn.core
     assert isinstance(new, SLA2Attention) and new.config.topk == 0.2
     assert torch.equal(new.proj_q, 2 * torch.eye(32)) and torch.all(new.alpha_logit == 0.3)
@@ -163,7 +171,7 @@ def test_our_jit_keeps_in_context_tokens_last_so_nothing_is_moved():
     model = nonzero_model()  # 256 image tokens; 8 in-context tokens from layer 2 on
     with torch.no_grad():
         model.in_context_posemb.zero_()  # all 8 class tokens identical: recognisable in the attention input
-    apply_sla2(model, "all", topk=0.2, block_q=32, block_k=32)
+    apply_sla2(model, "all", SLA2Config(topk=0.2, block_q=32, block_k=32))
     assert [core.prefix_tokens for core in sla2_layers(model).values()] == [0, 0, 0, 0]
     seen = {}
     model.blocks[2].attn.core.register_forward_pre_hook(lambda _m, args: seen.update(v=args[2]))
@@ -173,7 +181,7 @@ def test_our_jit_keeps_in_context_tokens_last_so_nothing_is_moved():
     assert not torch.allclose(v[:, :, :8], v[:, :, :1].expand(-1, -1, 8, -1))
     upstream = ForeignModel()
     upstream.in_context_len, upstream.in_context_start = 4, 1
-    apply_sla2(upstream, "all", topk=0.5, block_q=32, block_k=32)
+    apply_sla2(upstream, "all", SLA2Config(topk=0.5, block_q=32, block_k=32))
     assert [core.prefix_tokens for core in sla2_layers(upstream).values()] == [0, 4, 4]
 
 

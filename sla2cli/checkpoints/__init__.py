@@ -5,19 +5,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, InvalidParameter
 from ..models.jit import ARCHITECTURES, JiT, JiTConfig
 from ..sla2.attention import SLA2Config
-from ..sla2.layers import apply_sla2, sla2_layers
+from ..sla2.layers import set_sla2_layers, sla2_layers
 from .architecture import infer_config, with_in_context_start
 from .reading import RawCheckpoint, read_checkpoint
-from .writing import WRITERS, check_output, file_sha256, split_state
+from .writing import WRITERS, check_output, claim, file_sha256, split_state
 
 __all__ = ["LoadInfo", "load_model", "save_model", "model_metadata", "check_output", "file_sha256",
-           "read_checkpoint", "WRITERS"]
+           "read_checkpoint", "WRITERS", "writer"]
 
 
 @dataclass
@@ -30,7 +31,7 @@ class LoadInfo:
     available_weights: list[str]
     config: JiTConfig
     sla2_layers: list[int]
-    sla2_config: SLA2Config | None
+    sla2_config: SLA2Config | None  # the base settings; a budgeted file's layers each have their own topk
     provenance: dict = field(default_factory=dict)
 
     @property
@@ -70,7 +71,8 @@ def load_model(path, weights: str = "auto", in_context_start: int | None = None,
             raise CheckpointError(f"{raw.path.name} has SLA2 tensors but no SLA2 metadata to rebuild them")
         layers = list(meta["sla2"]["layers"])
         sla2_config = SLA2Config.from_dict(meta["sla2"]["config"])
-        apply_sla2(model, layers, **sla2_config.to_dict())
+        topk_per_layer = {int(i): topk for i, topk in meta["sla2"].get("topk_per_layer", {}).items()}
+        set_sla2_layers(model, layers, sla2_config, topk_per_layer)
     try:
         model.load_state_dict({**dense, **sla2}, strict=True)
     except RuntimeError as exc:
@@ -90,15 +92,30 @@ def model_metadata(model: JiT, provenance: dict) -> dict:
     if converted:
         first = next(iter(converted.values()))
         meta["sla2"] = {"layers": sorted(converted), "config": first.config.to_dict()}
+        topks = {str(i): core.config.topk for i, core in converted.items()}
+        if len(set(topks.values())) > 1:  # only then, so files of one topk are written as before
+            meta["sla2"]["topk_per_layer"] = topks
     return meta
+
+
+def writer(format: str) -> Callable:
+    """The writer of checkpoint `format`; callers may look it up early to fail before slow work."""
+    if format not in WRITERS:
+        raise InvalidParameter("format", format, "unknown {name} {value!r}; choose one of: {choices}",
+                               choices=", ".join(WRITERS))
+    return WRITERS[format]
 
 
 def save_model(model: JiT, dst, *, format: str = "safetensors", provenance: dict | None = None,
                force: bool = False, sources: tuple = ()) -> Path:
-    """Write `model` atomically in `format`; refuses to overwrite without `force` and never touches `sources`."""
-    if format not in WRITERS:
-        raise UsageError(f"unknown format {format!r}; choose one of: {', '.join(WRITERS)}")
+    """Write `model` atomically in `format`; refuses to overwrite without `force` and never touches `sources`.
+
+    `dst` is claimed while it is checked and written: another process writing it at the same time is refused.
+    """
+    write = writer(format)
     dst = Path(dst)
-    check_output(dst, force, tuple(Path(s) for s in sources))
-    WRITERS[format](dst, model.state_dict(), model_metadata(model, provenance or {}))
+    sources = tuple(Path(s) for s in sources)
+    with claim([dst], sources):
+        check_output(dst, force, sources)
+        write(dst, model.state_dict(), model_metadata(model, provenance or {}))
     return dst

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, InvalidParameter
 from ..models.jit import ARCHITECTURES, JiTConfig
 
 _REQUIRED = ("pos_embed", "x_embedder.proj1.weight", "y_embedder.embedding_table.weight",
@@ -51,10 +51,10 @@ def infer_config(state: dict[str, torch.Tensor], *, args: dict | None = None,
     if start is None and (match := _preset_for(depth, hidden)):
         start = match[1].in_context_start
     if start is None:
-        raise UsageError(f"{source}: depth {depth} and width {hidden} match no preset, so in_context_start "
-                         "cannot be known; pass --in-context-start N (the block where in-context tokens join)")
-    if not 0 <= start < depth:
-        raise UsageError(f"--in-context-start {start} is out of range; the model has blocks 0-{depth - 1}")
+        raise InvalidParameter("in_context_start", None, "{source}: depth {depth} and width {hidden} match no "
+                               "preset, so the block where in-context tokens join cannot be known; pass it as {name}",
+                               source=source, depth=depth, hidden=hidden)
+    check_in_context_start(start, depth)
 
     return JiTConfig(
         input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
@@ -65,9 +65,14 @@ def infer_config(state: dict[str, torch.Tensor], *, args: dict | None = None,
         noise_scale=float(args.get("noise_scale", JiTConfig.noise_scale)))
 
 
+def check_in_context_start(start: int, depth: int) -> None:
+    if not 0 <= start < depth:
+        raise InvalidParameter("in_context_start", start, "{name} {value} is out of range; the model has blocks "
+                               "0-{last}", last=depth - 1)
+
+
 def with_in_context_start(config: JiTConfig, start: int | None) -> JiTConfig:
     if start is None or start == config.in_context_start:
         return config
-    if not 0 <= start < config.depth:
-        raise UsageError(f"--in-context-start {start} is out of range; the model has blocks 0-{config.depth - 1}")
+    check_in_context_start(start, config.depth)
     return dataclasses.replace(config, in_context_start=start)

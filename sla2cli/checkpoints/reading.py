@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
-from safetensors import safe_open
 
-from ..errors import CheckpointError, UnsafeCheckpointError, UsageError
+from ..errors import CheckpointError, InvalidParameter, Param, UnsafeCheckpointError
 
 FORMAT_NAME = "sla2cli"
 SLA2_PREFIX = "sla2."
@@ -47,7 +46,8 @@ class RawCheckpoint:
         """Pick weights by name; `auto` means the official evaluation's choice (EMA) or the only one."""
         chosen = self.default_entry if name == "auto" else name
         if chosen not in self.entries:
-            raise UsageError(f"--weights {name!r} is not in {self.path.name}; available: {', '.join(self.entries)}")
+            raise InvalidParameter("weights", name, "{name} {value!r} is not in {file}; available: {available}",
+                                   file=self.path.name, available=", ".join(self.entries))
         return chosen, self.entries[chosen]
 
 
@@ -97,8 +97,9 @@ def _torch_load(path: Path, trust: bool, mmap: bool):
         if unsafe or "Unsupported global" in str(exc):
             names = ", ".join(unsafe) if unsafe else str(exc).split("Unsupported global:")[-1].split("\n")[0].strip()
             raise UnsafeCheckpointError(
-                f"{path.name} needs unsafe pickle globals ({names}); "
-                "pass --trust-checkpoint only if you trust where the file came from") from None
+                "trust_checkpoint", False, "{file} needs unsafe pickle globals ({names}); pass {trust} only if you "
+                "trust where the file came from", file=path.name, names=names,
+                trust=Param("trust_checkpoint=True")) from None
         raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({exc})") from None
 
 

@@ -9,17 +9,19 @@ expects them; converted layers' SLA2 tensors ride along under `sla2` / `sla2.` w
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
-from ..errors import UsageError
+from ..errors import InvalidParameter, Param, SLA2Error
 from .reading import FORMAT_NAME, SLA2_PREFIX
 
 FORMAT_VERSION = "1"
@@ -34,17 +36,124 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_output(dst: Path, force: bool, sources: tuple[Path, ...] = ()) -> None:
-    """Refuse to overwrite without --force, and never overwrite an input even with it."""
-    for src in sources:
-        if dst.exists() and src.exists() and dst.resolve() == Path(src).resolve():
-            raise UsageError(f"output {dst} is the input file; choose another -o path (inputs are never modified)")
+def same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are one file: `os.path.samefile` where both exist (symlinks, hard links), the
+    resolved paths otherwise."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_spares_inputs(written: Iterable[Path], sources: Iterable[Path], parameter: str = "dst",
+                        value=None) -> None:
+    """Refuse when any path a command writes (or deletes) is one of its inputs, whatever `force` says.
+
+    `value`: what the user named (an output, a folder) when the paths are derived from it.
+    """
+    sources = [Path(s) for s in sources if s is not None]
+    for path in written:
+        for src in sources:
+            if not same_file(path, src):
+                continue
+            if value is None:
+                raise InvalidParameter(parameter, path, "output {value} is the input file; choose another {name} "
+                                       "path (inputs are never modified)")
+            raise InvalidParameter(parameter, value, "{name} {value} would write {path}, which is the input {src}; "
+                                   "choose another {name} (inputs are never modified)", path=path, src=src)
+
+
+def check_output(dst: Path, force: bool, sources: tuple[Path, ...] = (), derived: Iterable[Path] = ()) -> None:
+    """Refuse to overwrite without `force`, and never overwrite an input even with it.
+
+    `derived`: the other files written beside `dst` (a resumable state, intermediate models); none of
+    them may be an input either. Their overwriting is their writer's business.
+    """
+    dst = Path(dst)
+    check_spares_inputs([dst], sources)
+    check_spares_inputs([p for p in derived if Path(p) != Path(dst)], sources, value=dst)
     if dst.exists() and not force:
-        raise UsageError(f"{dst} already exists; pass --force to overwrite it")
+        raise InvalidParameter("dst", dst, "{value} already exists; pass {force} to overwrite it",
+                               force=Param("force=True"))
     if dst.exists() and dst.is_dir():
-        raise UsageError(f"{dst} is a directory; -o needs a file path")
+        raise InvalidParameter("dst", dst, "{value} is a directory; {name} needs a file path")
     if not dst.parent.exists():
-        raise UsageError(f"folder {dst.parent} does not exist; create it first")
+        raise InvalidParameter("dst", dst, "folder {parent} does not exist; create it first", parent=dst.parent)
+
+
+LOCK_SUFFIX = ".lock"
+_HELD: dict[str, list] = {}  # lock path -> [file descriptor, depth]: claims this process holds
+
+
+def lock_path(dst: Path) -> Path:
+    return Path(dst).with_name(Path(dst).name + LOCK_SUFFIX)
+
+
+def _acquire(dst: Path, lock: Path) -> int:
+    """flock `lock` (created if missing) without waiting; the kernel drops it when the holder dies."""
+    for _ in range(20):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            raise InvalidParameter("dst", dst, "folder {parent} does not exist; create it first",
+                                   parent=dst.parent) from None
+        except OSError as exc:
+            raise InvalidParameter("dst", dst, "cannot create {lock} to claim {value} ({error}); choose another "
+                                   "{name}", lock=lock, error=exc.strerror or exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InvalidParameter("dst", dst, "{value} is being written by another process (pid {pid}, which "
+                                   "holds {lock}); wait for it to finish, or choose another {name}",
+                                   pid=holder, lock=lock) from None
+        try:  # the holder before us may have removed the file we opened: then claim the new one
+            current = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise SLA2Error(f"could not claim {dst}: {lock} keeps changing; try again")
+
+
+@contextmanager
+def _claim_one(dst: Path, sources: Iterable[Path]) -> Iterator[None]:
+    lock = lock_path(dst)
+    key = os.path.abspath(lock)
+    if key in _HELD:  # this process holds it already (a library call inside a command)
+        _HELD[key][1] += 1
+    else:
+        check_spares_inputs([lock], sources, value=dst)
+        _HELD[key] = [_acquire(dst, lock), 1]
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if not _HELD[key][1]:
+            fd = _HELD.pop(key)[0]
+            try:
+                Path(lock).unlink(missing_ok=True)  # while still holding it; waiters then re-check
+            finally:
+                os.close(fd)
+
+
+@contextmanager
+def claim(paths: Iterable[Path], sources: Iterable[Path] = ()) -> Iterator[None]:
+    """Hold every path in `paths` against other writers for the block: `DST.lock` beside each, flock'ed.
+
+    Another process claiming one of them is refused at once, `force` or not. A killed holder's lock is
+    released by the kernel (its file stays and is reused): nothing blocks forever. Re-entrant within
+    one process. None of the lock files may be an input (`sources`).
+    """
+    sources = [Path(s) for s in sources]
+    with ExitStack() as stack:
+        for path in dict.fromkeys(Path(p) for p in paths):
+            stack.enter_context(_claim_one(path, sources))
+        yield
 
 
 def atomic_write(dst: Path, write: Callable[[str], None]) -> None:

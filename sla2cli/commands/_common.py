@@ -16,7 +16,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from ..errors import UsageError
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; logs go to stderr.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device",
+                                                  help="cpu, cuda or cuda:N (default: cuda when available).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32, bf16 or fp16.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random draw.")]
 WeightsOpt = Annotated[str, typer.Option("--weights", help="Weights inside the file: auto (EMA where the official "
@@ -86,3 +87,9 @@ class Output:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=self.stderr, transient=True, disable=not self.stderr.is_terminal) as progress:
             yield progress
+
+
+def claim_outputs(ctx: typer.Context, paths, sources=()) -> None:
+    """Claim `paths` against other writers (`checkpoints.writing.claim`) until this command ends, however."""
+    from ..checkpoints.writing import claim
+    ctx.with_resource(claim(paths, sources))

@@ -80,7 +80,8 @@ def _render_finetune(r: dict, console) -> None:
                       f"{row['error_after']:.4f}", f"{row['alpha_mean']:.3f}", f"{row['router_drift_q']:.4f}",
                       f"{row['router_drift_k']:.4f}")
     console.print(table)
-    console.print(f"mean relative squared attention error {r['mean_error_before']:.4f} → {r['mean_error_after']:.4f} on the teacher's "
+    console.print(f"mean relative squared attention error {r['mean_error_before']:.4f} → "
+                  f"{r['mean_error_after']:.4f} on the teacher's "
                   f"samples; {_f(r['steps_per_second'], 2)} steps/s; wrote {r['output']}", highlight=False)
 
 

@@ -11,8 +11,19 @@ from rich.table import Table
 from ..errors import UsageError
 from ..metrics import EvalRequest, evaluate
 from ..sampling import SAMPLERS
-from ._common import (DeviceOpt, DtypeOpt, InContextStartOpt, JsonOpt, ModelArg, Output, SeedOpt, TrustOpt,
-                      WeightsOpt, resolve_device, resolve_dtype)
+from ._common import (
+    DeviceOpt,
+    DtypeOpt,
+    InContextStartOpt,
+    JsonOpt,
+    ModelArg,
+    Output,
+    SeedOpt,
+    TrustOpt,
+    WeightsOpt,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def _interval(text: str | None) -> tuple[float, float] | None:

@@ -13,11 +13,23 @@ from ..checkpoints import check_output, load_model
 from ..distributed import init_from_env, rank_device, shutdown
 from ..errors import UsageError
 from ..finetune import DataSpec, FinetuneConfig, FinetuneResult, StepInfo, TopkSchedule, run_finetune
-from ..finetune.config import FULL_LR, ROUTER_LR
-from ._common import (DeviceOpt, DtypeOpt, ForceOpt, InContextStartOpt, JsonOpt, Output, SeedOpt, TrustOpt,
-                      WeightsOpt, resolve_device)
+from ..finetune.config import FULL_LR, RECIPE, RECIPE_ROUTER_STEPS, ROUTER_LR
+from ..finetune.recipe import RecipeResult, recipe_outputs, run_recipe
+from ..finetune.state import state_path
+from ..sla2.backends import check_name
+from ._common import (
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    InContextStartOpt,
+    JsonOpt,
+    Output,
+    SeedOpt,
+    TrustOpt,
+    WeightsOpt,
+    resolve_device,
+)
 
-BACKENDS = ("auto", "torch", "triton")
 ModelArg = Annotated[Path, typer.Argument(help="A converted (SLA2) model, as `sla2 convert` writes it.",
                                           show_default=False)]
 
@@ -47,6 +59,21 @@ def command(
                                        "v-loss (router frozen, hard top-k).")] = False,
     e2e_weight: Annotated[float, typer.Option("--e2e-weight", help="Add this multiple of the output's relative "
                                               "squared error against the dense teacher.")] = 0.0,
+    recipe: Annotated[bool, typer.Option("--recipe", help="The whole recipe: stage 1 for --router-steps, then "
+                                         "stage 2 for --steps (distillation, lr 3e-4, warm-up and cosine, EMA "
+                                         "0.995); held-out v-loss against the dense source before and after.")] = False,
+    router_steps: Annotated[int, typer.Option("--router-steps",
+                                              help="Stage 1's steps in --recipe.")] = RECIPE_ROUTER_STEPS,
+    control: Annotated[bool, typer.Option("--control", help="With --recipe: also train a dense control (every "
+                                          "block kept) by the same stage 2, written as DST.control.*.")] = False,
+    objective: Annotated[Optional[str], typer.Option("--objective", help="Stage 2's loss: v (JiT's v-loss), "
+                                                     "distill (velocity of the dense teacher), v+distill.")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option("--schedule", help="Stage 2's learning rate after warm-up: "
+                                                       "constant or cosine.")] = None,
+    warmup: Annotated[Optional[float], typer.Option("--warmup", help="Stage 2: linear warm-up over this fraction "
+                                                    "of the steps.")] = None,
+    ema: Annotated[Optional[float], typer.Option("--ema", help="Stage 2: save the exponential moving average of "
+                                                 "the weights with this decay (0: off).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from DST.resume.pt.")] = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Write the resumable state every N steps "
                                             "(0: never).")] = 50,
@@ -72,14 +99,21 @@ def command(
                          "the dense model itself)")
     if data is not None and data_free:
         raise UsageError("--data and --data-free exclude each other; choose one")
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+    check_name(backend)
     schedule = TopkSchedule.parse(topk_schedule) if topk_schedule is not None else None
-    config = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, topk_schedule=schedule, tau=tau, full=full,
-                            e2e_weight=e2e_weight, save_every=save_every, eval_samples=eval_samples, seed=seed,
-                            dtype=dtype)
+    if control and not recipe:
+        raise UsageError("--control trains a dense control beside --recipe; pass --recipe too")
+    if recipe and full:
+        raise UsageError("--recipe runs stage 1 and then stage 2 (--full) itself; drop --full")
+    explicit = {"lr": lr, "objective": objective, "schedule": lr_schedule, "warmup": warmup, "ema": ema}
+    stage2 = {**(RECIPE if recipe else {}), **{k: v for k, v in explicit.items() if v is not None}}
+    common = dict(batch_size=batch_size, topk_schedule=schedule, tau=tau, e2e_weight=e2e_weight,
+                  save_every=save_every, eval_samples=eval_samples, seed=seed, dtype=dtype)
+    config = FinetuneConfig(steps=steps, full=full or recipe, **common, **stage2)
+    router_config = FinetuneConfig(steps=router_steps, **common) if recipe else None
     spec = DataSpec(folder=data, class_index=class_index, teacher_samples=data_free_samples)
-    check_output(output, force, (model_path,))  # fail before any slow work
+    written = recipe_outputs(output, control) if recipe else [output, state_path(output)]
+    check_output(output, force, (model_path,), derived=written)  # fail before any slow work
     dev = resolve_device(device)
     group = init_from_env(dev)
     try:
@@ -99,27 +133,55 @@ def command(
         with out.progress() as progress:
             task = progress.add_task("finetuning", total=steps)
 
-            def report(info_: StepInfo) -> None:
+            def report(info_: StepInfo, stage: str = "finetuning") -> None:
                 if not group.is_main:
                     return
                 progress.update(task, completed=info_.step,
-                                description=f"finetuning: loss {info_.loss:.4f} topk {info_.topk:.3f}")
+                                description=f"{stage}: loss {info_.loss:.4f} topk {info_.topk:.3f}")
                 if not out.stderr.is_terminal and (info_.step % every == 0 or info_.step == info_.steps):
-                    out.log(f"step {info_.step}/{info_.steps}: loss {info_.loss:.5f}, topk {info_.topk:.3f}, "
-                            f"{info_.seconds:.1f} s")
+                    out.log(f"{stage} step {info_.step}/{info_.steps}: loss {info_.loss:.5f}, topk "
+                            f"{info_.topk:.3f}, {info_.seconds:.1f} s")
 
-            result = run_finetune(model, info, source=model_path, dst=output, config=config, data=spec,
-                                  device=dev, group=group, force=force, resume=resume, backend=backend,
-                                  progress=report,
-                                  on_start=started)
+            if recipe:
+                result = run_recipe(model, info, source=model_path, dst=output, router=router_config, full=config,
+                                    data=spec, device=dev, group=group, force=force, resume=resume,
+                                    backend=backend, control=control, on_start=started,
+                                    progress=lambda stage, info_: (progress.update(task, total=info_.steps),
+                                                                   report(info_, stage)))
+            else:
+                result = run_finetune(model, info, source=model_path, dst=output, config=config, data=spec,
+                                      device=dev, group=group, force=force, resume=resume, backend=backend,
+                                      progress=report, on_start=started)
     finally:
         shutdown(group)
     if not group.is_main:
+        return
+    if recipe:
+        for warning in result.full.warnings:
+            out.warn(warning)
+        out.emit({"model": str(model_path), "recipe": True, **result.to_dict()},
+                 lambda console: _render_recipe(console, model_path, result))
         return
     for warning in result.warnings:
         out.warn(warning)
     document = {"model": str(model_path), **result.to_dict()}
     out.emit(document, lambda console: _render(console, model_path, result))
+
+
+def _render_recipe(console, model_path: Path, result: RecipeResult) -> None:
+    if result.router is not None:
+        _render(console, model_path, result.router)
+    else:
+        console.print("stage 1: finished in an earlier run")
+    _render(console, model_path, result.full)
+    h = result.held_out
+    line = (f"held-out v-loss against the dense source ({h['eval_samples']} samples): converted "
+            f"{h['converted']['ratio']:.4f}x → stage 1 {h['stage1']['ratio']:.4f}x → finetuned "
+            f"{h['finetuned']['ratio']:.4f}x")
+    if "control" in h:
+        line += (f"; dense control {h['control']['ratio']:.4f}x (finetuned / control "
+                 f"{h['finetuned_vs_control']:.4f}x)")
+    console.print(line)
 
 
 def _render(console, model_path: Path, result: FinetuneResult) -> None:

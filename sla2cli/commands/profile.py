@@ -10,8 +10,18 @@ import typer
 from ..checkpoints import check_output, load_model
 from ..errors import UsageError
 from ..models.jit import ARCHITECTURES
-from ._common import (DeviceOpt, ForceOpt, InContextStartOpt, JsonOpt, Output, SeedOpt, TrustOpt,
-                      WeightsOpt, resolve_device, resolve_dtype)
+from ._common import (
+    DeviceOpt,
+    ForceOpt,
+    InContextStartOpt,
+    JsonOpt,
+    Output,
+    SeedOpt,
+    TrustOpt,
+    WeightsOpt,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def _resolutions(text: str | None) -> list[int]:
@@ -60,18 +70,13 @@ def command(
 ):
     """Per-layer FLOPs and latency of dense vs SLA2 attention, end-to-end speedup, ceiling and advice."""
     # Imported here: the FLOP counters and the custom op cost other commands' start-up nothing.
-    from ..profiling import COUNTERS, Timer, profile_model, random_model, render, select_layers
+    from ..profiling import Timer, check_profile_options, profile_model, random_model, render, select_layers
 
     out = Output(json_output)
     if (model_path is None) == (arch is None):
         raise UsageError("give either a MODEL file or --arch NAME (random weights), not both" if arch
                          else "missing MODEL: give a checkpoint file, or --arch NAME to profile random weights")
-    if arch is not None and arch not in ARCHITECTURES:
-        raise UsageError(f"unknown --arch {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    if counter not in COUNTERS:
-        raise UsageError(f"unknown --counter {counter!r}; choose one of: {', '.join(COUNTERS)}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    check_profile_options(batch_size=batch_size, counter=counter)  # before any slow work
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
     if bench_ms <= 0:
@@ -79,7 +84,7 @@ def command(
     sweep = _resolutions(sweep_resolution)
     if plot is not None:  # fail before any slow work
         render.require_matplotlib()
-        check_output(plot, force)
+        check_output(plot, force, (model_path,) if model_path is not None else ())
     dev = resolve_device(device)
     dt = resolve_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
 

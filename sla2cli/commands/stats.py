@@ -10,8 +10,19 @@ from ..checkpoints import load_model
 from ..errors import UsageError
 from ..report import finetune_summary, stats_table
 from ..sla2.stats import describe_layers, measure_layers, own_noised_batch
-from ._common import (DeviceOpt, DtypeOpt, InContextStartOpt, JsonOpt, ModelArg, Output, SeedOpt, TrustOpt,
-                      WeightsOpt, resolve_device, resolve_dtype)
+from ._common import (
+    DeviceOpt,
+    DtypeOpt,
+    InContextStartOpt,
+    JsonOpt,
+    ModelArg,
+    Output,
+    SeedOpt,
+    TrustOpt,
+    WeightsOpt,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def command(
@@ -61,7 +72,8 @@ def command(
         console.print(stats_table(rows, measured or None))
         if info.provenance:
             p = info.provenance
-            console.print(f"converted from {p.get('source')} ({p.get('weights')}, sha256 {str(p.get('source_sha256'))[:12]}…)")
+            console.print(f"converted from {p.get('source')} ({p.get('weights')}, "
+                          f"sha256 {str(p.get('source_sha256'))[:12]}…)")
             if "finetune" in p:
                 console.print(finetune_summary(p["finetune"]))
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import SLA2Error, UsageError
+from ..errors import InvalidParameter, Param, SLA2Error, UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -66,29 +66,30 @@ class ImageFolder:
         """Index `root` (class sub-folders, or a flat folder with `class_index`); checks every file's header."""
         root = Path(root)
         if not root.exists():
-            raise UsageError(f"data folder {root} does not exist")
+            raise InvalidParameter("root", root, "data folder {value} does not exist")
         if not root.is_dir():
-            raise UsageError(f"--data {root} is a file; it needs a folder of images (one sub-folder per class)")
+            raise InvalidParameter("root", root, "{name} {value} is a file; it needs a folder of images (one "
+                                   "sub-folder per class)")
         subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         top_images = sorted(p for p in root.iterdir() if _is_image(p))
         kinds = ", ".join(IMAGE_EXTENSIONS)
         if class_index is not None:
             if subdirs:
-                raise UsageError(f"{root} has sub-folders; --class-index is only for a flat folder of images "
-                                 f"(drop it to use one sub-folder per class)")
+                raise InvalidParameter("class_index", class_index, "{root} has sub-folders; {name} is only for a "
+                                       "flat folder of images (drop it to use one sub-folder per class)", root=root)
             if num_classes is not None and not 0 <= class_index < num_classes:
-                raise UsageError(f"--class-index {class_index} is out of range; the model has classes "
-                                 f"0-{num_classes - 1}")
+                raise InvalidParameter("class_index", class_index, "{name} {value} is out of range; the model has "
+                                       "classes 0-{last}", last=num_classes - 1)
             if not top_images:
                 raise UsageError(f"no images in {root} (looked for {kinds})")
             files, labels, classes = top_images, [class_index] * len(top_images), {class_index: root.name}
         else:
             if top_images and subdirs:
-                raise UsageError(f"{root} mixes images and sub-folders; use one sub-folder per class, or a flat "
-                                 f"folder with --class-index N")
+                raise InvalidParameter("root", root, "{value} mixes images and sub-folders; use one sub-folder per "
+                                       "class, or a flat folder with {class_index} N", class_index=Param("class_index"))
             if top_images:
-                raise UsageError(f"{root} is a flat folder of images; pass --class-index N to say their class "
-                                 f"(or use one sub-folder per class)")
+                raise InvalidParameter("class_index", None, "{root} is a flat folder of images; pass {name} N to say "
+                                       "their class (or use one sub-folder per class)", root=root)
             if not subdirs:
                 raise UsageError(f"no images in {root} (looked for {kinds} and class sub-folders)")
             if all(p.name.isdigit() for p in subdirs):

@@ -7,13 +7,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import InvalidParameter, Param
+from .schedule import EMA, LRSchedule
 
 # Stage 1 trains only W_q, W_k and α (a few thousand numbers per layer): a large rate converges in a few
 # hundred steps. Stage 2 (--full) moves every weight of a trained model: a fine-tuning rate.
 ROUTER_LR = 5e-3
 FULL_LR = 1e-5
 DTYPES = ("fp32", "bf16")
+OBJECTIVES = ("v", "distill", "v+distill")
+# `--recipe`: stage 1 for `router_steps`, then stage 2 with these settings (the best of the sweep recorded
+# in bench/RESULTS.md, "Quality recipe", on the demo model at 90.6% sparsity).
+RECIPE = {"objective": "distill", "schedule": "cosine", "warmup": 0.05, "ema": 0.995, "lr": 3e-4}
+RECIPE_ROUTER_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -31,8 +37,8 @@ class TopkSchedule:
         except ValueError:
             start = end = None
         if start is None or not (0 < end <= start <= 1):
-            raise UsageError(f"--topk-schedule {text!r}: expected START:END with 0 < END <= START <= 1, "
-                             f"e.g. 0.5:0.1 (dense start, target at the end)")
+            raise InvalidParameter("topk_schedule", text, "{name} {value!r}: expected START:END with "
+                                   "0 < END <= START <= 1, e.g. 0.5:0.1 (dense start, target at the end)")
         return cls(start, end)
 
     def at(self, step: int, steps: int) -> float:
@@ -54,11 +60,14 @@ class DataSpec:
 
     def __post_init__(self):
         if self.folder is None and self.class_index is not None:
-            raise UsageError("--class-index labels the images of --data DIR; it has no meaning with --data-free")
+            raise InvalidParameter("class_index", self.class_index, "{name} labels the images of an image folder "
+                                   "({folder}); it has no meaning with {teacher}", folder=Param("folder"),
+                                   teacher=Param("folder=None"))
         if self.teacher_samples < 1:
-            raise UsageError(f"--data-free-samples must be >= 1, got {self.teacher_samples}")
+            raise InvalidParameter("teacher_samples", self.teacher_samples, "{name} must be >= 1, got {value}")
         if self.sampling_steps < 2:
-            raise UsageError(f"the teacher's sampler needs >= 2 steps, got {self.sampling_steps}")
+            raise InvalidParameter("sampling_steps", self.sampling_steps, "{name} must be >= 2 (the teacher's "
+                                   "sampler), got {value}")
 
     @property
     def kind(self) -> str:
@@ -73,6 +82,11 @@ class FinetuneConfig:
     `batch_size` is the global batch: under torchrun each of K ranks takes batch_size / K samples.
     `e2e_weight` adds that multiple of the relative squared error of the model's output against the
     dense teacher's. `save_every` 0 writes no intermediate state.
+
+    Stage 2 only: `objective` "v" is JiT's v-loss on the data, "distill" the squared error of the
+    velocity against the dense teacher's on the same noised input (no noise in the target: it converges
+    faster, see bench/RESULTS.md), "v+distill" their sum; `schedule` and `warmup` shape the learning rate
+    (`LRSchedule`); `ema` > 0 keeps an exponential moving average of the weights, which is what is saved.
     """
 
     steps: int = 200
@@ -86,22 +100,38 @@ class FinetuneConfig:
     eval_samples: int = 8
     seed: int = 0
     dtype: str = "fp32"
+    objective: str = "v"
+    schedule: str = "constant"
+    warmup: float = 0.0
+    ema: float = 0.0
 
     def __post_init__(self):
-        checks = [
-            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be a positive number, got {self.lr}"),
-            (math.isfinite(self.tau) and self.tau > 0, f"--tau must be > 0, got {self.tau}"),
-            (math.isfinite(self.e2e_weight) and self.e2e_weight >= 0, f"--e2e-weight must be >= 0, got {self.e2e_weight}"),
-            (self.save_every >= 0, f"--save-every must be >= 0 (0: no intermediate state), got {self.save_every}"),
-            (self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}"),
-            (self.dtype in DTYPES, f"--dtype {self.dtype!r} is not supported for finetuning; use fp32 or bf16 "
-                                   f"(fp16 would need loss scaling)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        if self.steps < 1:
+            raise InvalidParameter("steps", self.steps, "{name} must be >= 1, got {value}")
+        if self.batch_size < 1:
+            raise InvalidParameter("batch_size", self.batch_size, "{name} must be >= 1, got {value}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise InvalidParameter("lr", self.lr, "{name} must be a positive number, got {value}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise InvalidParameter("tau", self.tau, "{name} must be > 0, got {value}")
+        if not (math.isfinite(self.e2e_weight) and self.e2e_weight >= 0):
+            raise InvalidParameter("e2e_weight", self.e2e_weight, "{name} must be >= 0, got {value}")
+        if self.save_every < 0:
+            raise InvalidParameter("save_every", self.save_every, "{name} must be >= 0 (0: no intermediate state), "
+                                   "got {value}")
+        if self.eval_samples < 1:
+            raise InvalidParameter("eval_samples", self.eval_samples, "{name} must be >= 1, got {value}")
+        if self.objective not in OBJECTIVES:
+            raise InvalidParameter("objective", self.objective, "{name} must be one of " + ", ".join(OBJECTIVES)
+                                   + ", got {value!r}")
+        if not self.full and (self.objective != "v" or self.ema or self.warmup or self.schedule != "constant"):
+            raise InvalidParameter("objective", self.objective, "{name}, schedule, warmup and ema shape stage 2; "
+                                   "they need {full}", full=Param("full=True"))
+        LRSchedule(self.schedule, self.warmup)
+        EMA([], self.ema)
+        if self.dtype not in DTYPES:
+            raise InvalidParameter("dtype", self.dtype, "{name} {value!r} is not supported for finetuning; use fp32 "
+                                   "or bf16 (fp16 would need loss scaling)")
 
     @property
     def stage(self) -> str:
@@ -110,6 +140,10 @@ class FinetuneConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (FULL_LR if self.full else ROUTER_LR)
+
+    @property
+    def lr_schedule(self) -> LRSchedule:
+        return LRSchedule(self.schedule, self.warmup)
 
     def topk_at(self, step: int, target: float) -> float:
         return target if self.topk_schedule is None else self.topk_schedule.at(step, self.steps)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import velocity
+from ..diffusion import v_loss
 from ..sla2.attention import SLA2Attention
 from ..sla2.layers import transformer_blocks
 from ..sla2.stats import relative_squared_error
@@ -86,29 +86,32 @@ class RouterDistillation(nn.Module):
         return loss, per_layer.detach(), e2e.detach()
 
 
-def v_loss(pred: torch.Tensor, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """JiT's training loss per sample: mean squared error of v = (x − z)/(1 − t) against the prediction's."""
-    v_pred, v_true = velocity(pred.float(), z.float(), t.float()), velocity(x.float(), z.float(), t.float())
-    return (v_pred - v_true).flatten(1).square().mean(1)
-
-
 class FullFinetune(nn.Module):
-    """Stage 2: every weight but the router, JiT's v-loss (+ `e2e_weight` × error against a dense teacher)."""
+    """Stage 2: every weight but the router. `objective` "v": JiT's v-loss; "distill": the squared error of
+    the velocity against the frozen dense teacher's on the same input; "v+distill": both. Plus
+    `e2e_weight` × the relative squared error of the output against the teacher's."""
 
-    def __init__(self, model: nn.Module, teacher: nn.Module | None = None):
+    def __init__(self, model: nn.Module, teacher: nn.Module | None = None, objective: str = "v"):
         super().__init__()
-        self.model = model
+        self.model, self.objective = model, objective
         self._teacher = (teacher,)
 
     def forward(self, x, z, t, y, e2e_weight: float = 0.0, autocast=None):
         with autocast():
             pred = self.model(z, t, y)
-        loss = v_loss(pred, x, z, t).mean() + _touch(p for n, p in self.model.named_parameters()
-                                                     if n.endswith("alpha_logit"))
-        e2e = torch.zeros((), device=loss.device)
-        if e2e_weight > 0:
+        target = None
+        if "distill" in self.objective or e2e_weight > 0:
             with torch.no_grad(), autocast():
                 target = self._teacher[0](z, t, y)
+        parts = []
+        if "v" in self.objective.split("+"):
+            parts.append(v_loss(pred, x, z, t).mean())
+        if "distill" in self.objective:
+            parts.append(v_loss(pred, target, z, t).mean())  # the teacher's prediction stands in for x
+        loss = torch.stack(parts).sum() + _touch(p for n, p in self.model.named_parameters()
+                                                 if n.endswith("alpha_logit"))
+        e2e = torch.zeros((), device=loss.device)
+        if e2e_weight > 0:
             e2e = relative_squared_error(pred, target).mean()
             loss = loss + e2e_weight * e2e
-        return loss, loss.detach()[None], e2e.detach()
+        return loss, torch.stack(parts).detach(), e2e.detach()

@@ -1,13 +1,13 @@
-"""Training inputs: clean images (an image folder, or the dense teacher's own samples), noised as JiT does.
+"""Training inputs: clean images (an image folder, or the dense teacher's own samples).
 
 Every random draw is a pure function of (seed, stream, global sample position): which image a step
-uses, its t and its noise. A run therefore needs no RNG state to resume exactly, and K processes
-that each take their slice of the global batch see the very samples one process would.
+uses, and (`diffusion.noised`, in the trainer) its t and its noise. A run therefore needs no RNG state
+to resume exactly, and K processes that each take their slice of the global batch see the very samples
+one process would.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from functools import lru_cache
 
@@ -15,24 +15,13 @@ import torch
 import torch.distributed as dist
 
 from ..data.images import ImageFolder
-from ..diffusion import add_noise, sample_t
 from ..distributed import ProcessGroup
 from ..sampling import sample
+from ..seeding import EVAL_ORDER, TEACHER_POOL, TRAIN_ORDER, generator
 from ..sla2.probe import dense_cores
 from .config import DataSpec
 
-STREAM_ORDER, STREAM_NOISE, STREAM_EVAL, STREAM_EVAL_NOISE, STREAM_POOL = range(5)
 SAMPLING_BATCH = 16  # the teacher samples its pool this many images at a time (or the training batch, if larger)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (a hash, so nearby inputs give unrelated streams)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def generator(device: torch.device, *parts: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(mix_seed(*parts))
 
 
 class _Shuffled:
@@ -43,7 +32,7 @@ class _Shuffled:
         self._perm = lru_cache(maxsize=4)(self._permutation)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=generator(torch.device("cpu"), self.seed, self.stream, epoch))
+        return torch.randperm(self.n, generator=generator(self.seed, self.stream, epoch))
 
     def __call__(self, positions) -> list[int]:
         return [int(self._perm(p // self.n)[p % self.n]) for p in positions]
@@ -56,8 +45,8 @@ class FolderSource:
 
     def __init__(self, folder: ImageFolder, seed: int, eval_samples: int):
         self.folder = folder
-        self.order = _Shuffled(len(folder), seed, STREAM_ORDER)
-        self.eval_indices = _Shuffled(len(folder), seed, STREAM_EVAL)(range(eval_samples))
+        self.order = _Shuffled(len(folder), seed, TRAIN_ORDER)
+        self.eval_indices = _Shuffled(len(folder), seed, EVAL_ORDER)(range(eval_samples))
 
     def describe(self) -> dict:
         return {"source": "folder", "path": str(self.folder.root), "images": len(self.folder),
@@ -80,7 +69,7 @@ class TeacherSource:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int, eval_samples: int, sampling_steps: int):
         self.train_x, self.train_y = images[:-eval_samples], labels[:-eval_samples]
         self.eval_x, self.eval_y = images[-eval_samples:], labels[-eval_samples:]
-        self.order = _Shuffled(len(self.train_x), seed, STREAM_ORDER)
+        self.order = _Shuffled(len(self.train_x), seed, TRAIN_ORDER)
         self.sampling_steps = sampling_steps
 
     def describe(self) -> dict:
@@ -110,7 +99,7 @@ def teacher_samples(model, count: int, *, steps: int, seed: int, device: torch.d
     labels = torch.zeros(share, dtype=torch.long, device=device)
     for i0 in range(0, len(mine), batch_size):
         chunk = mine[i0:i0 + batch_size]
-        gens = [generator(device, seed, STREAM_POOL, i) for i in chunk]
+        gens = [generator(seed, TEACHER_POOL, i, device=device) for i in chunk]
         y = torch.stack([torch.randint(0, cfg.num_classes, (), generator=g, device=device) for g in gens])
         noise = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g,
                                          device=device) for g in gens]) * cfg.noise_scale
@@ -135,17 +124,3 @@ def build_source(model, spec: DataSpec, *, seed: int, eval_samples: int, device:
     x, y = teacher_samples(model, spec.teacher_samples + eval_samples, steps=spec.sampling_steps, seed=seed,
                            device=device, batch_size=max(batch_size, SAMPLING_BATCH), group=group, autocast=autocast)
     return TeacherSource(x, y, seed, eval_samples, spec.sampling_steps)
-
-
-def noised(x: torch.Tensor, positions, *, seed: int, stream: int, noise_scale: float
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z = t·x + (1−t)·ε·noise_scale with t from JiT's logit-normal and ε normal, both keyed by position."""
-    device = x.device
-    ts, eps = [], []
-    for p in positions:
-        g = generator(device, seed, stream, p)
-        ts.append(sample_t(1, generator=g, device=device))
-        eps.append(torch.randn(x.shape[1:], generator=g, device=device))
-    t = torch.cat(ts) if ts else torch.empty(0, device=device)
-    noise = torch.stack(eps) if eps else torch.empty_like(x)
-    return add_noise(x, t.to(x.dtype), noise.to(x.dtype), noise_scale), t, noise

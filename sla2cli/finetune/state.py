@@ -7,12 +7,16 @@ before training, and the options and input it belongs to. It is read with `weigh
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
+from functools import wraps
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ..checkpoints.writing import atomic_write
-from ..errors import SLA2Error, UsageError
+from ..checkpoints.writing import atomic_write, claim
+from ..distributed import ProcessGroup, from_main
+from ..errors import InvalidParameter, Param, ParameterError, SLA2Error
 
 STATE_FORMAT = "sla2cli-finetune-state"
 STATE_VERSION = 1
@@ -23,6 +27,34 @@ RESUME_KEYS = ("stage", "steps", "batch_size", "lr", "topk_schedule", "tau", "e2
 
 def state_path(dst: Path) -> Path:
     return Path(dst).with_name(Path(dst).name + ".resume.pt")
+
+
+@contextmanager
+def claimed(group: ProcessGroup, paths: Iterable[Path], sources: Iterable[Path]) -> Iterator[None]:
+    """Rank 0 claims `paths` against other processes (`claim`) for the block; every rank fails alike if it cannot."""
+    with ExitStack() as stack:
+        error = None
+        if group.is_main:
+            try:
+                stack.enter_context(claim(paths, sources))
+            except SLA2Error as exc:
+                error = exc
+        error = from_main(group, error)
+        if error is not None:
+            raise error
+        yield
+
+
+def claiming(paths_of: Callable[[Path, dict], list[Path]]):
+    """Decorate a finetune (`source=`, `dst=`, `group=` keywords) to run while rank 0 claims every file it
+    writes, `paths_of(dst, other keywords)`: a second finetune writing any of them is refused at once."""
+    def decorate(fn):
+        @wraps(fn)
+        def run(*args, source, dst, group: ProcessGroup = ProcessGroup(), **kwargs):
+            with claimed(group, paths_of(Path(dst), kwargs), (Path(source),)):
+                return fn(*args, source=source, dst=dst, group=group, **kwargs)
+        return run
+    return decorate
 
 
 def rng_states(device: torch.device) -> dict:
@@ -49,25 +81,28 @@ def load_state(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the same thing here
         reason = " ".join(str(exc).split())[:160]
-        raise SLA2Error(f"cannot read the resumable state {path} ({type(exc).__name__}: {reason}); delete it, or "
-                        f"pass --force without --resume to start over") from None
+        raise ParameterError("resume", True, "cannot read the resumable state {path} ({kind}: {reason}); delete "
+                             "it, or pass {force} without {name} to start over", path=path,
+                             kind=type(exc).__name__, reason=reason, force=Param("force=True")) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise SLA2Error(f"{path} is not a finetune state of sla2cli; delete it, or pass --force without --resume "
-                        f"to start over")
+        raise ParameterError("resume", True, "{path} is not a finetune state of sla2cli; delete it, or pass {force} "
+                             "without {name} to start over", path=path, force=Param("force=True"))
     if state.get("version") != STATE_VERSION:
-        raise SLA2Error(f"{path} has state version {state.get('version')}, this sla2cli reads {STATE_VERSION}; "
-                        f"start over with --force")
+        raise ParameterError("resume", True, "{path} has state version {version}, this sla2cli reads {reads}; "
+                             "start over with {force}", path=path, version=state.get("version"),
+                             reads=STATE_VERSION, force=Param("force=True"))
     return state
 
 
 def check_resumable(state: dict, options: dict, source_sha256: str, path: Path) -> None:
     """The saved run must be this run: same input file and the same training options."""
     if state.get("source_sha256") != source_sha256:
-        raise UsageError(f"{path} belongs to a finetune of another input file; use that file, or pass --force "
-                         f"without --resume to start over")
+        raise InvalidParameter("resume", True, "{path} belongs to a finetune of another input file; use that file, "
+                               "or pass {force} without {name} to start over", path=path, force=Param("force=True"))
     saved = state.get("options", {})
     diffs = [f"{key} {saved.get(key)!r} (now {options.get(key)!r})" for key in RESUME_KEYS
              if saved.get(key) != options.get(key)]
     if diffs:
-        raise UsageError(f"--resume: the saved run used different options: {'; '.join(diffs)}; resume with the "
-                         f"same options, or pass --force without --resume to start over")
+        raise InvalidParameter("resume", True, "{name}: the saved run used different options: {diffs}; resume "
+                               "with the same options, or pass {force} without {name} to start over",
+                               diffs="; ".join(diffs), force=Param("force=True"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,21 +21,24 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import __version__
 from ..checkpoints import LoadInfo, check_output, file_sha256, save_model
+from ..conversion import provenance_record
 from ..data.images import ImageFolder
+from ..diffusion import noised
 from ..distributed import ProcessGroup, barrier
-from ..errors import SLA2Error, UsageError
+from ..errors import InvalidParameter, Param, ParameterError, UsageError
 from ..models.jit import JiT
-from ..sla2 import attention as sla2_attention_module
-from ..sla2.layers import layer_tokens, remove_sla2, sla2_layers
+from ..seeding import EVAL_NOISE, TRAIN_NOISE
+from ..sla2.attention import backends_in_use
+from ..sla2.backends import kernels_unavailable
+from ..sla2.layers import remove_sla2, sla2_layers
 from ..sla2.probe import record_dense_qkv
-from ..sla2.routing import keep_count, num_blocks
-from ..sla2.stats import measure_layers
+from ..sla2.stats import describe_layers, measure_layers
 from .config import DataSpec, FinetuneConfig
 from .objectives import FullFinetune, RouterDistillation
-from .sources import STREAM_EVAL_NOISE, STREAM_NOISE, build_source, noised
-from .state import check_resumable, load_state, restore_rng, rng_states, save_state, state_path
+from .schedule import EMA
+from .sources import build_source
+from .state import check_resumable, claiming, load_state, restore_rng, rng_states, save_state, state_path
 
 ROUTER_PARAMS = ("proj_q", "proj_k")
 ALPHA_LR_SCALE = 10.0
@@ -97,10 +99,11 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _kept_note(saved: int | None, spath: Path) -> str:
-    if saved is None:
-        return "nothing was written"
-    return f"nothing was written; the state of step {saved} in {spath} is intact (--resume continues from it)"
+def _diverged(what: str, value: float, step: int, lr: float, saved: int | None, spath: Path) -> ParameterError:
+    kept = "" if saved is None else "; the state of step {saved} in {spath} is intact ({resume} continues from it)"
+    return ParameterError("lr", lr, "the {what} became {number} at step {step}; nothing was written" + kept
+                          + "; lower {name} or use {fp32}", what=what, number=value, step=step, saved=saved,
+                          spath=spath, resume=Param("resume=True"), fp32=Param("dtype='fp32'"))
 
 
 def _data_options(spec: DataSpec) -> dict:
@@ -109,22 +112,10 @@ def _data_options(spec: DataSpec) -> dict:
     return {"source": "teacher", "samples": spec.teacher_samples, "sampling_steps": spec.sampling_steps}
 
 
-def _load_kernels(device: torch.device) -> list[str]:
-    """Register the Triton backend on CUDA (the reference serves until it exists)."""
-    if device.type != "cuda":
-        return []
-    try:
-        import sla2cli.kernels  # noqa: F401 - registers the "triton" backend
-    except Exception as exc:  # noqa: BLE001 - a broken optional backend must not stop training
-        return [f"Triton kernels unavailable ({type(exc).__name__}: {exc}); using the PyTorch reference"]
-    return []
-
-
-def _backend_in_use(cores, device: torch.device) -> str:
-    backend = next(iter(cores.values())).backend
-    if backend != "auto":
-        return backend
-    return "triton" if device.type == "cuda" and "triton" in sla2_attention_module._BACKENDS else "torch"
+def _kernel_warnings(device: torch.device) -> list[str]:
+    """On CUDA, load the Triton kernels; a warning where they cannot serve (the PyTorch reference then does)."""
+    why = kernels_unavailable(device) if device.type == "cuda" else None
+    return [] if why is None else [f"Triton kernels unavailable ({why}); using the PyTorch reference"]
 
 
 def _trainable(model: JiT, cores, full: bool) -> list[tuple[str, torch.nn.Parameter]]:
@@ -172,13 +163,11 @@ def _grad_norm(params) -> torch.Tensor:
 
 def _provenance(info: LoadInfo, source: Path, source_sha: str, options: dict, data: dict, rows: list[dict],
                 world: int) -> dict:
-    record = {"input": source.name, "input_sha256": source_sha, "stage": options["stage"], "steps": options["steps"],
-              "batch_size": options["batch_size"], "lr": options["lr"], "tau": options["tau"],
-              "topk_schedule": options["topk_schedule"], "e2e_weight": options["e2e_weight"], "seed": options["seed"],
-              "dtype": options["dtype"], "world_size": world, "data": data,
-              "errors": {str(r["layer"]): {"before": r["error_before"], "after": r["error_after"]} for r in rows},
-              "sla2cli_version": __version__,
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    record = provenance_record(
+        input=source.name, input_sha256=source_sha, stage=options["stage"], steps=options["steps"],
+        batch_size=options["batch_size"], lr=options["lr"], tau=options["tau"], topk_schedule=options["topk_schedule"],
+        e2e_weight=options["e2e_weight"], seed=options["seed"], dtype=options["dtype"], world_size=world, data=data,
+        errors={str(r["layer"]): {"before": r["error_before"], "after": r["error_after"]} for r in rows})
     provenance = dict(info.provenance)
     if "finetune" in provenance:
         record["previous"] = provenance["finetune"]
@@ -186,6 +175,7 @@ def _provenance(info: LoadInfo, source: Path, source_sha: str, options: dict, da
     return provenance
 
 
+@claiming(lambda dst, _: [dst, state_path(dst)])
 def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config: FinetuneConfig, data: DataSpec,
                  device: torch.device, group: ProcessGroup = ProcessGroup(), force: bool = False,
                  resume: bool = False, backend: str | None = None, progress: Callable[[StepInfo], None] | None = None,
@@ -202,15 +192,17 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
         raise UsageError(f"{source.name} has no SLA2 layers to finetune; convert it first "
                          f"(sla2 convert {source.name} -o SLA2.safetensors --layers ...)")
     if config.batch_size % group.world_size:
-        raise UsageError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
-                         f"{group.world_size} processes")
-    check_output(dst, force, (source,))
+        raise InvalidParameter("batch_size", config.batch_size, "{name} {value} (the global batch) must be a "
+                               "multiple of the {processes} processes", processes=group.world_size)
     spath = state_path(dst)
+    check_output(dst, force, (source,), derived=[spath])  # the state may not be the input either, --force or not
     if resume and not spath.exists():
-        raise UsageError(f"--resume: there is no saved state {spath}; run without --resume to start")
+        raise InvalidParameter("resume", resume, "{name}: there is no saved state {path}; run without {name} to "
+                               "start", path=spath)
     if not resume and spath.exists() and not force:
-        raise UsageError(f"{spath} holds the state of an interrupted finetune; pass --resume to continue it, or "
-                         f"--force to start over")
+        raise InvalidParameter("resume", resume, "{path} holds the state of an interrupted finetune; pass {resume} "
+                               "to continue it, or {force} to start over", path=spath, resume=Param("resume=True"),
+                               force=Param("force=True"))
     folder = None
     if data.kind == "folder":
         folder = ImageFolder.open(data.folder, model.config.input_size, class_index=data.class_index,
@@ -222,12 +214,14 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
         check_resumable(state, options, source_sha, spath)
 
     if on_start is not None:
-        on_start({"stage": config.stage, "layers": sorted(cores), "resume_step": None if state is None else state["step"],
+        on_start({"stage": config.stage, "layers": sorted(cores),
+                  "resume_step": None if state is None else state["step"],
                   "data": _data_options(data), "world_size": group.world_size})
-    warnings = _load_kernels(device)
+    warnings = _kernel_warnings(device)
     if backend is not None:
         for core in cores.values():
             core.backend = backend
+    backend_used = backends_in_use(cores.values(), device, torch.bfloat16 if config.dtype == "bf16" else torch.float32)
     layers = sorted(cores)
     stored_dtype = next(model.parameters()).dtype
     model.to(device=device, dtype=torch.float32)  # fp32 master weights; --dtype bf16 computes under autocast
@@ -235,7 +229,7 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
     target = {i: config.topk_schedule.end if config.topk_schedule else cores[i].config.topk for i in layers}
     _set_topk(cores, target)
     teacher = None
-    if config.full and config.e2e_weight > 0:
+    if config.full and (config.e2e_weight > 0 or "distill" in config.objective):
         teacher = copy.deepcopy(model)
         remove_sla2(teacher)
         teacher.requires_grad_(False)
@@ -243,13 +237,15 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(_param_groups(named, config), weight_decay=0.0,
                                   betas=(0.9, 0.95) if config.full else (0.9, 0.999))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    ema = EMA(params, config.ema)
 
     per_rank = config.batch_size // group.world_size
     src = build_source(model, data, seed=config.seed, eval_samples=config.eval_samples, device=device,
                        batch_size=per_rank, group=group, autocast=autocast, folder=folder)
     noise_scale = model.config.noise_scale
     x_eval, y_eval = src.eval_batch(device)
-    z_eval, t_eval, _ = noised(x_eval, range(config.eval_samples), seed=config.seed, stream=STREAM_EVAL_NOISE,
+    z_eval, t_eval, _ = noised(x_eval, range(config.eval_samples), seed=config.seed, stream=EVAL_NOISE,
                                noise_scale=noise_scale)
 
     start, history, before = 0, [], None
@@ -260,11 +256,13 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
             for name, p in named:
                 p.copy_(weights[name])
         optimizer.load_state_dict(state["optimizer"])
+        if ema.decay:
+            ema.load_state_dict(state["ema"])
         restore_rng(state["rng"], device)
     elif group.is_main:
         before = _measure(model, z_eval, t_eval, y_eval)
 
-    module = FullFinetune(model, teacher) if config.full else RouterDistillation(model, cores)
+    module = FullFinetune(model, teacher, config.objective) if config.full else RouterDistillation(model, cores)
     runner = module
     if group.distributed:
         runner = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -274,7 +272,7 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
             save_state(spath, {
                 "step": step, "options": options, "source_sha256": source_sha, "history": history,
                 "errors_before": before, "weights": {name: p.detach().cpu() for name, p in named},
-                "optimizer": optimizer.state_dict(), "rng": rng_states(device)})
+                "optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "rng": rng_states(device)})
         barrier(group)
 
     began = time.perf_counter()
@@ -285,7 +283,7 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
         lo = step * config.batch_size + group.rank * per_rank
         positions = range(lo, lo + per_rank)
         x, y = src.train_batch(positions, device)
-        z, t, _ = noised(x, positions, seed=config.seed, stream=STREAM_NOISE, noise_scale=noise_scale)
+        z, t, _ = noised(x, positions, seed=config.seed, stream=TRAIN_NOISE, noise_scale=noise_scale)
         if config.full:
             _set_topk(cores, topk)
             loss, parts, e2e = runner(x, z, t, y, config.e2e_weight, autocast)
@@ -298,15 +296,17 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
             dist.all_reduce(report)
             report /= group.world_size
         if not torch.isfinite(report).all():
-            raise SLA2Error(f"the loss became {report[0].item()} at step {step + 1}; {_kept_note(saved, spath)}; "
-                            f"lower --lr or use --dtype fp32")
+            raise _diverged("loss", report[0].item(), step + 1, config.learning_rate, saved, spath)
         loss.backward()
         norm = _grad_norm(params)
         if not torch.isfinite(norm):
-            raise SLA2Error(f"the gradients became {norm.item()} at step {step + 1}; {_kept_note(saved, spath)}; "
-                            f"lower --lr or use --dtype fp32")
+            raise _diverged("gradients", norm.item(), step + 1, config.learning_rate, saved, spath)
+        factor = config.lr_schedule.factor(step, config.steps)
+        for group_, base in zip(optimizer.param_groups, base_lrs):
+            group_["lr"] = base * factor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        ema.update()
         history.append(report[0].item())
         done = step + 1
         if after_first is None:
@@ -327,23 +327,15 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
         rate = 1 / (ended - began)
 
     _set_topk(cores, target)
+    ema.copy_to_params()
     model.requires_grad_(False)
     rows = []
     if group.is_main:
         after = _measure(model, z_eval, t_eval, y_eval)
-        for i in layers:
-            tokens = layer_tokens(model, i)
-            n_k = num_blocks(tokens, cores[i].config.block_k)
-            alpha = cores[i].alpha.detach().float()
-            eye = torch.eye(cores[i].proj_q.shape[0], device=alpha.device)
-            rows.append({
-                "layer": i, "tokens": tokens, "topk": target[i], "kept_blocks": keep_count(target[i], n_k),
-                "key_blocks": n_k, "error_before": before[i]["relative_squared_error"],
-                "error_after": after[i]["relative_squared_error"],
-                "captured_mass": after[i]["captured_mass"], "alpha_mean": alpha.mean().item(),
-                "alpha_min": alpha.min().item(), "alpha_max": alpha.max().item(),
-                "router_drift_q": ((cores[i].proj_q.detach().float() - eye).norm() / eye.norm()).item(),
-                "router_drift_k": ((cores[i].proj_k.detach().float() - eye).norm() / eye.norm()).item()})
+        rows = [{**r, "error_before": before[r["layer"]]["relative_squared_error"],
+                 "error_after": after[r["layer"]]["relative_squared_error"],
+                 "captured_mass": after[r["layer"]]["captured_mass"]}
+                for r in describe_layers(model) if r["converted"]]
         model.to(dtype=stored_dtype)
         provenance = _provenance(info, source, source_sha, options, src.describe(), rows, group.world_size)
         save_model(model, dst, provenance=provenance, force=force, sources=(source,))
@@ -353,4 +345,4 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
         output=dst, stage=config.stage, layers=layers, data=src.describe(), options=options, per_layer=rows,
         loss_history=history, steps_run=steps_run, resumed_from=start if state is not None else None,
         steps_per_second=rate, seconds=ended - began, world_size=group.world_size,
-        backend=_backend_in_use(cores, device), state_file=spath, warnings=warnings)
+        backend=backend_used, state_file=spath, warnings=warnings)

@@ -27,6 +27,7 @@ from ..checkpoints import load_model
 from ..checkpoints.reading import SLA2_PREFIX
 from ..checkpoints.writing import CORE_MARKER
 from ..errors import SLA2Error
+from ..sla2.attention import SLA2Config
 from ..sla2.control import disable_qat, enable_qat, freeze_router, set_topk
 from ..sla2.layers import apply_sla2, sla2_layers
 from ..sla2.routing import keep_count, num_blocks
@@ -54,20 +55,20 @@ class SLA2Convert(pl.Callback):
                  feature_map: str = "softmax", qat: bool = False, alpha_mode: str = "per_head",
                  from_file: str | None = None, freeze_router: bool = False,
                  modules: Sequence[str] = DEFAULT_MODULES):
-        self.settings = dict(topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map, qat=qat,
-                             alpha_mode=alpha_mode)
+        self.settings = SLA2Config(topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map, qat=qat,
+                                   alpha_mode=alpha_mode)
         self.layers, self.from_file, self.freeze, self.modules = layers, from_file, freeze_router, tuple(modules)
         self._done = False
 
     def _convert(self, net: nn.Module) -> None:
         if self.from_file is None:
-            apply_sla2(net, self.layers, **self.settings)
+            apply_sla2(net, self.layers, self.settings)
             return
         source, info = load_model(self.from_file)
         if not info.sla2_layers:
             raise SLA2Error(f"{self.from_file} has no SLA2 layers to take over")
-        apply_sla2(net, info.sla2_layers, **info.sla2_config.to_dict())
-        for i, core in sla2_layers(source).items():
+        for i, core in sla2_layers(source).items():  # each layer's own settings: a budgeted file's topk differ
+            apply_sla2(net, [i], core.config)
             net.blocks[i].attn.core.load_state_dict(core.state_dict())
 
     def setup(self, trainer, pl_module, stage: str) -> None:

@@ -1,27 +1,22 @@
-"""Triton kernels for SLA2; importing this registers them as the "triton" backend of `sla2_attention`.
+"""Triton kernels for SLA2; importing this registers them as the "triton" backend (`sla2cli.sla2.backends`).
 
-The backend serves CUDA tensors with head dims up to 128 (fp32, fp16, bf16). Without Triton nothing is
-registered and `backend="auto"` keeps using the PyTorch reference.
+The backend serves CUDA tensors with head dims up to 128 (fp32, fp16, bf16) and the feature maps the kernels
+implement. QAT and `return_stats` have no kernel: `sla2_triton` hands them to the reference, so "auto" picks
+the reference for them. Without Triton this import fails; `sla2cli.sla2.backends` then keeps the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..sla2.attention import register_backend
-
-try:
-    from .function import sla2_triton
-except ImportError:  # Triton missing: the reference stays the only backend
-    sla2_triton = None
+from ..sla2.backends import Backend, register
+from .function import sla2_triton
+from .sla2_triton import FEATURE_IDS
 
 MAX_HEAD_DIM = 128
 
+BACKEND = Backend("triton", sla2_triton, devices=frozenset({"cuda"}),
+                  dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), max_head_dim=MAX_HEAD_DIM,
+                  feature_maps=frozenset(FEATURE_IDS), qat=False, return_stats=False, reference_fallback=True)
 
-def available(q: torch.Tensor) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and q.shape[-1] <= MAX_HEAD_DIM)
-
-
-if sla2_triton is not None:
-    register_backend("triton", sla2_triton, available)
+register(BACKEND)

@@ -13,14 +13,18 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import LoadInfo, file_sha256, load_model
+from ..checkpoints.writing import check_spares_inputs
 from ..distributed import ProcessGroup, barrier, init_from_env, rank_device, shutdown
-from ..errors import UsageError
+from ..errors import InvalidParameter
 from ..sampling import SamplerSettings, sampler_settings
+from ..seeding import check_seed
+from ..sla2.attention import SLA2Attention, backends_in_use
+from ..sla2.backends import check_name
 from .fid import Reference, frechet_distance, inception_score, reference_statistics, resolve_reference, statistics
 from .generate import Generation, Progress, generate_samples
-from .inception import FEATURE_EXTRACTOR, FID_LAYER, ISC_LAYER, create_extractor, dataset_features, resolve_weights
+from .inception import FEATURE_EXTRACTOR, FID_LAYER, ISC_LAYER, create_extractor, dataset_features, resolve_state
 from .paired import paired_metrics
-from .samples import check_pairing, prepare_folder, remove_partial, remove_samples, sample_dataset
+from .samples import check_pairing, folder_writes, prepare_folder, remove_partial, remove_samples, sample_dataset
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -67,17 +71,17 @@ class _Subject:
 
 def _check_request(r: EvalRequest) -> None:
     if r.num_samples < 2:
-        raise UsageError(f"--num-samples must be at least 2 (FID needs a covariance), got {r.num_samples}")
+        raise InvalidParameter("num_samples", r.num_samples, "{name} must be at least 2 (FID needs a covariance), "
+                               "got {value}")
     if r.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {r.batch_size}")
-    if r.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {r.seed}")
+        raise InvalidParameter("batch_size", r.batch_size, "{name} must be >= 1, got {value}")
+    check_seed(r.seed)
     if r.dtype not in DTYPE_NAMES:
-        raise UsageError(f"unsupported dtype {r.dtype}; use fp32, bf16 or fp16")
-    if r.sla2_backend not in SLA2_BACKENDS:
-        raise UsageError(f"--sla2-backend must be one of {', '.join(SLA2_BACKENDS)}, got {r.sla2_backend!r}")
+        raise InvalidParameter("dtype", r.dtype, "unsupported {name} {value}; use fp32, bf16 or fp16")
+    check_name(r.sla2_backend, "sla2_backend")
     if r.compare_to is not None and not r.compare_to.exists():
-        raise UsageError(f"--compare-to {r.compare_to} does not exist; pass a model file or a sample folder")
+        raise InvalidParameter("compare_to", r.compare_to, "{name} {value} does not exist; pass a model file or a "
+                               "sample folder")
 
 
 def _manifest(info: LoadInfo, path: Path, settings: SamplerSettings, r: EvalRequest) -> dict:
@@ -100,25 +104,14 @@ def default_folder(r: EvalRequest, settings: SamplerSettings) -> Path:
                                    f"-seed{r.seed}-{DTYPE_NAMES[r.dtype]}")
 
 
-SLA2_BACKENDS = ("auto", "torch", "triton")
-
-
-def _sla2_backend(model: torch.nn.Module, name: str, device: torch.device) -> str | None:
-    """Point converted layers at an SLA2 implementation; returns the one `auto` resolves to (None: dense)."""
-    from ..sla2.attention import _BACKENDS, SLA2Attention
+def _sla2_backend(model: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Point converted layers at an SLA2 implementation; returns the one(s) they run (None: dense)."""
     cores = [m for m in model.modules() if isinstance(m, SLA2Attention)]
     if not cores:
         return None
-    if device.type == "cuda" and name != "torch":
-        from .. import kernels  # noqa: F401  (registers the Triton backend when Triton is installed)
-    probe = torch.empty(1, 1, 1, cores[0].proj_q.shape[0], device=device, dtype=torch.bfloat16)
-    usable = [b for b in ("triton", "torch") if b in _BACKENDS and _BACKENDS[b][1](probe)]
-    if name != "auto" and name not in usable:
-        raise UsageError(f"--sla2-backend {name} cannot run on {device.type} here; use "
-                         f"{' or '.join(['auto', *usable])}")
     for core in cores:
         core.backend = name
-    return usable[0] if name == "auto" else name
+    return backends_in_use(cores, device, dtype)
 
 
 def evaluate(r: EvalRequest, progress: Progress | None = None) -> dict | None:
@@ -126,30 +119,33 @@ def evaluate(r: EvalRequest, progress: Progress | None = None) -> dict | None:
     started = time.perf_counter()
     _check_request(r)
     reference: Reference = resolve_reference(r.ref)
-    weights_file = resolve_weights(r.inception_weights)
+    weights_file, inception = resolve_state(r.inception_weights)  # read once: the tensors go on, never the path
     group: ProcessGroup = init_from_env(r.device)
     try:
-        return _evaluate(r, reference, weights_file, group, rank_device(r.device, group), progress, started)
+        return _evaluate(r, reference, (weights_file, inception), group, rank_device(r.device, group), progress,
+                         started)
     finally:
         shutdown(group)
 
 
-def _evaluate(r: EvalRequest, reference: Reference, weights_file: Path, group: ProcessGroup,
+def _evaluate(r: EvalRequest, reference: Reference, weights: tuple[Path, dict], group: ProcessGroup,
               device: torch.device, progress: Progress | None, started: float) -> dict | None:
+    weights_file, inception = weights
     main = _Subject(path=r.model, folder=Path())
     main.model, main.info = _load(r.model, r, device)
     settings = sampler_settings(r.sampler, steps=r.steps, cfg=r.cfg, cfg_interval=r.cfg_interval,
                                 time_shift=r.time_shift, preset=main.info.preset)
     main.folder = r.out if r.out is not None else default_folder(r, settings)
     main.manifest = _manifest(main.info, r.model, settings, r)
-    main.backend = _sla2_backend(main.model, r.sla2_backend, device)
+    main.backend = _sla2_backend(main.model, r.sla2_backend, device, r.dtype)
     keep = r.keep_samples or r.out is not None
 
     other: _Subject | None = None
     warnings: list[str] = []
     if r.compare_to is not None and r.compare_to.is_dir():
         if main.folder.exists() and r.compare_to.resolve() == main.folder.resolve():
-            raise UsageError(f"--compare-to {r.compare_to} is this run's own sample folder; pass another one")
+            raise InvalidParameter("compare_to", r.compare_to, "{name} {value} is this run's own sample folder; "
+                                   "pass another one")
         other = _Subject(path=r.compare_to, folder=r.compare_to)
         warnings += check_pairing(r.compare_to, r.num_samples, main.manifest)
     elif r.compare_to is not None:
@@ -157,12 +153,16 @@ def _evaluate(r: EvalRequest, reference: Reference, weights_file: Path, group: P
         other.model, other.info = _load(r.compare_to, r, device)
         a, b = main.info.config, other.info.config
         if (a.input_size, a.num_classes, a.in_channels) != (b.input_size, b.num_classes, b.in_channels):
-            raise UsageError(f"--compare-to {r.compare_to} makes {b.input_size}px images over {b.num_classes} "
-                             f"classes, {r.model.name} {a.input_size}px over {a.num_classes}: they cannot be paired")
+            raise InvalidParameter("compare_to", r.compare_to, "{name} {value} makes {b}px images over {bc} classes, "
+                                   "{model} {a}px over {ac}: they cannot be paired", b=b.input_size,
+                                   bc=b.num_classes, model=r.model.name, a=a.input_size, ac=a.num_classes)
         other.manifest = _manifest(other.info, r.compare_to, settings, r)
-        other.backend = _sla2_backend(other.model, r.sla2_backend, device)
+        other.backend = _sla2_backend(other.model, r.sla2_backend, device, r.dtype)
 
     subjects = [main] + ([other] if other is not None and other.model is not None else [])
+    inputs = [p for p in (r.model, r.compare_to, Path(r.ref), weights_file) if p is not None and p.exists()]
+    for s in subjects:  # no sample, manifest or folder we write (or remove) may be an input
+        check_spares_inputs(folder_writes(s.folder, inputs), inputs, "out", s.folder)
     for s in subjects:  # check every folder before writing into any
         prepare_folder(s.folder, s.manifest, create=False)
     if group.is_main:
@@ -182,7 +182,7 @@ def _evaluate(r: EvalRequest, reference: Reference, weights_file: Path, group: P
     if progress:
         progress("Inception features", 0, 1)
     layers = [FID_LAYER] + ([ISC_LAYER] if r.isc else [])
-    extractor = create_extractor(weights_file, layers, device)
+    extractor = create_extractor(inception, layers, device)
     feats = dataset_features(sample_dataset(main.folder, r.num_samples), extractor, device, r.batch_size)
     stats = statistics(feats[FID_LAYER])
     ref_stats = reference_statistics(reference, extractor, device, r.batch_size)

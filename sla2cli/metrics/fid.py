@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import SLA2Error, UsageError
+from ..errors import InvalidParameter, SLA2Error
 from .inception import FID_LAYER, input_features
 
 FEATURE_DIM = 2048
@@ -41,47 +41,51 @@ def folder_images(path: Path) -> list[str]:
     return glob_samples_paths(str(path), False, IMAGE_EXTENSIONS, verbose=False)
 
 
-def load_statistics(path: Path) -> dict:
-    """`mu`, `sigma` from an .npz, checked (2048 and 2048×2048, finite), without unpickling anything."""
+def load_statistics(path: Path, parameter: str = "path") -> dict:
+    """`mu`, `sigma` from an .npz, checked (2048 and 2048×2048, finite), without unpickling anything.
+
+    Errors name the file as the argument `parameter` of the caller (`ref` for `resolve_reference`).
+    """
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("mu", "sigma") if k not in data.files]
             if missing:
-                found = ", ".join(data.files) or "nothing"
-                raise UsageError(f"--ref {path} has no {' and '.join(missing)} (found: {found}); "
-                                 f"an .npz reference must hold Inception statistics mu and sigma")
+                raise InvalidParameter(parameter, path, "{name} {value} has no {missing} (found: {found}); an .npz "
+                                       "reference must hold Inception statistics mu and sigma",
+                                       missing=" and ".join(missing), found=", ".join(data.files) or "nothing")
             mu, sigma = np.asarray(data["mu"]), np.asarray(data["sigma"])
-    except UsageError:
+    except InvalidParameter:
         raise
     except Exception as exc:
-        detail = " ".join(str(exc).split())[:160]
-        raise UsageError(f"--ref {path} is not a readable .npz of Inception statistics ({detail})") from None
+        raise InvalidParameter(parameter, path, "{name} {value} is not a readable .npz of Inception statistics "
+                               "({detail})", detail=" ".join(str(exc).split())[:160]) from None
     if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
-        raise UsageError(f"--ref {path}: mu {mu.shape} and sigma {sigma.shape} must be ({FEATURE_DIM},) and "
-                         f"({FEATURE_DIM}, {FEATURE_DIM}) (pool-3 features of InceptionV3)")
+        raise InvalidParameter(parameter, path, "{name} {value}: mu {mu} and sigma {sigma} must be ({dim},) and "
+                               "({dim}, {dim}) (pool-3 features of InceptionV3)", mu=mu.shape, sigma=sigma.shape,
+                               dim=FEATURE_DIM)
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UsageError(f"--ref {path}: mu or sigma contains NaN or infinity")
+        raise InvalidParameter(parameter, path, "{name} {value}: mu or sigma contains NaN or infinity")
     return {"mu": mu, "sigma": sigma}
 
 
 def resolve_reference(ref: str) -> Reference:
-    """Decide what `--ref` is and check it, before any sample is generated."""
+    """Decide what `ref` is and check it, before any sample is generated."""
     from torch_fidelity.registry import DATASETS_REGISTRY
     path = Path(ref)
     if path.is_dir():
         count = len(folder_images(path))
         if count < 2:
-            raise UsageError(f"--ref {ref} holds {count} image(s) ({IMAGE_EXTENSIONS}, not searched recursively); "
-                             f"FID needs at least 2")
+            raise InvalidParameter("ref", ref, "{name} {value} holds {count} image(s) ({extensions}, not searched "
+                                   "recursively); FID needs at least 2", count=count, extensions=IMAGE_EXTENSIONS)
         return Reference("folder", str(path), images=count)
     if path.suffix.lower() == ".npz":
         if not path.is_file():
-            raise UsageError(f"--ref {ref} does not exist")
-        return Reference("npz", str(path), statistics=load_statistics(path))
+            raise InvalidParameter("ref", ref, "{name} {value} does not exist")
+        return Reference("npz", str(path), statistics=load_statistics(path, parameter="ref"))
     if ref in DATASETS_REGISTRY:
         return Reference("registered", ref)
-    raise UsageError(f"--ref {ref!r} is not a folder of images, an .npz of Inception statistics (mu, sigma) "
-                     f"or a torch-fidelity input ({', '.join(DATASETS_REGISTRY)})")
+    raise InvalidParameter("ref", ref, "{name} {value!r} is not a folder of images, an .npz of Inception statistics "
+                           "(mu, sigma) or a torch-fidelity input ({inputs})", inputs=", ".join(DATASETS_REGISTRY))
 
 
 def statistics(features: torch.Tensor) -> dict:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..checkpoints.writing import atomic_write
-from ..errors import UsageError
+from ..errors import InvalidParameter, UsageError
 
 MANIFEST = "eval-fid.json"
 MANIFEST_FORMAT = "sla2cli-samples"
@@ -52,6 +52,14 @@ def sample_dataset(folder: Path, count: int):
     """The first `count` samples as a torch-fidelity Dataset of uint8 images."""
     from torch_fidelity.datasets import ImagesPathDataset
     return ImagesPathDataset(sample_files(folder, count))
+
+
+def folder_writes(folder: Path, inputs) -> list[Path]:
+    """What a run may write or delete that could be one of `inputs`: the folder, its manifest, and the
+    inputs' names inside it where they are a sample's or a leftover's (for `check_spares_inputs`)."""
+    folder = Path(folder)
+    names = sorted({Path(p).name for p in inputs if _SAMPLE.match(Path(p).name) or _PARTIAL.match(Path(p).name)})
+    return [folder, folder / MANIFEST, *(folder / name for name in names)]
 
 
 def remove_partial(folder: Path) -> int:
@@ -97,21 +105,21 @@ def _differences(found: dict, wanted: dict, keys) -> list[str]:
 def prepare_folder(folder: Path, manifest: dict, *, create: bool) -> None:
     """Check that `folder` holds nothing but samples made exactly as `manifest` says; write the manifest.
 
-    With create=False only checks (other ranks, or before anything may be written).
+    With create=False only checks (other ranks, or before anything may be written). Errors name it `out`.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {folder} is a file; it must be a folder")
+        raise InvalidParameter("out", folder, "{name} {value} is a file; it must be a folder")
     found = read_manifest(folder) if folder.is_dir() else None
     wanted = {"format": MANIFEST_FORMAT, **manifest}
     if found is not None:
         diff = _differences(found, wanted, sorted(set(found) | set(wanted)))
         if diff:
-            raise UsageError(f"{folder} holds samples made differently ({'; '.join(diff[:3])}); "
-                             f"use another --out folder")
+            raise InvalidParameter("out", folder, "{value} holds samples made differently ({diff}); use another "
+                                   "{name} folder", diff="; ".join(diff[:3]))
     elif folder.is_dir() and any(_SAMPLE.match(p.name) for p in folder.iterdir()):
-        raise UsageError(f"{folder} holds sample files but no {MANIFEST} saying how they were made; "
-                         f"use another --out folder")
+        raise InvalidParameter("out", folder, "{value} holds sample files but no {manifest} saying how they were "
+                               "made; use another {name} folder", manifest=MANIFEST)
     if create and found is None:
         folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(wanted, indent=2, sort_keys=True) + "\n"
@@ -119,21 +127,23 @@ def prepare_folder(folder: Path, manifest: dict, *, create: bool) -> None:
 
 
 def check_pairing(folder: Path, count: int, manifest: dict) -> list[str]:
-    """A sample folder to compare with: all `count` indices present and paired by the same seed.
+    """A sample folder to compare with (`compare_to`): all `count` indices present and paired by the same seed.
 
     Returns warnings for settings that differ but do not break the pairing (steps, CFG, ...).
     """
     folder = Path(folder)
     missing = missing_indices(folder, range(count))
     if missing:
-        raise UsageError(f"--compare-to {folder} lacks {len(missing)} of the {count} samples "
-                         f"(first missing: {sample_path(folder, missing[0]).name})")
+        raise InvalidParameter("compare_to", folder, "{name} {value} lacks {missing} of the {count} samples "
+                               "(first missing: {first})", missing=len(missing), count=count,
+                               first=sample_path(folder, missing[0]).name)
     found = read_manifest(folder)
     if found is None:
         return [f"{folder} has no {MANIFEST}: cannot check it was sampled from the same seed"]
     broken = _differences(found, manifest, PAIRING_KEYS)
     if broken:
-        raise UsageError(f"--compare-to {folder} is not paired with this run ({'; '.join(broken)})")
+        raise InvalidParameter("compare_to", folder, "{name} {value} is not paired with this run ({broken})",
+                               broken="; ".join(broken))
     other = [k for k in manifest if k not in PAIRING_KEYS and k != "model"]
-    return [f"--compare-to {folder} was sampled with different settings: {d}"
+    return [f"{folder} was sampled with different settings: {d}"
             for d in _differences(found, manifest, other)]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import InvalidParameter
 from ..serialization import JsonConfig
 
 
@@ -76,8 +76,10 @@ ARCHITECTURES: dict[str, JiTConfig] = {
 
 
 def architecture_config(name: str, **overrides) -> JiTConfig:
+    """The preset `name` (the `arch` of `random_model`), with `overrides`."""
     if name not in ARCHITECTURES:
-        raise UsageError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
+        raise InvalidParameter("arch", name, "unknown {name} {value!r}; choose one of: {choices}",
+                               choices=", ".join(ARCHITECTURES))
     return dataclasses.replace(ARCHITECTURES[name], **overrides)
 
 
@@ -369,7 +371,8 @@ class JiT(nn.Module):
         H, W = x.shape[-2:]
         p = self.config.patch_size
         if H != W or H % p:
-            raise UsageError(f"input must be square with a side divisible by the patch size {p}, got {H}x{W}")
+            raise InvalidParameter("x", (H, W), "{name} must be square with a side divisible by the patch size "
+                                   "{p}, got {h}x{w}", p=p, h=H, w=W)
         grid = H // p
         t_emb = self.t_embedder(t)
         y_emb = self.y_embedder(y)

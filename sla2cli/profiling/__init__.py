@@ -7,9 +7,10 @@
 from . import render
 from .flops import COUNTERS, FLOP_CONVENTION, FlopCount, ModelFlops, model_flops
 from .ops import dense_attention_flops, sla2_flops, through_custom_op
-from .profile import layer_spec, profile_model, random_model, select_layers
+from .profile import check_profile_options, layer_spec, profile_model, random_model, select_layers
 from .timing import Timer
 
-__all__ = ["COUNTERS", "FLOP_CONVENTION", "FlopCount", "ModelFlops", "Timer", "dense_attention_flops",
+__all__ = ["COUNTERS", "FLOP_CONVENTION", "FlopCount", "ModelFlops", "Timer", "check_profile_options",
+           "dense_attention_flops",
            "layer_spec", "model_flops", "profile_model", "random_model", "render", "select_layers", "sla2_flops",
            "through_custom_op"]

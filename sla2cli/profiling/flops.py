@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SLA2Error, UsageError
+from ..errors import InvalidParameter, SLA2Error
 from ..models.jit import JiT
-from ..sla2.attention import backend_name
 from ..sla2.layers import apply_sla2, sla2_layers
 from ..sla2.probe import dense_cores
 from .ops import FVCORE_HANDLES, through_custom_op
@@ -107,7 +106,7 @@ def count_fvcore(model: nn.Module, inputs: tuple, names: list[str]) -> FlopCount
         try:
             from fvcore.nn import FlopCountAnalysis
         except ImportError:
-            raise SLA2Error("--counter fvcore needs fvcore: pip install fvcore (or use --counter torch)") from None
+            raise SLA2Error("the fvcore FLOP counter needs fvcore: pip install fvcore (or count with torch)") from None
     swapped = _patchify_convs(model) if inputs[0].device.type == "meta" else {}
     try:
         with torch.no_grad(), through_custom_op(), warnings.catch_warnings():
@@ -141,8 +140,8 @@ def meta_twin(model: JiT, device: torch.device | None = None, dtype: torch.dtype
         backend = core.backend
         if device is not None:
             probe = torch.empty(1, 1, 1, core.proj_q.shape[0], device=device, dtype=dtype)
-            backend = backend_name(core.backend, probe)
-        apply_sla2(twin, [i], **core.config.to_dict(), backend=backend)
+            backend = core.resolve_backend(probe).name
+        apply_sla2(twin, [i], core.config, backend=backend)
     return twin.requires_grad_(False).eval()
 
 
@@ -170,12 +169,18 @@ class ModelFlops:
         return self.dense_total - sum(self.dense_attention) - sum(self.rest_of_block)
 
 
+def flop_counter(counter: str) -> Callable[[nn.Module, tuple, list[str]], FlopCount]:
+    """The FLOP counter called `counter`."""
+    if counter not in COUNTERS:
+        raise InvalidParameter("counter", counter, "unknown {name} {value!r}; choose one of: {choices}",
+                               choices=", ".join(COUNTERS))
+    return COUNTERS[counter]
+
+
 def model_flops(model: JiT, *, batch_size: int, resolution: int, counter: str = "torch",
                 device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> ModelFlops:
     """Count one forward of `model` at `resolution` with `counter`, converted and all-dense."""
-    if counter not in COUNTERS:
-        raise UsageError(f"unknown FLOP counter {counter!r}; choose one of: {', '.join(COUNTERS)}")
-    count = COUNTERS[counter]
+    count = flop_counter(counter)
     twin = meta_twin(model, device, dtype)
     inputs = meta_inputs(model.config, batch_size, resolution)
     depth = len(twin.blocks)

@@ -9,22 +9,21 @@ with attention removed (the Amdahl ceiling), optionally per resolution (`sweep`)
 
 from __future__ import annotations
 
-import importlib
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..conversion import MIN_KEY_BLOCKS_TO_PAY_OFF
-from ..errors import UsageError
+from ..conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, sla2_settings
+from ..errors import InvalidParameter
 from ..models.jit import DenseAttention, JiT, JiTConfig, architecture_config
-from ..sla2.attention import SLA2Attention, SLA2Config, backend_name
-from ..sla2.layers import apply_sla2, parse_layer_spec, remove_sla2, sla2_layers, transformer_blocks
+from ..sla2.attention import SLA2Attention
+from ..sla2.backends import kernels_unavailable
+from ..sla2.layers import set_sla2_layers, sla2_layers, transformer_blocks
 from ..sla2.routing import keep_count, num_blocks
-from .flops import FLOP_CONVENTION, model_flops
+from .flops import FLOP_CONVENTION, flop_counter, model_flops
 from .timing import LAUNCH_BOUND_MS, Timer, environment
-
 
 # Forwards faster than this (ms, eager) are also timed as CUDA graphs: at small sizes kernel launches from
 # the CPU, not the GPU, set the eager time, and the graph shows what the GPU work itself costs.
@@ -101,38 +100,41 @@ def random_model(arch: str, *, resolution: int | None = None, device="cpu", seed
 def select_layers(model: JiT, layers: str | None, topk: float | None) -> list[int]:
     """Convert exactly `layers` (None: keep a converted model's layers, convert all of a dense one).
 
-    A converted model keeps its trained router and α where its layers stay converted; `topk` overrides
-    the stored one."""
+    A converted model keeps its trained router, α and topk (a budgeted one has one per layer) where its
+    layers stay converted; `topk` overrides the stored ones."""
     converted = sla2_layers(model)
     if layers is None and topk is None and converted:
         return sorted(converted)
-    chosen = sorted(converted) if layers is None and converted else parse_layer_spec(layers or "all", len(model.blocks))
-    base = next(iter(converted.values())).config if converted else SLA2Config()
-    settings = SLA2Config.from_dict({**base.to_dict(), **({"topk": topk} if topk is not None else {})})
-    remove_sla2(model, [i for i in converted if i not in chosen])
-    apply_sla2(model, chosen, **settings.to_dict())
-    return chosen
+    base = next(iter(converted.values())).config if converted else None
+    own = {i: core.config.topk for i, core in converted.items()} if topk is None else None
+    return set_sla2_layers(model, layers, sla2_settings(None, base, topk=topk), own)
 
 
 def kernel_status(device: torch.device) -> str:
-    """On CUDA, import the Triton kernels (they register the "triton" backend); say whether that worked."""
+    """On CUDA, load the Triton kernels (they register the "triton" backend); say whether that worked."""
     if device.type != "cuda":
         return f"not used on {device.type}"
-    try:
-        importlib.import_module("sla2cli.kernels")
-    except Exception as exc:  # a broken or missing kernel module must not stop a profile
-        return f"not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    return "imported"
+    why = kernels_unavailable(device)
+    return "imported" if why is None else f"not importable ({why})"
 
 
-def check_resolution(model: JiT, resolution: int, what: str = "--resolution") -> None:
+def check_resolution(model: JiT, resolution: int, parameter: str = "resolution") -> None:
+    """`resolution` (the argument called `parameter`) fits the patch size and any per-query-block α."""
     p = model.config.patch_size
     if resolution <= 0 or resolution % p:
-        raise UsageError(f"{what} must be a positive multiple of the patch size {p}, got {resolution}")
+        raise InvalidParameter(parameter, resolution, "{name} must be a positive multiple of the patch size {p}, "
+                               "got {value}", p=p)
     fixed = [i for i, core in sla2_layers(model).items() if core.config.alpha_mode == "per_head_query_block"]
     if fixed and resolution != model.config.input_size:
-        raise UsageError(f"layers {layer_spec(fixed)} learned α per query block at {model.config.input_size} px; "
-                         f"profile them at {what} {model.config.input_size}")
+        raise InvalidParameter(parameter, resolution, "layers {layers} learned α per query block at {size} px; "
+                               "profile them at {name} {size}", layers=layer_spec(fixed), size=model.config.input_size)
+
+
+def check_profile_options(*, batch_size: int, counter: str) -> None:
+    """What `profile_model` checks before any work; a caller may check it earlier still."""
+    if batch_size < 1:
+        raise InvalidParameter("batch_size", batch_size, "{name} must be >= 1, got {value}")
+    flop_counter(counter)
 
 
 def _inputs(model: JiT, batch_size: int, resolution: int, device, dtype, seed: int):
@@ -177,7 +179,7 @@ def _end_to_end(model: JiT, timer: Timer, inputs, variants: dict[str, Callable])
 
 def _signature(model: JiT, i: int, tokens: int, core: nn.Module, probe: torch.Tensor):
     if isinstance(core, SLA2Attention):
-        return (tokens, "sla2", tuple(sorted(core.config.to_dict().items())), backend_name(core.backend, probe))
+        return (tokens, "sla2", tuple(sorted(core.config.to_dict().items())), core.resolve_backend(probe).name)
     return (tokens, "dense")
 
 
@@ -247,8 +249,9 @@ def _why_not_faster(row: dict, timing: dict, device: torch.device) -> list[tuple
     n_k, block_k = row["key_blocks"], row["block_k"]
     if n_k < MIN_KEY_BLOCKS_TO_PAY_OFF:
         blocks = f"{n_k} block{'s' if n_k != 1 else ''} of {block_k} tokens"
-        reasons.append(("few_key_blocks", f"too few key blocks ({blocks}; SLA2 needs about {MIN_KEY_BLOCKS_TO_PAY_OFF}+): "
-                        "routing and the kept blocks cost about as much as dense attention"))
+        reasons.append(("few_key_blocks", f"too few key blocks ({blocks}; SLA2 needs about "
+                        f"{MIN_KEY_BLOCKS_TO_PAY_OFF}+): routing and the kept blocks cost about as much as dense "
+                        "attention"))
     if device.type == "cuda" and row["backend"] != "triton":
         reasons.append(("reference_backend",
                         f"backend {row['backend']!r} is the PyTorch reference, not a fused kernel"))
@@ -335,7 +338,7 @@ def _e2e_summary(e2e: dict[str, dict]) -> dict:
 def sweep_row(model: JiT, timer: Timer, *, resolution: int, batch_size: int, counter: str, device, dtype,
               seed: int) -> dict:
     """End-to-end dense / converted / no-attention at one resolution, with counted FLOPs."""
-    check_resolution(model, resolution, "--sweep-resolution")
+    check_resolution(model, resolution, parameter="sweep")
     flops = model_flops(model, batch_size=batch_size, resolution=resolution, counter=counter, device=device,
                         dtype=dtype)
     inputs = _inputs(model, batch_size, resolution, device, dtype, seed)
@@ -362,13 +365,12 @@ def profile_model(model: JiT, *, device: torch.device, dtype: torch.dtype, batch
                   progress: Callable[[str], None] | None = None) -> dict:
     """Profile `model` (converted as it is) on `device`; see the module docstring for what is returned."""
     say = progress or (lambda message: None)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    check_profile_options(batch_size=batch_size, counter=counter)
     resolution = resolution or model.config.input_size
     check_resolution(model, resolution)
     sweep = sorted(set(sweep))
     for r in sweep:
-        check_resolution(model, r, "--sweep-resolution")
+        check_resolution(model, r, parameter="sweep")
     timer = timer or Timer(device)
     kernels = kernel_status(device)
     model = model.to(device=device, dtype=dtype).eval()
@@ -406,7 +408,7 @@ def profile_model(model: JiT, *, device: torch.device, dtype: torch.dtype, batch
             c = core.config
             n_k = num_blocks(tokens, c.block_k)
             sla2_t = t["attention"]["sla2"]
-            row.update({"mode": "sla2", "backend": backend_name(core.backend, probe), "topk": c.topk,
+            row.update({"mode": "sla2", "backend": core.resolve_backend(probe).name, "topk": c.topk,
                         "block_q": c.block_q, "block_k": c.block_k, "kept_blocks": keep_count(c.topk, n_k),
                         "key_blocks": n_k, "sla2_attention_flops": flops.attention[i],
                         "sla2_attention_ms": sla2_t["ms"], "attention_speedup": dense_t["ms"] / sla2_t["ms"],

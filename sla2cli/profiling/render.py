@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..checkpoints import check_output
 from ..checkpoints.writing import atomic_write
-from ..errors import SLA2Error
+from ..errors import ParameterError
 from .profile import REASONS, layer_spec
 
 
@@ -153,8 +153,8 @@ def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise SLA2Error("--plot needs matplotlib: pip install matplotlib (the 'plot' extra of sla2cli), "
-                        "or drop --plot") from None
+        raise ParameterError("plot", None, "{name} needs matplotlib: pip install matplotlib (the 'plot' extra of "
+                             "sla2cli), or drop {name}") from None
     matplotlib.use("Agg")
     return matplotlib
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import InvalidParameter, UsageError
 from ..serialization import JsonConfig
+from .backends import Backend, resolve
 from .feature_maps import FEATURE_MAPS
-from .reference import sla2_reference
 from .routing import num_blocks
 
 # α before calibration or fine-tuning: the softmax mass a trained diffusion transformer's top 5-25% of
@@ -35,57 +35,18 @@ class SLA2Config(JsonConfig):
 
     def __post_init__(self):
         if not (isinstance(self.topk, (int, float)) and 0.0 < self.topk <= 1.0):
-            raise UsageError(f"topk must be in (0, 1], got {self.topk}")
-        for name in ("block_q", "block_k"):
-            if getattr(self, name) not in BLOCK_SIZES:
-                raise UsageError(f"{name} must be one of {', '.join(map(str, BLOCK_SIZES))}, got {getattr(self, name)}")
+            raise InvalidParameter("topk", self.topk, "{name} must be in (0, 1], got {value}")
+        sizes = ", ".join(map(str, BLOCK_SIZES))
+        if self.block_q not in BLOCK_SIZES:
+            raise InvalidParameter("block_q", self.block_q, "{name} must be one of {sizes}, got {value}", sizes=sizes)
+        if self.block_k not in BLOCK_SIZES:
+            raise InvalidParameter("block_k", self.block_k, "{name} must be one of {sizes}, got {value}", sizes=sizes)
         if self.feature_map not in FEATURE_MAPS:
-            raise UsageError(f"unknown feature map {self.feature_map!r}; choose one of: {', '.join(FEATURE_MAPS)}")
+            raise InvalidParameter("feature_map", self.feature_map, "unknown feature map {value!r}; choose one of: "
+                                   "{choices}", choices=", ".join(FEATURE_MAPS))
         if self.alpha_mode not in ALPHA_MODES:
-            raise UsageError(f"unknown alpha mode {self.alpha_mode!r}; choose one of: {', '.join(ALPHA_MODES)}")
-
-
-
-# name -> (function with sla2_reference's signature, predicate "can it run on these inputs").
-_BACKENDS: dict[str, tuple[Callable, Callable[[torch.Tensor], bool]]] = {
-    "torch": (sla2_reference, lambda q: True),
-}
-
-
-def register_backend(name: str, fn: Callable, available: Callable[[torch.Tensor], bool]) -> None:
-    """Add an implementation (the Triton kernels register themselves here)."""
-    _BACKENDS[name] = (fn, available)
-
-
-def triton_available() -> bool:
-    """Import the Triton kernels once (they register themselves); whether the "triton" backend exists."""
-    if "triton" not in _BACKENDS:
-        try:
-            from .. import kernels  # noqa: F401
-        except ImportError:  # no Triton on this machine: the torch backend serves
-            pass
-    return "triton" in _BACKENDS
-
-
-def backend_name(name: str, q: torch.Tensor, return_stats: bool = False) -> str:
-    """The backend that `backend=name` means for inputs like `q` ("auto" resolved; others as given)."""
-    if q.is_cuda:
-        triton_available()
-    if name == "auto":
-        for candidate in ("triton", "torch"):
-            if candidate in _BACKENDS and _BACKENDS[candidate][1](q) and (candidate == "torch" or not return_stats):
-                return candidate
-    return name
-
-
-def _pick_backend(name: str, q: torch.Tensor, return_stats: bool) -> Callable:
-    name = backend_name(name, q, return_stats)
-    if name not in _BACKENDS:
-        raise UsageError(f"unknown or unavailable SLA2 backend {name!r}; available: auto, {', '.join(_BACKENDS)}")
-    fn, available = _BACKENDS[name]
-    if not available(q):
-        raise UsageError(f"backend {name!r} cannot run on {q.device.type} tensors of dtype {q.dtype}")
-    return fn
+            raise InvalidParameter("alpha_mode", self.alpha_mode, "unknown alpha mode {value!r}; choose one of: "
+                                   "{choices}", choices=", ".join(ALPHA_MODES))
 
 
 def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, alpha: torch.Tensor,
@@ -99,8 +60,9 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: f
     `routing` (a `Routing`) replaces the router's own decision (fine-tuning builds it itself).
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one B×H×N×D shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    fn = _pick_backend(backend, q, return_stats)
+        raise ValueError(f"q, k, v must share one B×H×N×D shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    fn = resolve(backend, q, feature_map=feature_map, qat=qat, return_stats=return_stats).fn
     extra = {} if routing is None else {"routing": routing}
     return fn(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k,
               feature_map=feature_map, qat=qat, return_stats=return_stats, **extra)
@@ -158,6 +120,11 @@ class SLA2Attention(nn.Module):
     def query_blocks(self, tokens: int) -> int:
         return num_blocks(tokens, self.config.block_q)
 
+    def resolve_backend(self, q: torch.Tensor, return_stats: bool = False) -> Backend:
+        """The backend this layer's `backend` setting runs inputs like `q` with (see `backends.resolve`)."""
+        c = self.config
+        return resolve(self.backend, q, feature_map=c.feature_map, qat=c.qat, return_stats=return_stats)
+
     def to_block_order(self, x: torch.Tensor) -> torch.Tensor:
         """B×H×N×D in the model's token order → SLA2's (prefix tokens last)."""
         p = self.prefix_tokens
@@ -174,9 +141,10 @@ class SLA2Attention(nn.Module):
         q, k, v = (self.to_block_order(x) for x in (q, k, v))
         if _inference_op is not None and not return_stats and not (
                 torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters()))):
+            # A meta twin (FLOP counting) holds the backend `profiling.flops.meta_twin` resolved for the real device.
             return self.from_block_order(_inference_op(
                 q, k, v, self.alpha, self.proj_q, self.proj_k, c.topk, c.block_q, c.block_k, c.feature_map, c.qat,
-                backend_name(self.backend, q)))
+                self.backend if q.is_meta else self.resolve_backend(q).name))
         result = sla2_attention(q, k, v, topk=c.topk, alpha=self.alpha, block_q=c.block_q, block_k=c.block_k,
                                 proj_q=self.proj_q, proj_k=self.proj_k, feature_map=c.feature_map, qat=c.qat,
                                 backend=self.backend, return_stats=return_stats)
@@ -188,3 +156,13 @@ class SLA2Attention(nn.Module):
         c = self.config
         return (f"topk={c.topk}, blocks=({c.block_q},{c.block_k}), phi={c.feature_map}, qat={c.qat}, "
                 f"alpha={c.alpha_mode}, prefix_tokens={self.prefix_tokens}")
+
+
+def backends_in_use(cores: Iterable[SLA2Attention], device: torch.device, dtype: torch.dtype) -> str:
+    """The backend(s) `cores` run `dtype` inputs on `device` with, comma-separated; raises where a layer's
+    explicitly named backend cannot run them (so a run fails before its slow work)."""
+    chosen = set()
+    for core in cores:
+        probe = torch.empty(1, 1, 1, core.proj_q.shape[0], device=device, dtype=dtype)
+        chosen.add(core.resolve_backend(probe).name)
+    return ",".join(sorted(chosen))

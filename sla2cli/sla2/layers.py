@@ -7,7 +7,9 @@ copied or changed: the block's own linear layers stay in place and only the toke
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 
 from torch import nn
 
@@ -80,18 +82,22 @@ def sla2_layers(model: nn.Module) -> dict[int, SLA2Attention]:
             if isinstance(getattr(b.attn, "core", None), SLA2Attention)}
 
 
-def apply_sla2(model: nn.Module, layers, topk: float = 0.15, block_q: int = 64, block_k: int = 64,
-               feature_map: str = "softmax", qat: bool = False, alpha_mode: str = "per_head",
-               alpha_init: float = ALPHA_INIT, backend: str = "auto") -> list[int]:
-    """Convert `layers` (indices or a spec string) of `model` to SLA2 in place; returns the converted indices.
+def apply_sla2(model: nn.Module, layers, config: SLA2Config | None = None, *, alpha_init: float = ALPHA_INIT,
+               backend: str = "auto", **settings) -> list[int]:
+    """Convert `layers` (indices or a spec string) of `model` to SLA2 with `config` (default: SLA2Config())
+    in place; returns the converted indices.
 
     Layers already converted get the new settings but keep their trained router and α when shapes allow.
+    Settings as keywords (`topk=0.3`) are the deprecated form of `config`, kept for existing callers.
     """
+    config = config or SLA2Config()
+    if settings:
+        warnings.warn("apply_sla2(model, layers, topk=...) is deprecated; pass an SLA2Config: "
+                      "apply_sla2(model, layers, SLA2Config(topk=...))", DeprecationWarning, stacklevel=2)
+        config = dataclasses.replace(config, **settings)
     blocks = transformer_blocks(model)
     if isinstance(layers, str):
         layers = parse_layer_spec(layers, len(blocks))
-    config = SLA2Config(topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map, qat=qat,
-                        alpha_mode=alpha_mode)
     for i in layers:
         if not 0 <= i < len(blocks):
             raise UsageError(f"layer {i} is out of range; valid layers are 0-{len(blocks) - 1}")
@@ -102,7 +108,7 @@ def apply_sla2(model: nn.Module, layers, topk: float = 0.15, block_q: int = 64, 
         weight = attn.qkv.weight
         head_dim = weight.shape[1] // attn.num_heads
         tokens = layer_tokens(model, i)
-        query_blocks = None if tokens is None else -(-tokens // block_q)
+        query_blocks = None if tokens is None else -(-tokens // config.block_q)
         core = SLA2Attention(attn.num_heads, head_dim, config, query_blocks, alpha_init, backend,
                              prefix_tokens=layer_prefix_tokens(model, i))
         old = getattr(attn, "core", None)
@@ -114,6 +120,28 @@ def apply_sla2(model: nn.Module, layers, topk: float = 0.15, block_q: int = 64, 
             attn.core = core
         else:
             blocks[i].attn = Attention.adopt(attn, core)
+    return list(layers)
+
+
+def set_sla2_layers(model: nn.Module, layers, config: SLA2Config,
+                    topk_per_layer: dict[int, float] | None = None) -> list[int]:
+    """Make exactly `layers` SLA2 with `config` and revert the rest to dense; returns them.
+
+    `layers` are indices or a spec string; None keeps a converted model's own layers and means all of a
+    dense one (what `sla2 convert` and `sla2 profile` do without --layers). `topk_per_layer` gives layers
+    their own topk (budgeted conversions); they are converted in groups of equal topk.
+    """
+    converted = sla2_layers(model)
+    if layers is None and converted:
+        layers = sorted(converted)
+    elif layers is None or isinstance(layers, str):
+        layers = parse_layer_spec(layers or "all", len(transformer_blocks(model)))
+    remove_sla2(model, [i for i in converted if i not in layers])
+    groups: dict[float, list[int]] = {}
+    for i in layers:
+        groups.setdefault((topk_per_layer or {}).get(i, config.topk), []).append(i)
+    for topk, group in groups.items():
+        apply_sla2(model, group, dataclasses.replace(config, topk=topk))
     return list(layers)
 
 

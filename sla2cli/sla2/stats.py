@@ -2,17 +2,21 @@
 
 `describe_layers` reads parameters only. `measure_layers` runs a batch and compares every converted
 layer with dense attention on the dense model's own q, k, v. `calibrate_alpha` sets α to the softmax
-mass the kept blocks capture, which is exactly α for a perfect linear branch.
+mass the kept blocks capture, which is exactly α for a perfect linear branch. `attention_entropy`
+says how far from uniform a model's dense attention is (how much there is for sparsity to skip).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import add_noise, sample_t
+from ..diffusion import noised
 from ..sampling import sample
+from ..seeding import PROBE_NOISE, PROBE_SAMPLES, generator
 from .attention import SLA2Attention
 from .layers import layer_tokens, sla2_layers, transformer_blocks
 from .probe import dense_cores, record_dense_qkv
@@ -61,16 +65,15 @@ def own_noised_batch(model: nn.Module, batch_size: int, *, t: float | None = Non
     """
     cfg = model.config
     size = resolution or cfg.input_size
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = generator(seed, PROBE_SAMPLES)
     labels = torch.randint(0, cfg.num_classes, (batch_size,), generator=gen).to(device)
     dtype = next(model.parameters()).dtype
     noise = torch.randn(batch_size, cfg.in_channels, size, size, generator=gen).to(device, dtype) * cfg.noise_scale
     with dense_cores(model):
         x = sample(model, noise, labels, steps=sampling_steps)
-    tt = sample_t(batch_size, generator=gen) if t is None else torch.full((batch_size,), float(t))
-    eps = torch.randn(x.shape, generator=gen).to(device, dtype)
-    tt = tt.to(device)
-    return add_noise(x, tt.to(dtype), eps, cfg.noise_scale), tt, labels
+    tt = None if t is None else torch.full((batch_size,), float(t))
+    z, tt, _ = noised(x, seed=seed, stream=PROBE_NOISE, noise_scale=cfg.noise_scale, t=tt)
+    return z, tt, labels
 
 
 def relative_squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -112,3 +115,28 @@ def calibrate_alpha(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch
         core.set_alpha(alpha)
         chosen[i] = core.alpha.detach().cpu()
     return chosen
+
+
+@torch.no_grad()
+def attention_entropy(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                      layers: list[int] | None = None) -> dict[int, dict]:
+    """Per layer: mean entropy (nats) of each query's dense softmax attention, and log N for reference.
+
+    Uniform attention has entropy log N; a layer that attends locally or to a few tokens is far below.
+    """
+    layers = list(range(len(transformer_blocks(model)))) if layers is None else layers
+    qkv, _ = record_dense_qkv(model, layers, z, t, y)
+    out = {}
+    for i in layers:
+        q, k, _ = qkv[i]
+        q, k = q.float(), k.float()
+        n = k.shape[-2]
+        entropies = []
+        for head in range(q.shape[1]):  # one head at a time: B×N×N stays small
+            logits = q[:, head] @ k[:, head].transpose(-1, -2) / math.sqrt(q.shape[-1])
+            logp = torch.log_softmax(logits, dim=-1)
+            entropies.append(-(logp.exp() * logp).sum(-1).mean(dim=(0, 1)))
+        per_head = torch.stack(entropies)
+        out[i] = {"tokens": n, "log_n": math.log(n), "entropy": per_head.mean().item(),
+                  "entropy_per_head": per_head.tolist()}
+    return out

@@ -7,9 +7,9 @@ dtype, layout and feature map the kernels specialise on.
 import pytest
 import torch
 
-from sla2cli.kernels import available
+from sla2cli.kernels import BACKEND
 from sla2cli.kernels.function import linear_stats, route_pooled, sla2_triton
-from sla2cli.sla2 import attention as attention_module
+from sla2cli.sla2 import backends
 from sla2cli.sla2.reference import sla2_reference
 from sla2cli.sla2.routing import num_blocks, route
 
@@ -139,6 +139,6 @@ def test_qat_is_served_by_the_reference():
 
 
 def test_registered_as_triton_backend_for_cuda_only():
-    fn, predicate = attention_module._BACKENDS["triton"]
+    fn = backends.get("triton").fn
     assert fn is sla2_triton
-    assert not available(torch.zeros(1, 1, 4, 64))
+    assert BACKEND.problem(torch.zeros(1, 1, 4, 64), feature_map="softmax", qat=False, return_stats=False)

@@ -1,0 +1,86 @@
+"""`sla2 finetune --recipe`: stage 1 then stage 2 in one command, the held-out report, the dense control,
+resuming across the stage boundary, and stage 2's objectives and schedule options."""
+
+import pytest
+import torch
+from conftest import one_json
+from finetune_support import converted_file, one_thread, random_model  # noqa: F401
+from safetensors.torch import load_file
+
+from sla2cli.errors import InvalidParameter
+from sla2cli.finetune import FinetuneConfig
+from sla2cli.finetune.recipe import stage1_path
+
+BASE = ("--data-free", "--data-free-samples", "4", "--batch-size", "2", "--eval-samples", "2", "--device", "cpu",
+        "--save-every", "0", "--steps", "2", "--json")
+ARGS = (*BASE, "--router-steps", "2", "--recipe")
+
+
+@pytest.fixture
+def src(cli, tmp_path):
+    return converted_file(cli, tmp_path, model=random_model())
+
+
+def test_recipe_runs_both_stages_reports_and_cleans_up(cli, src, tmp_path):
+    dst = tmp_path / "out.safetensors"
+    code, out, err = cli("finetune", src, "-o", dst, *ARGS, "--control")
+    assert code == 0, err
+    doc = one_json(out)
+    assert doc["stage1"]["stage"] == "router" and doc["stage2"]["stage"] == "full"
+    assert doc["stage2"]["options"]["objective"] == "distill" and doc["stage2"]["options"]["ema"] == 0.995
+    h = doc["held_out"]
+    for key in ("converted", "stage1", "finetuned", "control"):
+        assert h[key]["ratio"] == pytest.approx(h[key]["model"] / h[key]["dense"])
+    assert h["finetuned_vs_control"] == pytest.approx(h["finetuned"]["model"] / h["control"]["model"])
+    assert h["control"]["ratio"] == pytest.approx(1.0, abs=0.05)  # every block kept: dense up to 2 small steps
+    assert dst.exists() and (tmp_path / "out.control.safetensors").exists()
+    assert not stage1_path(dst).exists()  # the intermediate is gone
+
+
+def test_resume_skips_a_finished_stage_1(cli, src, tmp_path, monkeypatch):
+    dst = tmp_path / "out.safetensors"
+    import sla2cli.finetune.recipe as recipe
+
+    calls = []
+    original = recipe.run_finetune
+
+    def stop_after_stage_1(*args, **kwargs):
+        calls.append(kwargs["config"].stage)
+        if kwargs["config"].full:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "run_finetune", stop_after_stage_1)
+    code, _, _ = cli("finetune", src, "-o", dst, *ARGS)
+    assert code != 0 and stage1_path(dst).exists() and not dst.exists()
+    monkeypatch.setattr(recipe, "run_finetune", lambda *a, **k: (calls.append(k["config"].stage), original(*a, **k))[1])
+    code, out, err = cli("finetune", src, "-o", dst, *ARGS, "--resume")
+    assert code == 0, err
+    assert calls == ["router", "full", "full"]  # stage 1 was not run again
+    assert one_json(out)["stage1"] is None and dst.exists() and not stage1_path(dst).exists()
+
+
+def test_distill_objective_with_ema_and_cosine_changes_weights_and_saves_the_average(cli, src, tmp_path):
+    dst = tmp_path / "full.safetensors"
+    code, out, err = cli("finetune", src, "-o", dst, *BASE, "--full", "--objective", "v+distill", "--schedule",
+                         "cosine", "--warmup", "0.5", "--ema", "0.5", "--lr", "1e-3")
+    assert code == 0, err
+    doc = one_json(out)
+    assert doc["options"]["objective"] == "v+distill" and len(doc["loss_history"]) == 2
+    before, after = load_file(str(src)), load_file(str(dst))
+    moved = [k for k in before if "proj_" not in k and not torch.equal(before[k].float(), after[k].float())]
+    assert moved  # the weights moved
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(("proj_q", "proj_k")))
+
+
+@pytest.mark.parametrize("kwargs", [{"objective": "distill"}, {"ema": 0.9}, {"schedule": "cosine"},
+                                    {"warmup": 0.1}, {"objective": "mse", "full": True}])
+def test_stage_2_options_are_checked(kwargs):
+    with pytest.raises(InvalidParameter):
+        FinetuneConfig(**kwargs)
+
+
+@pytest.mark.parametrize("extra, message", [(("--control",), "--recipe"), (("--recipe", "--full"), "--full")])
+def test_recipe_option_conflicts(cli, src, tmp_path, extra, message):
+    code, _, err = cli("finetune", src, "-o", tmp_path / "x.safetensors", *BASE, *extra)
+    assert code == 2 and message in err and not (tmp_path / "x.safetensors").exists()
