@@ -7,6 +7,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from quality_flops import flops
 
 from sla2cli.data.textures import texture_batch
 from sla2cli.diffusion import noised, v_loss
@@ -98,23 +99,6 @@ def variant(q, k, v, kind, bq, bk, kk, bias=0.0, stats=None):
 
 def rel2(o, d):
     return ((o - d).flatten(1).pow(2).sum(1) / d.flatten(1).pow(2).sum(1))
-
-def flops(kind, N, D, bq, bk, kk):
-    nq, nk = num_blocks(N, bq), num_blocks(N, bk)
-    dense = 4 * N * N * D
-    sparse = 4 * nq * bq * kk * bk * D
-    router = 2 * nq * nk * D + 2 * (nq + nk) * D * D
-    if "linear" in kind or kind.endswith("lselin"):
-        tail = 2 * nk * bk * D * D + 2 * nq * bq * D * (D + 1)
-        if kind.endswith("lselin"):
-            tail += 2 * nq * bq * nk * D
-    elif "pooledblk" in kind:
-        tail = 4 * nq * nk * D
-    elif "pooled" in kind:
-        tail = 4 * nq * bq * nk * D
-    else:
-        tail = 0 if kind == "sparse" else dense
-    return (sparse + router + tail) / dense
 
 # dense q, k, v of every layer on batch 0 (layer-local analysis)
 t0 = time.time()

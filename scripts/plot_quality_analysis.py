@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from quality_flops import flops  # noqa: E402
 
 PT = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/analysis.pt")
 OUT = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/quality")
@@ -31,24 +32,6 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "figure.dpi": 110})
 
 def cfg_name(c):
     return f"{c[0]}/{c[1]} keep {c[2]}"
-
-
-def flops(kind, N, D, bq, bk, kk):  # as in scripts/analyze_quality.py
-    nq, nk = -(-N // bq), -(-N // bk)
-    dense = 4 * N * N * D
-    sparse = 4 * nq * bq * kk * bk * D
-    router = 2 * nq * nk * D + 2 * (nq + nk) * D * D
-    if "linear" in kind or kind.endswith("lselin"):
-        tail = 2 * nk * bk * D * D + 2 * nq * bq * D * (D + 1)
-        if kind.endswith("lselin"):
-            tail += 2 * nq * bq * nk * D
-    elif "pooledblk" in kind:
-        tail = 4 * nq * nk * D
-    elif "pooled" in kind:
-        tail = 4 * nq * bq * nk * D
-    else:
-        tail = 0 if kind == "sparse" else dense
-    return (sparse + router + tail) / dense
 
 
 def save(fig, name):
