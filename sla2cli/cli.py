@@ -22,9 +22,19 @@ _state = {"debug": False, "command": None}
 _ParseError = typer.BadParameter.__mro__[1]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"sla2cli {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(ctx: typer.Context,
-          debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")):
+          debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+          version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Print the version and exit.")):
     _state["debug"] = debug
     _state["command"] = ctx.invoked_subcommand  # library errors name parameters; this command's flags replace them
 

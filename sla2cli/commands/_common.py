@@ -26,8 +26,9 @@ InContextStartOpt = Annotated[Optional[int], typer.Option(
     "--in-context-start", help="Block where in-context tokens join; needed only for non-preset architectures.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a full unpickle of a file you trust.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
-ModelArg = Annotated[Path, typer.Argument(help="Checkpoint: official JiT .pth, PixelGen .ckpt, state_dict or "
-                                          ".safetensors (dense or converted).", show_default=False)]
+ModelArg = Annotated[Path, typer.Argument(
+    metavar="MODEL", help="Checkpoint: official JiT .pth, PixelGen .ckpt, state_dict or .safetensors (dense or "
+                          "converted).", show_default=False)]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -30,8 +30,8 @@ from ._common import (
     resolve_device,
 )
 
-ModelArg = Annotated[Path, typer.Argument(help="A converted (SLA2) model, as `sla2 convert` writes it.",
-                                          show_default=False)]
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", show_default=False,
+                                          help="A converted (SLA2) model, as `sla2 convert` writes it.")]
 
 
 def command(
@@ -51,9 +51,9 @@ def command(
                                             "processes).")] = 8,
     lr: Annotated[Optional[float], typer.Option(help=f"Learning rate (default {ROUTER_LR:g} for the router, "
                                                 f"α logits 10x; {FULL_LR:g} with --full).")] = None,
-    topk_schedule: Annotated[Optional[str], typer.Option("--topk-schedule", help="START:END: anneal topk "
-                                                         "linearly from START to END over the first half of "
-                                                         "the steps; END is the saved topk.")] = None,
+    topk_schedule: Annotated[Optional[str], typer.Option("--topk-schedule", help="Anneal topk linearly from "
+                                                         "START to END over the first half of the steps, given "
+                                                         "as START:END (e.g. 0.5:0.1); END is the saved topk.")] = None,
     tau: Annotated[float, typer.Option(help="SoftTop-k temperature of the router's soft mask.")] = 0.1,
     full: Annotated[bool, typer.Option("--full", help="Stage 2: train every weight but the router with JiT's "
                                        "v-loss (router frozen, hard top-k).")] = False,
