@@ -8,12 +8,12 @@ import traceback
 import typer
 from rich.console import Console
 
-from .commands import convert, demo, eval_fid, finetune, profile, quality, stats
+from .commands import _common, convert, demo, eval_fid, finetune, profile, quality, stats
 from .commands._errors import cli_message
 from .errors import ParameterError, SLA2Error
 
 app = typer.Typer(
-    name="sla2", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="sla2", no_args_is_help=True, pretty_exceptions_enable=False,
     help="SLA2 sparse-linear attention for JiT pixel-diffusion transformers.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -33,9 +33,12 @@ def _show_version(value: bool) -> None:
 @app.callback()
 def _root(ctx: typer.Context,
           debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no info lines: only warnings, "
+                                     "errors and the result."),
           version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                        help="Print the version and exit.")):
     _state["debug"] = debug
+    _common.session["quiet"] = quiet
     _state["command"] = ctx.invoked_subcommand  # library errors name parameters; this command's flags replace them
 
 
@@ -51,10 +54,13 @@ def _fail(message: str, code: int) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 failure, 2 bad usage, 130 interrupted."""
-    _state["debug"] = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    _state["debug"] = "--debug" in args
     _state["command"] = None
+    _common.session.update(argv=args, quiet=False)
     try:
-        code = app(args=argv, standalone_mode=False)
+        # prog_name: usage lines and the completion variable (_SLA2_COMPLETE) say sla2, also for python -m sla2cli
+        code = app(args=args, prog_name="sla2", standalone_mode=False)
         if code == 130:  # Typer turns Ctrl-C into this return value instead of raising
             return _fail("interrupted", 130)
         return code if isinstance(code, int) else 0
@@ -67,6 +73,10 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(exc.format_message().replace("\n", " ") + hint, 2)
     except (typer.Abort, KeyboardInterrupt):
         return _fail("interrupted", 130)
+    except _common.Stop as stop:
+        if stop.message:
+            Console(stderr=True).print(stop.message, highlight=False, soft_wrap=True)
+        return stop.code
     except SLA2Error as exc:
         if _state["debug"]:
             traceback.print_exc()
@@ -78,6 +88,8 @@ def run(argv: list[str] | None = None) -> int:
             return 1
         return _fail(f"internal error: {type(exc).__name__}: {exc} "
                      "(rerun with 'sla2 --debug ...' for the traceback)", 1)
+    finally:
+        _common.session.update(argv=None, quiet=False)  # a library caller in the same process is not the CLI
 
 
 def main() -> None:

@@ -40,6 +40,19 @@ def sla2_settings(preset: str | None, base: SLA2Config | None = None, **explicit
     return SLA2Config(**values)
 
 
+# `suggest_layers`: a layer is worth converting where the kept blocks at the balanced topk hold this much mass.
+SUGGEST_MIN_MASS = 0.75
+
+
+def suggest_layers(concentration: list[dict], topk: float = SLA2_PRESETS["balanced"]["topk"],
+                   min_mass: float = SUGGEST_MIN_MASS) -> list[int]:
+    """Layers worth converting, from `sla2.stats.attention_concentration` records (measured at `topk`): enough
+    key blocks for sparsity to pay off, and at least `min_mass` of the softmax mass in the kept blocks (the
+    rest is what the linear branch must approximate)."""
+    return [r["layer"] for r in concentration
+            if r["key_blocks"] >= MIN_KEY_BLOCKS_TO_PAY_OFF and r["captured_mass"][topk] >= min_mass]
+
+
 @dataclass
 class ConversionResult:
     layers: list[int]
@@ -97,5 +110,5 @@ def write_converted(model: JiT, src: Path, dst: Path, info: LoadInfo, *, format:
                     force: bool = False, **details) -> Path:
     """Write `model`, converted from `src`, with its provenance (`details` as in `provenance_for`)."""
     return save_model(model, dst, format=format, provenance=provenance_for(src, info, **details), force=force,
-                      sources=(src,))
+                      sources=(src,), dtypes=info.dtypes)
 

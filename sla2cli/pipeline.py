@@ -1,9 +1,9 @@
 """`sla2 demo`'s pipeline over the small JiT shipped inside the package (`models.shipped`, "demo").
 
 The demo (the `step_*` functions, which `sla2 demo` runs in order) converts it with the balanced preset,
-calibrates α, measures every converted layer against dense attention, runs fine-tuning, profiling and FID
-where those exist, and samples dense and SLA2 from the same seeds. Each step returns plain data; the
-command renders it. Evaluation data are textures of seed HELD_OUT_SEED (calibration and measurement,
+calibrates α, measures every converted layer against dense attention, runs fine-tuning and profiling,
+samples dense and SLA2 from the same seeds, and measures a texture Fréchet distance. Each step returns
+plain data; the command renders it. Evaluation data are textures of seed HELD_OUT_SEED (calibration and measurement,
 never seen in training) and the reference set `textures.reference_set` (regenerated on the spot; nothing
 stored).
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, convert_model, sla2_settings,
 from .data.textures import CLASS_NAMES, REFERENCE_SEED, reference_set, texture_batch
 from .diffusion import noised, v_loss
 from .errors import InvalidParameter
+from .metrics.grid import image_grid
 from .models.jit import JiT
 from .models.shipped import DEMO, DEMO_MODEL_PATH, HELD_OUT_SEED
 from .sampling import paired_inputs, sample, to_uint8
@@ -76,10 +76,10 @@ def plan_for(fast: bool, device: torch.device) -> DemoPlan:
     if fast:
         return DemoPlan(fast=True, eval_images=2, samples=4, sample_steps=3, sample_before_finetune=False,
                         finetune_steps=2, finetune_batch=1, finetune_lr=1e-3, teacher_samples=1, teacher_steps=2,
-                        profile_ms=1.0, fid_samples=8)
+                        profile_ms=1.0, fid_samples=4)
     return DemoPlan(fast=False, eval_images=2, samples=8, sample_steps=5, sample_before_finetune=True,
                     finetune_steps=6, finetune_batch=2, finetune_lr=1e-3, teacher_samples=2, teacher_steps=3,
-                    profile_ms=10.0, fid_samples=16)
+                    profile_ms=10.0, fid_samples=8)
 
 
 @dataclass
@@ -255,36 +255,15 @@ def step_measure(demo: Demo) -> dict:
     return record
 
 
-def _grid(rows: list[tuple[str, torch.Tensor]], labels: torch.Tensor, path: Path) -> None:
-    """A PNG: one row per model, one column per seed, class names on top; nearest-neighbour upscaled 2x."""
-    from PIL import Image, ImageDraw
-
-    s, pad, left, head = 64, 14, 172, 16
-    n = labels.shape[0]
-    canvas = Image.new("RGB", (left + n * (s + pad), head + len(rows) * (s + pad)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, c in enumerate(labels.tolist()):
-        draw.text((left + j * (s + pad), 2), CLASS_NAMES[c], fill=(0, 0, 0))
-    for i, (name, images) in enumerate(rows):
-        top = head + i * (s + pad)
-        draw.text((4, top + s // 2 - 6), name, fill=(0, 0, 0))
-        pixels = to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()
-        for j in range(n):
-            canvas.paste(Image.fromarray(pixels[j]), (left + j * (s + pad), top))
-    canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST).save(path)
-
-
 def _paired(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """PSNR (dB) and MAE per image between two sample sets on the uint8 grid, as `eval-fid --compare-to`."""
-    from .metrics.paired import image_errors, psnr
+    """PSNR (dB), SSIM and MAE per image between two sample sets on the uint8 grid, as `eval-fid --compare-to`."""
+    from .metrics.paired import compare_pairs
 
-    pa, pb = (to_uint8(v.cpu()).permute(0, 2, 3, 1).numpy() for v in (a, b))
-    errors = [image_errors(pa[i], pb[i]) for i in range(pa.shape[0])]
-    psnrs = [psnr(mse) for _, mse in errors]
-    finite = [p for p in psnrs if math.isfinite(p)]
-    return {"pairs": len(errors), "mae_mean": sum(e[0] for e in errors) / len(errors),
-            "psnr_mean": sum(finite) / len(finite) if finite else None, "psnr_worst": min(finite) if finite else None,
-            "identical": len(psnrs) - len(finite)}
+    return compare_pairs(zip(_hwc(a), _hwc(b)))
+
+
+def _hwc(images: torch.Tensor):
+    return to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()
 
 
 def step_samples(demo: Demo) -> dict:
@@ -306,7 +285,7 @@ def step_samples(demo: Demo) -> dict:
     best = rows[-1][0]
     rows.append((f"|dense - {best}| x4", (images["dense"] - images[best]).abs() * 4 - 1))
     path = demo.out / "dense-vs-sla2.png"
-    _grid(rows, labels.cpu(), path)
+    image_grid([(name, _hwc(images)) for name, images in rows], [CLASS_NAMES[c] for c in labels.tolist()], path)
     demo.files["grid"] = str(path)
     dense_images = images["dense"]
     paired = {name: _paired(imgs, dense_images) for name, imgs in images.items() if name != "dense"}
@@ -326,28 +305,18 @@ def _write_reference(folder: Path, count: int) -> Path:
 
 
 def step_fid(demo: Demo) -> dict:
-    """`sla2 eval-fid` of the SLA2 model against the reference textures, paired with the dense model.
+    """`sla2 eval-fid --features textures` of the SLA2 model against the reference textures, paired with the
+    dense model: a texture Fréchet distance (and KID) in the shipped texture network's feature space, offline.
+    Inception FID needs a download and photographs; these numbers compare texture sets with each other only."""
+    from .metrics import EvalRequest, evaluate
 
-    FID needs torch-fidelity's Inception weights; the demo never downloads, so without them it says so and
-    the paired comparison of the samples step stands in.
-    """
-    from .errors import SLA2Error
-    from .metrics import EvalRequest, evaluate, resolve_weights
-
-    try:
-        weights = resolve_weights(None, allow_download=False)
-    except SLA2Error as exc:
-        notice = (f"FID skipped: {exc}. The paired comparison with the dense model (PSNR/MAE of samples from "
-                  f"the same seeds, above) stands in for it")
-        demo.notices.append(notice)
-        return {"fid": None, "notice": notice}
     plan = demo.plan
     model = Path(demo.files.get("finetuned") or demo.files["converted"])
     reference = _write_reference(demo.out / "reference", plan.fid_samples)
-    request = EvalRequest(model=model, num_samples=plan.fid_samples, ref=str(reference),
+    request = EvalRequest(model=model, num_samples=plan.fid_samples, ref=str(reference), features="textures",
                           out=demo.out / f"samples-{model.stem}", steps=plan.sample_steps, cfg=1.0,
-                          batch_size=min(64, plan.fid_samples), seed=demo.seed, inception_weights=weights,
-                          compare_to=DEMO_MODEL_PATH, device=demo.device, dtype=torch.float32)
+                          batch_size=min(64, plan.fid_samples), seed=demo.seed, compare_to=DEMO_MODEL_PATH,
+                          device=demo.device, dtype=torch.float32)
     report = evaluate(request)
     report["reference_set"] = (f"{plan.fid_samples} textures of seed {REFERENCE_SEED} "
                                f"(sla2cli.data.textures.reference_set), written to {reference}")

@@ -19,6 +19,7 @@ up to rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -191,8 +192,8 @@ def sampler_settings(sampler: str, *, steps: int, cfg: float | None, cfg_interva
         if cfg is None:
             raise InvalidParameter("cfg", None, "no default CFG scale for this architecture (not a JiT/PixelGen "
                                    "preset); pass {name} (1.0 turns guidance off)")
-    if cfg < 0:
-        raise InvalidParameter("cfg", cfg, "{name} must be >= 0, got {value}")
+    if not (math.isfinite(cfg) and cfg >= 0):  # nan passes `cfg < 0` and samples black images
+        raise InvalidParameter("cfg", cfg, "{name} must be a finite number >= 0, got {value}")
     interval = spec.cfg_interval if cfg_interval is None else tuple(float(x) for x in cfg_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
         raise InvalidParameter("cfg_interval", cfg_interval,
@@ -203,8 +204,8 @@ def sampler_settings(sampler: str, *, steps: int, cfg: float | None, cfg_interva
                                    "not {sampler}", sampler=sampler)
     else:
         time_shift = spec.time_shift if time_shift is None else float(time_shift)
-        if time_shift <= 0:
-            raise InvalidParameter("time_shift", time_shift, "{name} must be > 0, got {value}")
+        if not (math.isfinite(time_shift) and time_shift > 0):
+            raise InvalidParameter("time_shift", time_shift, "{name} must be a finite number > 0, got {value}")
     return SamplerSettings(sampler=sampler, steps=steps, cfg=float(cfg), cfg_interval=interval,
                            time_shift=time_shift)
 

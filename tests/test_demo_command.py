@@ -67,8 +67,12 @@ def test_demo_numbers_are_sane(demo_run):
     paired = r["samples"]["paired_vs_dense"]
     assert "SLA2 finetuned" in paired
     assert all(p["psnr_mean"] is None or p["psnr_mean"] > 5 for p in paired.values())
-    # no Inception weights offline (CI): FID is skipped with a notice, never downloaded
-    assert r["fid"]["fid"] is None and "Inception" in r["fid"]["notice"]
+    # offline: a texture Fréchet distance in the shipped network's feature space, never Inception
+    fid = r["fid"]
+    assert fid["features"]["name"] == "textures" and fid["features"]["metric"] == "texture Fréchet distance"
+    assert fid["fid"] > 0 and fid["kid"] is not None and fid["compare"]["fid_other"] > 0
+    assert fid["compare"]["other"] == str(DEMO_MODEL_PATH) and fid["compare"]["ssim_mean"] is not None
+    assert fid["samples"] == FAST.fid_samples and fid["reference"]["images"] == FAST.fid_samples
 
 
 def test_demo_human_rendering_of_every_step(demo_run):
@@ -84,7 +88,7 @@ def test_demo_human_rendering_of_every_step(demo_run):
     console.print(summary_table(doc["results"], doc["layers"], doc["seconds"]))
     text = console.export_text()
     for title in ("convert", "stats --measure", "finetune", "End to end", "Summary", "dense-vs-sla2.png",
-                  "entropy / log N", "FID skipped"):
+                  "entropy / log N", "texture Fréchet distance of", "SSIM vs dense"):
         assert title in text
 
 
@@ -107,27 +111,3 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, cli):
     file_out.write_text("x")
     code, _, stderr = cli("demo", "--out", file_out)
     assert code == 2 and "is a file" in stderr
-
-
-def test_demo_fid_step_runs_eval_fid_when_inception_weights_are_present(tmp_path, monkeypatch):
-    """With weights on disk the demo hands eval-fid the SLA2 model, the reference textures and the dense model."""
-    import sla2cli.metrics as metrics
-    from sla2cli import pipeline as lib
-
-    weights = tmp_path / "inception.pth"
-    weights.write_bytes(b"")
-    seen = {}
-    monkeypatch.setattr(metrics, "resolve_weights", lambda path, allow_download=True: (
-        seen.setdefault("allow_download", allow_download), weights)[1])
-    monkeypatch.setattr(metrics, "evaluate", lambda request: seen.setdefault("request", request) and {
-        "model": str(request.model), "fid": 12.5, "samples": request.num_samples, "compare": None})
-    out = tmp_path / "out"
-    prepare_out(out)
-    demo = lib.Demo(out=out, device=torch.device("cpu"), plan=FAST)
-    demo.files["converted"] = str(out / "demo-jit-sla2.safetensors")
-    report = lib.step_fid(demo)
-    request = seen["request"]
-    assert seen["allow_download"] is False and report["fid"] == 12.5
-    assert request.model == out / "demo-jit-sla2.safetensors" and request.compare_to == DEMO_MODEL_PATH
-    assert request.inception_weights == weights and request.num_samples == FAST.fid_samples
-    assert len(list((out / "reference").glob("*.png"))) == FAST.fid_samples

@@ -1,4 +1,5 @@
-"""Finetune inputs: image folders (layouts, class indices, resize and crop) and the keyed random draws."""
+"""Finetune inputs: image folders (layouts, class indices, resize and crop, DataLoader workers) and the keyed
+random draws."""
 
 import numpy as np
 import pytest
@@ -6,9 +7,9 @@ import torch
 from finetune_support import one_thread  # noqa: F401
 from PIL import Image
 
-from sla2cli.data.images import ImageFolder, center_crop, to_tensor
+from sla2cli.data.images import ImageFolder, center_crop, image_loader, to_tensor
 from sla2cli.diffusion import noised
-from sla2cli.errors import SLA2Error
+from sla2cli.errors import SLA2Error, UsageError
 from sla2cli.finetune.sources import FolderSource, _Shuffled
 
 
@@ -25,7 +26,7 @@ def test_class_folders_map_in_sorted_order_recursively(tmp_path):
     _save(tmp_path / "ant" / ".hidden.png")
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
     folder = ImageFolder.open(tmp_path, 16, num_classes=10)
-    assert folder.classes == {0: "ant", 1: "zebra"}
+    assert folder.mapping == {"ant": 0, "zebra": 1}
     assert [(p.name, y) for p, y in zip(folder.files, folder.labels)] == [("c.png", 0), ("b.jpg", 0), ("a.png", 1)]
 
 
@@ -33,7 +34,8 @@ def test_integer_folder_names_are_the_class_indices(tmp_path):
     for name in ("2", "10", "7"):
         _save(tmp_path / name / "x.png")
     folder = ImageFolder.open(tmp_path, 8, num_classes=11)
-    assert folder.classes == {2: "2", 7: "7", 10: "10"} and folder.labels == [2, 7, 10]
+    assert folder.mapping == {"2": 2, "7": 7, "10": 10} and sorted(folder.labels) == [2, 7, 10]
+    assert [folder[i][1] for i in range(3)] == folder.labels
 
 
 def test_flat_folder_takes_its_class_from_the_option(tmp_path):
@@ -59,16 +61,28 @@ def test_resize_and_centre_crop_follow_jit(tmp_path):
 def test_grey_and_transparent_images_become_rgb(tmp_path):
     _save(tmp_path / "c" / "grey.png", mode="L")
     _save(tmp_path / "c" / "rgba.png", mode="RGBA", colour=(0, 255, 0, 128))
-    x, y = ImageFolder.open(tmp_path, 12).batch([0, 1])
+    x, y = next(iter(image_loader(ImageFolder.open(tmp_path, 12), [[0, 1]])))
     assert x.shape == (2, 3, 12, 12) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
 
 
-def test_an_image_that_breaks_after_its_header_is_a_clear_error(tmp_path):
+def test_indexing_opens_no_file_and_a_broken_image_is_one_clear_line(tmp_path, monkeypatch):
     path = _save(tmp_path / "c" / "a.png", size=(64, 64))
+    _save(tmp_path / "c" / "b.png", size=(64, 64))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="class folder .*empty has no images"):
+        ImageFolder.open(tmp_path, 8)
+    (tmp_path / "empty").rmdir()
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
     folder = ImageFolder.open(tmp_path, 8)
+    assert len(folder) == 2 and opened == []  # torchvision's index: names only, decoding happens in the loader
+    monkeypatch.setattr(Image, "open", real_open)
     path.write_bytes(path.read_bytes()[:60])  # header intact, pixel data cut
-    with pytest.raises(SLA2Error, match="cannot read image .*a.png"):
-        folder.load(0)
+    for workers in (0, 1):  # in this process, and re-raised from a DataLoader worker: one line either way
+        with pytest.raises(SLA2Error, match="cannot read image .*a.png") as exc:
+            next(iter(image_loader(folder, [[0, 1]], workers)))
+        assert "\n" not in str(exc.value) and "Traceback" not in str(exc.value)
 
 
 def test_every_epoch_visits_every_image_once():
@@ -92,9 +106,13 @@ def test_folder_source_batches_are_deterministic(tmp_path):
     for c in range(2):
         for i in range(3):
             _save(tmp_path / f"c{c}" / f"{i}.png", colour=(40 * i, 100 * c, 0))
-    source = FolderSource(ImageFolder.open(tmp_path, 8), seed=0, eval_samples=2)
-    a, ya = source.train_batch(range(4), "cpu")
-    b, yb = source.train_batch(range(4), "cpu")
-    assert torch.equal(a, b) and torch.equal(ya, yb) and a.shape == (4, 3, 8, 8)
+    folder = ImageFolder.open(tmp_path, 8)
+    source = FolderSource(folder, seed=0, eval_samples=2)
+    steps = [range(0, 4), range(4, 8)]
+    (a, ya), (a2, _) = source.train_batches(steps)
+    (b, yb), (b2, _) = FolderSource(folder, seed=0, eval_samples=2, workers=2).train_batches(steps)
+    assert torch.equal(a, b) and torch.equal(ya, yb) and torch.equal(a2, b2) and a.shape == (4, 3, 8, 8)
+    (resumed, _), = source.train_batches(steps[1:])  # a resumed run reads the same images for the same positions
+    assert torch.equal(resumed, a2)
     assert source.describe() == {"source": "folder", "path": str(tmp_path), "images": 6, "classes": 2,
                                  "resolution": 8}

@@ -61,7 +61,7 @@ CASES = [
     (("--steps", "0"), 2, "--steps must be >= 1"),
     (("--batch-size", "0"), 2, "--batch-size must be >= 1"),
     (("--lr", "0"), 2, "--lr must be a positive number"),
-    (("--lr", "nan"), 2, "--lr must be a positive number"),
+    (("--lr", "nan"), 2, "'--lr': nan is not a finite number"),
     (("--tau", "0"), 2, "--tau must be > 0"),
     (("--save-every", "-1"), 2, "--save-every must be >= 0"),
     (("--eval-samples", "0"), 2, "--eval-samples must be >= 1"),
@@ -74,6 +74,7 @@ CASES = [
     (("--topk-schedule", "a:b"), 2, "expected START:END"),
     (("--topk-schedule", "0.5:0"), 2, "expected START:END"),
     (("--topk-schedule", "1.5:0.1"), 2, "expected START:END"),
+    (("--topk-schedule", "nan:0.1"), 2, "expected START:END"),
     (("--class-index", "1"), 2, "no meaning with --data-free"),
     (("--device", "cuda:7"), 2, "--device"),
     (("--steps", "many"), 2, "--steps"),
@@ -98,7 +99,6 @@ DATA_CASES = [
     ("too_many_classes", (), "the model has 4 classes"),
     ("class_out_of_range", (), "7 -> 7 is out of range"),
     ("empty_class", (), "has no images"),
-    ("corrupt_image", (), "is not a readable image"),
 ]
 
 
@@ -107,6 +107,16 @@ def test_bad_data_folders(cli, setup, kind, extra, message):
     src, tmp_path = setup
     data = _data(kind, tmp_path)
     _check(cli, tmp_path, src, ("--data", data, *RUN, *extra), 2, message)
+
+
+def test_a_corrupt_image_is_one_line_when_it_is_read(cli, setup):
+    """Indexing opens no file: a broken image is found when the loader decodes it, and nothing is written."""
+    src, tmp_path = setup
+    data = _data("corrupt_image", tmp_path)
+    code, out, err = cli("finetune", src, "-o", tmp_path / "out.safetensors", "--data", data, *RUN)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: cannot read image") and "broken.jpg" in last, err
+    assert "Traceback" not in err and not (tmp_path / "out.safetensors").exists()
 
 
 def test_data_source_must_be_chosen_once(cli, setup):

@@ -222,7 +222,7 @@ def test_cli_tables_and_image_folders(cli, tmp_path):
     (("-n", "0"), "error: -n/--samples must be >= 1, got 0"),
     (("--steps", "0"), "error: --steps must be >= 1, got 0"),
     (("--eval-samples", "0"), "error: --eval-samples must be >= 1, got 0"),
-    (("--cfg", "nan"), "error: --cfg must be a finite number >= 0 (1.0 turns guidance off), got nan"),
+    (("--cfg", "-1"), "error: --cfg must be a finite number >= 0 (1.0 turns guidance off), got -1.0"),
 ])
 def test_cli_bad_inputs_exit_2_with_one_line(cli, tmp_path, args, message):
     sla2_file = save_model(_converted(), tmp_path / "sla2.safetensors")

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
+import re
+import stat
 import struct
-import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -51,8 +55,13 @@ class RawCheckpoint:
         return chosen, self.entries[chosen]
 
 
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    """The entries of a loaded dictionary that can be weights; a hand-made file may hold anything else too."""
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
 def _strip_wrappers(state: dict) -> dict[str, torch.Tensor]:
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors = _tensors(state)
     changed = True
     while changed and tensors:
         changed = False
@@ -64,43 +73,89 @@ def _strip_wrappers(state: dict) -> dict[str, torch.Tensor]:
 
 
 def _with_prefix(state: dict, prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in _tensors(state).items() if k.startswith(prefix)}
+
+
+_SPECIAL = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, or CheckpointError unless it is a regular file.
+
+    Opening a FIFO for reading waits for a writer, and a device may never end: the open is non-blocking,
+    so it returns at once whatever `path` is, and the file's type is checked on what was opened.
+    """
+    fd = None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        mode = os.fstat(fd).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except OSError as exc:
+        mode = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG  # a socket cannot be opened
+        if stat.S_ISREG(mode):
+            raise CheckpointError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        if fd is not None:
+            os.close(fd)
+        kind = next((name for test, name in _SPECIAL if test(mode)), "not a regular file")
+        raise CheckpointError(f"{path} is {kind}, not a file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _sniff(path: Path) -> str:
-    with path.open("rb") as f:
+    """The file's type by its first bytes: zip (torch.save), pickle protocol 2+ (legacy torch.save), or
+    safetensors (a little-endian u64 header length, then the JSON header's `{`)."""
+    with open_regular(path) as f:
         head = f.read(16)
+        size = os.fstat(f.fileno()).st_size
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
+        if head[8:9] == b"{" and 0 < header_len < size:
             return "safetensors"
     if head[:1] == b"\x80":
         return "torch-legacy"
     return "unknown"
 
 
+def _reason(exc: BaseException) -> str:
+    """One line saying why torch could not read a file; its weights-only messages are paragraphs of advice
+    around the one line that matters."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    detail = [line for line in lines if line.startswith(("WeightsUnpickler error:", "Trying to load unsupported"))]
+    return (detail or lines or [type(exc).__name__])[0].removeprefix("WeightsUnpickler error: ")
+
+
 def _torch_load(path: Path, trust: bool, mmap: bool):
-    """mmap keeps multi-GB training checkpoints (optimizer state included) off the heap until used."""
-    if trust:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
+    """mmap keeps multi-GB training checkpoints (optimizer state included) off the heap until used.
+
+    torch.load reads any path ending in `.safetensors` as safetensors, whatever it holds: such a file,
+    which `read_checkpoint` found to be a pickle by its content, is handed over open (torch cannot mmap that).
+    """
+    by_name = path.name.endswith(".safetensors")
+    with open_regular(path) if by_name else nullcontext(path) as source:
+        if trust:
+            return torch.load(source, map_location="cpu", weights_only=False, mmap=mmap and not by_name)
         try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # legacy format: the loader's own message names the global
-            unsafe = []
-        unsafe = [g for g in unsafe if g not in {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}]
-        if unsafe or "Unsupported global" in str(exc):
-            names = ", ".join(unsafe) if unsafe else str(exc).split("Unsupported global:")[-1].split("\n")[0].strip()
-            raise UnsafeCheckpointError(
-                "trust_checkpoint", False, "{file} needs unsafe pickle globals ({names}); pass {trust} only if you "
-                "trust where the file came from", file=path.name, names=names,
-                trust=Param("trust_checkpoint=True")) from None
-        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({exc})") from None
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap and not by_name)
+        except pickle.UnpicklingError as exc:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # legacy (non-zip) format: only the loader's message names the global
+                unsafe = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+            allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}
+            unsafe = [g for g in dict.fromkeys(unsafe) if g not in allowed]
+            if unsafe:
+                raise UnsafeCheckpointError(
+                    "trust_checkpoint", False, "{file} needs unsafe pickle globals ({names}); pass {trust} only if "
+                    "you trust where the file came from", file=path.name, names=", ".join(unsafe),
+                    trust=Param("trust_checkpoint=True")) from None
+            raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({_reason(exc)})") from None
 
 
 def _load_torch(path: Path, trust: bool, mmap: bool) -> RawCheckpoint:
@@ -108,15 +163,14 @@ def _load_torch(path: Path, trust: bool, mmap: bool) -> RawCheckpoint:
         obj = _torch_load(path, trust, mmap)
     except CheckpointError:
         raise
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, pickle.UnpicklingError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path.name} is truncated or not a PyTorch checkpoint ({reason})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever unpickling a damaged file raises, the file is the cause
+        raise CheckpointError(f"{path.name} is truncated or not a PyTorch checkpoint ({_reason(exc)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path.name} holds a {type(obj).__name__}, not a checkpoint dictionary")
 
     sla2_meta = obj.get("sla2_metadata") if isinstance(obj.get("sla2_metadata"), dict) else {}
     if "model" in obj and isinstance(obj["model"], dict):
-        shared_sla2 = obj["sla2"] if isinstance(obj.get("sla2"), dict) else {}  # one set for every entry
+        shared_sla2 = _tensors(obj["sla2"]) if isinstance(obj.get("sla2"), dict) else {}  # one set for every entry
         entries = {name: {**_strip_wrappers(obj[name]), **shared_sla2}
                    for name in ("model", "model_ema1", "model_ema2") if isinstance(obj.get(name), dict)}
         args = obj.get("args")
@@ -159,10 +213,6 @@ def _load_safetensors(path: Path) -> RawCheckpoint:
 def read_checkpoint(path: str | Path, trust: bool = False) -> RawCheckpoint:
     """Open any supported file; raises CheckpointError with one actionable sentence otherwise."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass a checkpoint file")
     kind = _sniff(path)
     if kind == "safetensors":
         return _load_safetensors(path)

@@ -9,12 +9,14 @@ expects them; converted layers' SLA2 tensors ride along under `sla2` / `sla2.` w
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -72,11 +74,16 @@ def check_output(dst: Path, force: bool, sources: tuple[Path, ...] = (), derived
     dst = Path(dst)
     check_spares_inputs([dst], sources)
     check_spares_inputs([p for p in derived if Path(p) != Path(dst)], sources, value=dst)
+    if dst.is_dir():
+        raise InvalidParameter("dst", dst, "{value} is a directory; {name} needs a file path")
+    if dst.exists() and not dst.is_file():  # a FIFO, a device: --force would replace it
+        raise InvalidParameter("dst", dst, "{value} is not a regular file; {name} needs a file path")
     if dst.exists() and not force:
         raise InvalidParameter("dst", dst, "{value} already exists; pass {force} to overwrite it",
                                force=Param("force=True"))
-    if dst.exists() and dst.is_dir():
-        raise InvalidParameter("dst", dst, "{value} is a directory; {name} needs a file path")
+    if dst.parent.exists() and not dst.parent.is_dir():
+        raise InvalidParameter("dst", dst, "{parent} is a file, not a folder; choose another {name}",
+                               parent=dst.parent)
     if not dst.parent.exists():
         raise InvalidParameter("dst", dst, "folder {parent} does not exist; create it first", parent=dst.parent)
 
@@ -97,9 +104,11 @@ def _acquire(dst: Path, lock: Path) -> int:
         except FileNotFoundError:
             raise InvalidParameter("dst", dst, "folder {parent} does not exist; create it first",
                                    parent=dst.parent) from None
+        except NotADirectoryError:
+            raise InvalidParameter("dst", dst, "{parent} is a file, not a folder; choose another {name}",
+                                   parent=dst.parent) from None
         except OSError as exc:
-            raise InvalidParameter("dst", dst, "cannot create {lock} to claim {value} ({error}); choose another "
-                                   "{name}", lock=lock, error=exc.strerror or exc) from None
+            raise write_failed(dst, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,8 +122,9 @@ def _acquire(dst: Path, lock: Path) -> int:
         except FileNotFoundError:
             current = False
         if current:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            with suppress(OSError):  # the pid only names the holder; a full disk fails the write itself, clearly
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             return fd
         os.close(fd)
     raise SLA2Error(f"could not claim {dst}: {lock} keeps changing; try again")
@@ -129,6 +139,7 @@ def _claim_one(dst: Path, sources: Iterable[Path]) -> Iterator[None]:
     else:
         check_spares_inputs([lock], sources, value=dst)
         _HELD[key] = [_acquire(dst, lock), 1]
+        remove_stale_temporaries(dst)
     try:
         yield
     finally:
@@ -156,17 +167,81 @@ def claim(paths: Iterable[Path], sources: Iterable[Path] = ()) -> Iterator[None]
         yield
 
 
+def write_failed(dst: Path, exc: BaseException) -> SLA2Error:
+    """The error for writing `dst` failing with `exc` for a reason of the machine's, not the command's (exit 1):
+    a folder one may not write, a full disk."""
+    full = not isinstance(exc, OSError) or exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "no space left on device" if full else exc.strerror or str(exc)
+    return SLA2Error(f"cannot write {dst} ({reason}); {'free some space or ' if full else ''}write somewhere else")
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether `folder`'s file system has (next to) no space left; serialisers report it in their own words."""
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < (1 << 20)
+
+
+def _temporary_pid(dst: Path, name: str) -> int | None:
+    """The pid in the name of a temporary file of `dst` (`.DST.PID.XXXXXXXX.tmp`), None for other files."""
+    prefix = f".{dst.name}."
+    match = re.fullmatch(r"(\d+)\.\w+\.tmp", name[len(prefix):]) if name.startswith(prefix) else None
+    return int(match.group(1)) if match else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it does, and is another user's
+        pass
+    return True
+
+
+def remove_stale_temporaries(dst: Path) -> None:
+    """Remove the temporary files that writers of `dst` killed mid-write left beside it (their pid is gone)."""
+    dst = Path(dst)
+    with suppress(OSError):
+        for name in os.listdir(dst.parent):
+            pid = _temporary_pid(dst, name)
+            if pid and pid != os.getpid() and not _alive(pid):
+                (dst.parent / name).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask, which can only be read by setting it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(dst: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    """Write through a temporary file in the same folder, then rename: readers never see half a file.
+
+    The temporary file, `.DST.PID.XXXXXXXX.tmp`, gets the mode a plain `open` would give (mkstemp's is 0600)
+    and a name that lets a later claim of `dst` remove it if this process is killed. A folder one may not
+    write or a full disk is a `write_failed` error, with nothing left behind.
+    """
+    dst = Path(dst)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.{os.getpid()}.", suffix=".tmp", dir=dst.parent)
+    except OSError as exc:
+        raise write_failed(dst, exc) from None
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after: some writers (safetensors) make the file anew
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and _disk_full(dst.parent)  # before the temporary file frees space
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) or full:
+            raise write_failed(dst, exc) from None
         raise
 
 

@@ -1,17 +1,30 @@
-"""Options every command shares, device/dtype parsing, and the two output modes (tables or one JSON)."""
+"""Options every command shares, device/dtype parsing, and the two output modes (tables or one JSON).
+
+Nothing here imports torch at module level: `sla2 --help` and shell completion load every command module.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from ..errors import UsageError
 
@@ -30,11 +43,28 @@ ModelArg = Annotated[Path, typer.Argument(
     metavar="MODEL", help="Checkpoint: official JiT .pth, PixelGen .ckpt, state_dict or .safetensors (dense or "
                           "converted).", show_default=False)]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def resolve_device(name: str | None) -> torch.device:
+def finite(text) -> float:
+    """A float option's value; every float option parses through this (`parser=finite`, which a test checks).
+
+    nan and inf mean nothing to any option, and nan passes every range check (`nan <= 0` is false): `--bench-ms
+    nan` timed forever, `--cfg nan` sampled black images.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{text} is not a finite number")
+    return value
+
+
+def resolve_device(name: str | None):
     """`None` → cuda when available, else cpu; a CUDA device that is not there is a usage error."""
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -51,26 +81,61 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str):
+    """The torch dtype called `name` (fp32, bf16, fp16)."""
     if name not in DTYPES:
         raise UsageError(f"--dtype {name!r} is not supported; use {', '.join(DTYPES)}")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+class Stop(Exception):
+    """End the command with exit code `code`, after `message` (if any) on stderr, without an 'error:' line: an
+    expected end such as Ctrl-C after the state was saved. (Typer turns a raised Exit(130) into a bare return.)"""
+
+    def __init__(self, message: str | None, code: int):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+# What the CLI was asked for beyond one command's options: set by `cli.run` and the root callback.
+session = {"argv": None, "quiet": False}
+
+
+def invocation() -> list[str]:
+    """The arguments this `sla2` was run with (after the program name)."""
+    return list(session["argv"]) if session["argv"] is not None else sys.argv[1:]
+
+
+class _KnownTotal(ProgressColumn):
+    """One of rich's columns, left blank for tasks of unknown length (a spinner has no count or ETA)."""
+
+    def __init__(self, column: ProgressColumn):
+        super().__init__()
+        self.column = column
+
+    def render(self, task) -> Text:
+        return self.column.render(task) if task.total is not None else Text("")
 
 
 class Output:
     """Human mode renders rich tables on stdout; JSON mode prints exactly one document there.
 
-    Logs, warnings and progress always go to stderr, so `--json` output stays machine-readable.
+    Logs, warnings and progress always go to stderr, so `--json` output stays machine-readable. Under
+    `sla2 --quiet` progress and logs are dropped; warnings, errors and the result stay.
     """
 
     def __init__(self, json_mode: bool):
         self.json_mode = json_mode
+        self.quiet = session["quiet"]
         # Piped output keeps full-width tables instead of wrapping at 80 columns.
         self.stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
         self.stderr = Console(stderr=True)
 
     def log(self, message: str) -> None:
-        self.stderr.print(message, highlight=False)
+        if not self.quiet:
+            self.stderr.print(message, highlight=False)
 
     def warn(self, message: str) -> None:
         self.stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
@@ -84,9 +149,12 @@ class Output:
 
     @contextmanager
     def progress(self):
-        """A progress display on stderr, only where a person is watching (a TTY)."""
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                      console=self.stderr, transient=True, disable=not self.stderr.is_terminal) as progress:
+        """A progress display on stderr, only where a person is watching (a TTY) and not `--quiet`: count done
+        of total and time remaining where the total is known."""
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      _KnownTotal(MofNCompleteColumn()), TimeElapsedColumn(), _KnownTotal(TimeRemainingColumn()),
+                      console=self.stderr, transient=True,
+                      disable=self.quiet or not self.stderr.is_terminal) as progress:
             yield progress
 
 

@@ -16,6 +16,7 @@ FLAGS: dict[str, str | dict[str, str] | None] = {
     "time_shift": "--time-shift", "seed": "--seed", "method": None,
     "num_samples": "-n/--num-samples", "ref": "--ref", "path": None, "inception_weights": "--inception-weights",
     "compare_to": "--compare-to", "out": "--out", "batch_size": "--batch-size", "dtype": "--dtype",
+    "features": "--features", "features='inception'": "--features inception", "isc": "--isc",
     # profile
     "arch": "--arch", "counter": "--counter", "resolution": "--resolution", "sweep": "--sweep-resolution",
     "plot": "--plot", "x": None,
@@ -26,14 +27,14 @@ FLAGS: dict[str, str | dict[str, str] | None] = {
     "alpha_mode": "--alpha-mode", "preset": "--preset", "format": "--format", "max_error": "--max-error",
     "in_context_start": "--in-context-start", "weights": "--weights", "trust_checkpoint": "--trust-checkpoint",
     "trust_checkpoint=True": "--trust-checkpoint",
-    "dst": {"profile": "--plot", "*": "-o/--output"}, "force=True": "--force",
+    "dst": {"profile": "--plot", "eval-fid": "--grid", "*": "-o/--output"}, "force=True": "--force",
     # finetune
     "lr": "--lr", "tau": "--tau", "e2e_weight": "--e2e-weight", "save_every": "--save-every",
     "eval_samples": "--eval-samples", "topk_schedule": "--topk-schedule", "class_index": "--class-index",
     "root": "--data", "folder": "--data", "folder=None": "--data-free", "teacher_samples": "--data-free-samples",
     "sampling_steps": None, "resume": "--resume", "resume=True": "--resume", "dtype='fp32'": "--dtype fp32",
     "schedule": "--schedule", "warmup": "--warmup", "ema": "--ema", "objective": "--objective", "full": "--full",
-    "full=True": "--full",
+    "full=True": "--full", "workers": "--workers",
     # quality
     "samples": "-n/--samples", "dense": "--dense",
 }

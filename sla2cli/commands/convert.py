@@ -7,12 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import budget, conversion
-from ..checkpoints import check_output, load_model, writer
 from ..errors import UsageError
 from ..report import layers_table
-from ..sla2.layers import sla2_layers
-from ..sla2.stats import own_noised_batch
 from ._common import (
     DeviceOpt,
     ForceOpt,
@@ -24,6 +20,7 @@ from ._common import (
     TrustOpt,
     WeightsOpt,
     claim_outputs,
+    finite,
     resolve_device,
 )
 
@@ -36,7 +33,7 @@ def command(
         help="Layers to convert: 6-11, 0,2,5-7, all, none, last:6 (default: all for a dense model, unchanged for "
              "a converted one).")] = None,
     topk: Annotated[Optional[float], typer.Option(
-        help="Fraction of key blocks each query block keeps, in (0, 1].")] = None,
+        help="Fraction of key blocks each query block keeps, in (0, 1].", parser=finite)] = None,
     block_q: Annotated[Optional[int], typer.Option("--block-q", help="Query block size (16, 32, 64, 128).")] = None,
     block_k: Annotated[Optional[int], typer.Option("--block-k", help="Key block size (16, 32, 64, 128).")] = None,
     feature_map: Annotated[Optional[str], typer.Option("--feature-map",
@@ -47,10 +44,10 @@ def command(
                                                   "quality (0.25, no QAT); explicit options override it.")] = None,
     max_error: Annotated[Optional[float], typer.Option(
         "--max-error", help="Give each layer the smallest topk whose layer-local relative squared error stays "
-        "<= E (e.g. 0.02), or keep it dense; decides topk over --topk and --preset.")] = None,
+        "<= E (e.g. 0.02), or keep it dense; decides topk over --topk and --preset.", parser=finite)] = None,
     alpha_mode: Annotated[Optional[str], typer.Option("--alpha-mode", help="per_head or per_head_query_block.")] = None,
     calibrate: Annotated[int, typer.Option(help="Initialise α from N noised samples of the model's own distribution "
-                                           f"(with --max-error also measure on them; default {budget.DEFAULT_SAMPLES} "
+                                           "(with --max-error also measure on them; default 8 "
                                            "there).")] = 0,
     format: Annotated[str, typer.Option("--format", help="safetensors (ours), jit-pth (official JiT) or "
                                         "pixelgen-ckpt (PixelGen/Lightning).")] = "safetensors",
@@ -64,6 +61,11 @@ def command(
     json_output: JsonOpt = False,
 ):
     """Convert layers of a JiT checkpoint to SLA2 attention (or back to dense with --layers none)."""
+    from .. import budget, conversion
+    from ..checkpoints import check_output, load_model, writer
+    from ..sla2.layers import sla2_layers
+    from ..sla2.stats import own_noised_batch
+
     out = Output(json_output)
     if output is None and not dry_run:
         raise UsageError("missing -o/--output (or pass --dry-run to only see the plan)")
@@ -103,6 +105,7 @@ def command(
     if max_error is not None and (topk is not None or preset is not None):
         result.warnings.insert(0, f"--max-error {max_error:g} chooses each layer's topk; the topk of "
                                   f"{'--topk' if topk is not None else '--preset'} is not used")
+    result.warnings[:0] = info.warnings  # what the file's numbers hold (NaN, integers) first
     for warning in result.warnings:
         out.warn(warning)
     document = {

@@ -6,12 +6,10 @@ import time
 from pathlib import Path
 from typing import Annotated, Callable, NamedTuple
 
-import torch
 import typer
 from rich.rule import Rule
 from rich.table import Table
 
-from .. import pipeline as lib
 from ..report import layers_table
 from ._common import DeviceOpt, JsonOpt, Output, SeedOpt, resolve_device
 
@@ -111,41 +109,48 @@ def _render_measure(r: dict, console) -> None:
 def _render_samples(r: dict, console) -> None:
     table = Table(title=f"samples from the same seeds ({r['samples']} images, {r['steps']} Heun steps, no guidance)",
                   title_justify="left")
-    for name in ("model", "PSNR vs dense (dB)", "worst PSNR", "MAE vs dense"):
+    for name in ("model", "PSNR vs dense (dB)", "worst PSNR", "SSIM vs dense", "MAE vs dense"):
         table.add_column(name, justify="right")
     for name, p in r["paired_vs_dense"].items():
-        table.add_row(name, _f(p["psnr_mean"], 1), _f(p["psnr_worst"], 1), _f(p["mae_mean"], 4))
+        table.add_row(name, _f(p["psnr_mean"], 1), _f(p["psnr_worst"], 1), _f(p["ssim_mean"], 3),
+                      _f(p["mae_mean"], 4))
     console.print(table)
     console.print(f"grid of dense vs SLA2 samples: {r['grid']}", highlight=False)
 
 
 def _render_fid(r: dict, console) -> None:
-    if r.get("fid") is None:
-        console.print(r["notice"], style="yellow", highlight=False)
-        return
     c = r.get("compare") or {}
-    console.print(f"FID of {Path(r['model']).name} against the reference textures: {r['fid']:.2f} "
-                  f"({r['samples']} samples; dense: {_f(c.get('fid_other'), 2)}; between them "
+    metric = r["features"]["metric"]
+    kid = r["kid"]["mean"] if r.get("kid") else None
+    console.print(f"{metric} of {Path(r['model']).name} against the reference textures: {r['fid']:.2f} (KID "
+                  f"{_f(kid, 4)}; {r['samples']} samples; dense: {_f(c.get('fid_other'), 2)}; between them "
                   f"{_f(c.get('fid_between'), 2)}); PSNR vs dense {_f(c.get('psnr_mean'), 1)} dB", highlight=False)
-    console.print("few samples: FID here is a smoke test of the pipeline, not a quality number", style="dim")
+    console.print(f"measured in the feature space of the texture network shipped with sla2cli ({r['features']['dim']} "
+                  "features), offline: comparable with other texture runs only, not with Inception FIDs; few "
+                  "samples make it a smoke test of the pipeline, not a quality number", style="dim")
 
 
 class Step(NamedTuple):
     key: str
     title: str
-    run: Callable
+    function: str  # the `sla2cli.pipeline` step that runs it, imported only when the demo runs (it needs torch)
     render: Callable
+
+    def run(self, demo):
+        from .. import pipeline
+
+        return getattr(pipeline, self.function)(demo)
 
 
 STEPS: list[Step] = [
-    Step("model", "stats: the shipped model", lib.step_model, _render_model),
-    Step("plan", "which layers could be converted", lib.step_plan_layers, _render_plan),
-    Step("profile", "profile: is SLA2 faster, layer by layer?", lib.step_profile, _render_profile),
-    Step("convert", "convert (balanced preset)", lib.step_convert, _render_convert),
-    Step("finetune", "finetune (short, data-free)", lib.step_finetune, _render_finetune),
-    Step("measure", "stats --measure", lib.step_measure, _render_measure),
-    Step("samples", "dense vs SLA2 samples", lib.step_samples, _render_samples),
-    Step("fid", "eval-fid", lib.step_fid, _render_fid),
+    Step("model", "stats: the shipped model", "step_model", _render_model),
+    Step("plan", "which layers could be converted", "step_plan_layers", _render_plan),
+    Step("profile", "profile: is SLA2 faster, layer by layer?", "step_profile", _render_profile),
+    Step("convert", "convert (balanced preset)", "step_convert", _render_convert),
+    Step("finetune", "finetune (short, data-free)", "step_finetune", _render_finetune),
+    Step("measure", "stats --measure", "step_measure", _render_measure),
+    Step("samples", "dense vs SLA2 samples", "step_samples", _render_samples),
+    Step("fid", "eval-fid", "step_fid", _render_fid),
 ]
 
 
@@ -173,8 +178,7 @@ def summary_table(r: dict, layers: list[int], timings: dict[str, float]) -> Tabl
         table.add_row(f"{name}: PSNR vs dense samples", f"{_f(paired['psnr_mean'], 1)} dB")
     fid = r.get("fid")
     if fid is not None:
-        table.add_row("FID vs reference textures", "skipped (no Inception weights offline)" if fid.get("fid") is None
-                      else f"{fid['fid']:.2f}")
+        table.add_row(f"{fid['features']['metric']} vs reference textures", f"{fid['fid']:.2f}")
     for step, seconds in timings.items():
         table.add_row(f"time: {step}", f"{seconds:.1f} s")
     table.add_row("time: total", f"{sum(timings.values()):.1f} s")
@@ -192,6 +196,10 @@ def command(
     json_output: JsonOpt = False,
 ):
     """Run stats, profile, convert, finetune, stats --measure and eval-fid on the small JiT shipped with sla2cli."""
+    import torch
+
+    from .. import pipeline as lib
+
     out = Output(json_output)
     dev = resolve_device(device)
     lib.prepare_out(out_dir)

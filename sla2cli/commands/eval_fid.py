@@ -1,4 +1,4 @@
-"""`sla2 eval-fid`: sample with JiT's (or PixelGen's) sampler, FID/IS through torch-fidelity, paired comparison."""
+"""`sla2 eval-fid`: sample with JiT's (or PixelGen's) sampler, FID/KID/IS through torch-fidelity, paired comparison."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from ..metrics import EvalRequest, evaluate
-from ..sampling import SAMPLERS
 from ._common import (
     DeviceOpt,
     DtypeOpt,
@@ -21,6 +19,7 @@ from ._common import (
     SeedOpt,
     TrustOpt,
     WeightsOpt,
+    finite,
     resolve_device,
     resolve_dtype,
 )
@@ -40,29 +39,40 @@ def command(
     model_path: ModelArg,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Images to generate (at least 2).",
                                              show_default=False)],
-    ref: Annotated[str, typer.Option("--ref", help="Reference: image folder, .npz with Inception mu/sigma, or a "
-                                     "torch-fidelity input such as cifar10-train.", show_default=False)],
+    ref: Annotated[Optional[str], typer.Option("--ref", help="Reference: image folder, .npz with mu/sigma in the "
+                                               "--features space, or a torch-fidelity input such as cifar10-train. "
+                                               "Without it: samples, --compare-to and --grid only, no FID.",
+                                               show_default=False)] = None,
+    features: Annotated[str, typer.Option("--features", help="Feature space of FID and KID: inception "
+                                          "(Inception-V3, FID as papers report it) or textures (the network shipped "
+                                          "for the demo's textures, offline: a texture Fréchet distance).")
+                        ] = "inception",
+    grid: Annotated[Optional[Path], typer.Option("--grid", help="Write a PNG of the first 16 samples, with "
+                                                 "--compare-to's below them, labelled by class.",
+                                                 show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Sample folder ({index:06d}.png; a re-run resumes). "
                                                     "Default: sla2-samples/<model>-<settings>, removed after "
                                                     "unless --keep-samples.")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
     cfg: Annotated[Optional[float], typer.Option(help="Guidance scale (default per preset: JiT-B 3.0, L 2.4, H 2.2; "
-                                                 "/32: 3.0, 2.5, 2.3; PixelGen-XL 2.25).")] = None,
+                                                 "/32: 3.0, 2.5, 2.3; PixelGen-XL 2.25).", parser=finite)] = None,
     cfg_interval: Annotated[Optional[str], typer.Option("--cfg-interval", help="LOW,HIGH range of t with guidance "
                                                         "(default: jit 0.1,1.0; pixelgen 0.1,0.9).")] = None,
-    sampler: Annotated[str, typer.Option(help=f"Sampler: {', '.join(SAMPLERS)}.")] = "jit",
+    sampler: Annotated[str, typer.Option(help="Sampler: jit, pixelgen.")] = "jit",
     time_shift: Annotated[Optional[float], typer.Option("--time-shift", help="PixelGen's time shift "
-                                                        "(default 2.0).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (per GPU).")] = 64,
+                                                        "(default 2.0).", parser=finite)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch, global: under torchrun each "
+                                            "of K processes samples batch-size / K at a time.")] = 64,
     seed: SeedOpt = 0,
     inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="torch-fidelity's "
                                                               "weights-inception-2015-12-05-6726825d.pth (default: "
                                                               "torch-fidelity's cache).")] = None,
     isc: Annotated[bool, typer.Option("--isc", help="Also compute the Inception Score.")] = False,
     compare_to: Annotated[Optional[Path], typer.Option("--compare-to", help="Another model, or a sample folder "
-                                                       "from the same seed: adds PSNR/MAE per image and FID "
-                                                       "between the sets.")] = None,
+                                                       "from the same seed: adds PSNR/SSIM/MAE per image (and "
+                                                       "FID between the sets, with --ref).")] = None,
     keep_samples: Annotated[bool, typer.Option("--keep-samples", help="Keep the default sample folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --grid file.")] = False,
     sla2_backend: Annotated[str, typer.Option("--sla2-backend", help="SLA2 implementation for converted layers: "
                                               "auto (Triton kernels on CUDA when available), torch, triton.")] = "auto",
     weights: WeightsOpt = "auto",
@@ -72,11 +82,14 @@ def command(
     dtype: DtypeOpt = "bf16",
     json_output: JsonOpt = False,
 ):
-    """Generate samples, compute FID (and IS) with torch-fidelity, and compare two models pair by pair."""
+    """Generate samples, compute FID (and KID, IS) with torch-fidelity, and compare two models pair by pair."""
+    from ..metrics import EvalRequest, evaluate
+
     out = Output(json_output)
     request = EvalRequest(
-        model=model_path, num_samples=num_samples, ref=ref, out=out_dir, sampler=sampler, steps=steps, cfg=cfg,
-        cfg_interval=_interval(cfg_interval), time_shift=time_shift, batch_size=batch_size, seed=seed,
+        model=model_path, num_samples=num_samples, ref=ref, features=features, grid=grid, force=force,
+        download_progress=out.stderr.is_terminal and not json_output, out=out_dir, sampler=sampler, steps=steps,
+        cfg=cfg, cfg_interval=_interval(cfg_interval), time_shift=time_shift, batch_size=batch_size, seed=seed,
         inception_weights=inception_weights, isc=isc, compare_to=compare_to, keep_samples=keep_samples,
         device=resolve_device(device), dtype=resolve_dtype(dtype), weights=weights,
         in_context_start=in_context_start, trust_checkpoint=trust_checkpoint, sla2_backend=sla2_backend)
@@ -104,7 +117,8 @@ def _render(console, r: dict) -> None:
     table = Table(title=f"eval-fid: {Path(r['model']).name}", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    gen, ref = r["generation"], r["reference"]
+    gen, ref, feats = r["generation"], r["reference"], r["features"]
+    metric = feats["metric"] if feats else "FID"
     shift = f", time shift {r['time_shift']:g}" if r["time_shift"] is not None else ""
     layers = ",".join(map(str, r["converted_layers"])) or "none"
     rows = [
@@ -114,19 +128,28 @@ def _render(console, r: dict) -> None:
                     + (f" x{r['world_size']} ranks" if r["world_size"] > 1 else "")),
         ("sampler", f"{r['sampler']}, {r['steps']} steps{shift}"),
         ("CFG", f"{r['cfg']:g} on t in {tuple(r['cfg_interval'])}"),
-        ("FID", _num(r["fid"], 4)),
     ]
-    if r["isc"]:
-        rows.append(("IS", f"{r['isc']['mean']:.3f} ± {r['isc']['std']:.3f} ({r['isc']['splits']} splits)"))
-    ref_detail = f"{ref['images']} images" if ref["kind"] != "npz" else "statistics file"
+    if ref is None:
+        rows += [(metric, note) for note in r["notes"]]
+    else:
+        rows.append((metric, _num(r["fid"], 4)))
+        if r["kid"]:
+            rows.append(("KID", f"{r['kid']['mean']:.5f} ± {r['kid']['std']:.5f} ({r['kid']['subsets']} subsets of "
+                                f"{r['kid']['subset_size']})"))
+        if r["isc"]:
+            rows.append(("IS", f"{r['isc']['mean']:.3f} ± {r['isc']['std']:.3f} ({r['isc']['splits']} splits)"))
+        ref_detail = f"{ref['images']} images" if ref["kind"] != "npz" else "statistics file"
+        rows += [("reference", f"{ref['source']} ({ref['kind']}, {ref_detail})"),
+                 ("features", f"{feats['extractor']} ({feats['layer']}, {feats['dim']}), torch-fidelity "
+                              f"{r['torch_fidelity']}")]
     rows += [
-        ("reference", f"{ref['source']} ({ref['kind']}, {ref_detail})"),
-        ("features", f"torch-fidelity {r['torch_fidelity']}, {r['feature_extractor']}"),
         ("samples folder", f"{r['out']} ({'kept' if r['kept_samples'] else 'removed'}; {gen['written']} new, "
                            f"{gen['reused']} reused)"),
         ("wall time", f"{r['wall_s']:.1f} s (sampling {gen['seconds']:.1f} s)"),
         ("images / s", _num(r["images_per_second"], 2)),
     ]
+    if r["grid"]:
+        rows.append(("grid", r["grid"]))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
@@ -136,12 +159,13 @@ def _render(console, r: dict) -> None:
                     show_header=False)
         cmp.add_column(style="bold")
         cmp.add_column()
-        cmp.add_row("FID between the sets", _num(c["fid_between"], 4))
-        cmp.add_row("FID of the other", _num(c["fid_other"], 4))
-        cmp.add_row("PSNR mean / worst", f"{_num(c['psnr_mean'], 2)} / {_num(c['psnr_worst'], 2)} dB"
-                    + (f" (#{c['psnr_worst_index']})" if c["psnr_worst_index"] is not None else ""))
-        cmp.add_row("MAE mean / worst",
-                    f"{_num(c['mae_mean'], 4)} / {_num(c['mae_worst'], 4)} (#{c['mae_worst_index']})")
+        if ref is not None:
+            cmp.add_row(f"{metric} between the sets", _num(c["fid_between"], 4))
+            cmp.add_row(f"{metric} of the other", _num(c["fid_other"], 4))
+        for key, name, digits, unit in (("psnr", "PSNR", 2, " dB"), ("ssim", "SSIM", 4, ""), ("mae", "MAE", 4, "")):
+            index = c[f"{key}_worst_index"]
+            cmp.add_row(f"{name} mean / worst", f"{_num(c[f'{key}_mean'], digits)} / "
+                        f"{_num(c[f'{key}_worst'], digits)}{unit}" + (f" (#{index})" if index is not None else ""))
         if c["identical"]:
             cmp.add_row("identical images", str(c["identical"]))
         if c["generation"] and c["generation"]["images_per_second"]:

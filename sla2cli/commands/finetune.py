@@ -3,20 +3,14 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from ..checkpoints import check_output, load_model
-from ..distributed import init_from_env, rank_device, shutdown
 from ..errors import UsageError
-from ..finetune import DataSpec, FinetuneConfig, FinetuneResult, StepInfo, TopkSchedule, run_finetune
-from ..finetune.config import FULL_LR, RECIPE, RECIPE_ROUTER_STEPS, ROUTER_LR
-from ..finetune.recipe import RecipeResult, recipe_outputs, run_recipe
-from ..finetune.state import state_path
-from ..sla2.backends import check_name
 from ._common import (
     DeviceOpt,
     DtypeOpt,
@@ -25,10 +19,17 @@ from ._common import (
     JsonOpt,
     Output,
     SeedOpt,
+    Stop,
     TrustOpt,
     WeightsOpt,
+    finite,
+    invocation,
     resolve_device,
 )
+
+if TYPE_CHECKING:
+    from ..finetune import FinetuneResult, RecipeResult
+    from ..finetune.state import Interrupted
 
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", show_default=False,
                                           help="A converted (SLA2) model, as `sla2 convert` writes it.")]
@@ -44,26 +45,27 @@ def command(
                                             "(Heun, random labels) instead of --data.")] = False,
     class_index: Annotated[Optional[int], typer.Option("--class-index", help="Class of every image of a flat "
                                                        "--data folder.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Processes decoding --data images ahead of each step "
+                                         "(0: the training process).")] = 4,
     data_free_samples: Annotated[int, typer.Option("--data-free-samples", help="Size of the pool of teacher "
                                                    "samples --data-free draws once and re-noises every step.")] = 64,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (split across torchrun "
                                             "processes).")] = 8,
-    lr: Annotated[Optional[float], typer.Option(help=f"Learning rate (default {ROUTER_LR:g} for the router, "
-                                                f"α logits 10x; {FULL_LR:g} with --full).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 0.005 for the router, α logits 10x; "
+                                                "1e-05 with --full).", parser=finite)] = None,
     topk_schedule: Annotated[Optional[str], typer.Option("--topk-schedule", help="Anneal topk linearly from "
                                                          "START to END over the first half of the steps, given "
                                                          "as START:END (e.g. 0.5:0.1); END is the saved topk.")] = None,
-    tau: Annotated[float, typer.Option(help="SoftTop-k temperature of the router's soft mask.")] = 0.1,
+    tau: Annotated[float, typer.Option(help="SoftTop-k temperature of the router's soft mask.", parser=finite)] = 0.1,
     full: Annotated[bool, typer.Option("--full", help="Stage 2: train every weight but the router with JiT's "
                                        "v-loss (router frozen, hard top-k).")] = False,
     e2e_weight: Annotated[float, typer.Option("--e2e-weight", help="Add this multiple of the output's relative "
-                                              "squared error against the dense teacher.")] = 0.0,
+                                              "squared error against the dense teacher.", parser=finite)] = 0.0,
     recipe: Annotated[bool, typer.Option("--recipe", help="The whole recipe: stage 1 for --router-steps, then "
                                          "stage 2 for --steps (distillation, lr 3e-4, warm-up and cosine, EMA "
                                          "0.995); held-out v-loss against the dense source before and after.")] = False,
-    router_steps: Annotated[int, typer.Option("--router-steps",
-                                              help="Stage 1's steps in --recipe.")] = RECIPE_ROUTER_STEPS,
+    router_steps: Annotated[int, typer.Option("--router-steps", help="Stage 1's steps in --recipe.")] = 200,
     control: Annotated[bool, typer.Option("--control", help="With --recipe: also train a dense control (every "
                                           "block kept) by the same stage 2, written as DST.control.*.")] = False,
     objective: Annotated[Optional[str], typer.Option("--objective", help="Stage 2's loss: v (JiT's v-loss), "
@@ -71,9 +73,9 @@ def command(
     lr_schedule: Annotated[Optional[str], typer.Option("--schedule", help="Stage 2's learning rate after warm-up: "
                                                        "constant or cosine.")] = None,
     warmup: Annotated[Optional[float], typer.Option("--warmup", help="Stage 2: linear warm-up over this fraction "
-                                                    "of the steps.")] = None,
+                                                    "of the steps.", parser=finite)] = None,
     ema: Annotated[Optional[float], typer.Option("--ema", help="Stage 2: save the exponential moving average of "
-                                                 "the weights with this decay (0: off).")] = None,
+                                                 "the weights with this decay (0: off).", parser=finite)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from DST.resume.pt.")] = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Write the resumable state every N steps "
                                             "(0: never).")] = 50,
@@ -81,6 +83,8 @@ def command(
                                               "error is measured before and after.")] = 8,
     backend: Annotated[str, typer.Option("--backend", help="SLA2 implementation to train with: auto (Triton "
                                          "kernels on CUDA when available), torch, triton.")] = "auto",
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the loss and per-layer error curves "
+                                                 "as a PNG (needs matplotlib, the 'plot' extra).")] = None,
     weights: WeightsOpt = "auto",
     in_context_start: InContextStartOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -91,6 +95,15 @@ def command(
     json_output: JsonOpt = False,
 ):
     """Finetune a converted model's router and α against dense attention (or all weights with --full)."""
+    from .. import plots
+    from ..checkpoints import check_output, load_model
+    from ..distributed import init_from_env, rank_device, shutdown
+    from ..finetune import DataSpec, FinetuneConfig, StepInfo, TopkSchedule, run_finetune
+    from ..finetune.config import RECIPE
+    from ..finetune.recipe import recipe_outputs, run_recipe
+    from ..finetune.state import Interrupted, state_path
+    from ..sla2.backends import check_name
+
     out = Output(json_output)
     if output is None:
         raise UsageError("missing -o/--output: where to write the finetuned model")
@@ -111,9 +124,12 @@ def command(
                   save_every=save_every, eval_samples=eval_samples, seed=seed, dtype=dtype)
     config = FinetuneConfig(steps=steps, full=full or recipe, **common, **stage2)
     router_config = FinetuneConfig(steps=router_steps, **common) if recipe else None
-    spec = DataSpec(folder=data, class_index=class_index, teacher_samples=data_free_samples)
+    spec = DataSpec(folder=data, class_index=class_index, teacher_samples=data_free_samples, workers=workers)
     written = recipe_outputs(output, control) if recipe else [output, state_path(output)]
     check_output(output, force, (model_path,), derived=written)  # fail before any slow work
+    if plot is not None:
+        plots.require_matplotlib()
+        check_output(plot, force, (model_path, *written))
     dev = resolve_device(device)
     group = init_from_env(dev)
     try:
@@ -130,42 +146,66 @@ def command(
                     f"on {dev}{f' x{group.world_size} processes' if group.distributed else ''}, {source}{resumed}")
 
         every = max(1, steps // 10)
+        curves: dict[str, dict[int, list[float]]] = {}  # stage -> step -> per-layer training error (stage 1)
         with out.progress() as progress:
             task = progress.add_task("finetuning", total=steps)
 
             def report(info_: StepInfo, stage: str = "finetuning") -> None:
                 if not group.is_main:
                     return
+                curves.setdefault(stage, {})[info_.step] = info_.per_layer
                 progress.update(task, completed=info_.step,
                                 description=f"{stage}: loss {info_.loss:.4f} topk {info_.topk:.3f}")
                 if not out.stderr.is_terminal and (info_.step % every == 0 or info_.step == info_.steps):
                     out.log(f"{stage} step {info_.step}/{info_.steps}: loss {info_.loss:.5f}, topk "
                             f"{info_.topk:.3f}, {info_.seconds:.1f} s")
 
-            if recipe:
-                result = run_recipe(model, info, source=model_path, dst=output, router=router_config, full=config,
-                                    data=spec, device=dev, group=group, force=force, resume=resume,
-                                    backend=backend, control=control, on_start=started,
-                                    progress=lambda stage, info_: (progress.update(task, total=info_.steps),
-                                                                   report(info_, stage)))
-            else:
-                result = run_finetune(model, info, source=model_path, dst=output, config=config, data=spec,
-                                      device=dev, group=group, force=force, resume=resume, backend=backend,
-                                      progress=report, on_start=started)
+            try:
+                if recipe:
+                    result = run_recipe(model, info, source=model_path, dst=output, router=router_config, full=config,
+                                        data=spec, device=dev, group=group, force=force, resume=resume,
+                                        backend=backend, control=control, on_start=started,
+                                        progress=lambda stage, info_: (progress.update(task, total=info_.steps),
+                                                                       report(info_, stage)))
+                else:
+                    result = run_finetune(model, info, source=model_path, dst=output, config=config, data=spec,
+                                          device=dev, group=group, force=force, resume=resume, backend=backend,
+                                          progress=report, on_start=started)
+            except Interrupted as stop:
+                raise Stop(_resume_advice(stop) if group.is_main else None, 130) from None
     finally:
         shutdown(group)
     if not group.is_main:
         return
-    if recipe:
-        for warning in result.full.warnings:
-            out.warn(warning)
-        out.emit({"model": str(model_path), "recipe": True, **result.to_dict()},
-                 lambda console: _render_recipe(console, model_path, result))
-        return
-    for warning in result.warnings:
+    stages = [("stage 1", result.router), ("stage 2", result.full)] if recipe else [(config.stage, result)]
+    if plot is not None:
+        plots.finetune_curves([(name, r.to_dict(), curves.get("finetuning" if not recipe else name, {}))
+                               for name, r in stages if r is not None], plot, force)
+    document = {"model": str(model_path), **({"recipe": True} if recipe else {}), **result.to_dict(),
+                **({"plot": str(plot)} if plot is not None else {})}
+    for warning in (result.full if recipe else result).warnings:
         out.warn(warning)
-    document = {"model": str(model_path), **result.to_dict()}
-    out.emit(document, lambda console: _render(console, model_path, result))
+
+    def render(console):
+        if recipe:
+            _render_recipe(console, model_path, result)
+        else:
+            _render(console, model_path, result)
+        if plot is not None:
+            console.print(f"plot written to {plot}", highlight=False)
+
+    out.emit(document, render)
+
+
+def _resume_advice(stop: Interrupted) -> str:
+    """What Ctrl-C leaves behind, and the command that continues from it (the same one, with --resume)."""
+    args = invocation()
+    again = shlex.join(["sla2", *args, *([] if "--resume" in args else ["--resume"])])
+    if stop.saved is None:
+        return (f"interrupted at step {stop.step} of {stop.steps}, before the first saved state (--save-every); "
+                f"nothing to resume: run the command again to start over")
+    return (f"interrupted at step {stop.step} of {stop.steps}; the state of step {stop.saved} is saved in "
+            f"{stop.state_file}. Resume with:\n  {again}")
 
 
 def _render_recipe(console, model_path: Path, result: RecipeResult) -> None:

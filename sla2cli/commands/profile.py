@@ -7,9 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..checkpoints import check_output, load_model
 from ..errors import UsageError
-from ..models.jit import ARCHITECTURES
 from ._common import (
     DeviceOpt,
     ForceOpt,
@@ -19,6 +17,7 @@ from ._common import (
     SeedOpt,
     TrustOpt,
     WeightsOpt,
+    finite,
     resolve_device,
     resolve_dtype,
 )
@@ -42,20 +41,24 @@ def command(
         help="Checkpoint (dense or converted): official JiT .pth, PixelGen .ckpt, state_dict or .safetensors. "
              "Omit it and pass --arch to profile random weights.", show_default=False, metavar="MODEL")] = None,
     arch: Annotated[Optional[str], typer.Option(
-        help=f"Profile a preset with random weights: {', '.join(ARCHITECTURES)}.")] = None,
+        help="Profile a preset with random weights: JiT-B/16, JiT-B/32, JiT-L/16, JiT-L/32, JiT-H/16, JiT-H/32, "
+             "PixelGen-XL.")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward.")] = 1,
     layers: Annotated[Optional[str], typer.Option(help="Layers to run as SLA2: 6-11, 0,2,5-7, all, none, last:6 "
                                                   "(default: as converted; all for a dense model).")] = None,
     topk: Annotated[Optional[float], typer.Option(help="Fraction of key blocks kept, in (0, 1] (default: as "
-                                                  "converted; 0.15 for a dense model).")] = None,
+                                                  "converted; 0.15 for a dense model).", parser=finite)] = None,
     counter: Annotated[str, typer.Option(help="FLOP counter: torch (torch.utils.flop_counter) or fvcore.")] = "torch",
     sweep_resolution: Annotated[Optional[str], typer.Option(
         "--sweep-resolution", help="Also time end to end at these resolutions, e.g. 256,512,1024,2048.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write latency and attention share against resolution "
-                                                 "as a PNG (needs matplotlib, the 'plot' extra).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write latency and attention share against resolution, and "
+                                                 "the per-layer speedup, as a PNG (needs matplotlib, the 'plot' "
+                                                 "extra).")] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="Tables with every column (FLOPs, CUDA-graph times, the rest "
+                                       "of the block); the default fits 120 columns. --json has everything.")] = False,
     bench_ms: Annotated[float, typer.Option("--bench-ms", help="Time spent per measurement in ms (CUDA: "
-                                            "do_bench rep; CPU: minimum run time).")] = 100.0,
+                                            "do_bench rep; CPU: minimum run time).", parser=finite)] = 100.0,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for timing (default: torch's, "
                                                    "usually one per core).")] = None,
     weights: WeightsOpt = "auto",
@@ -69,7 +72,8 @@ def command(
     json_output: JsonOpt = False,
 ):
     """Per-layer FLOPs and latency of dense vs SLA2 attention, end-to-end speedup, ceiling and advice."""
-    # Imported here: the FLOP counters and the custom op cost other commands' start-up nothing.
+    from .. import plots
+    from ..checkpoints import check_output, load_model
     from ..profiling import Timer, check_profile_options, profile_model, random_model, render, select_layers
 
     out = Output(json_output)
@@ -83,7 +87,7 @@ def command(
         raise UsageError(f"--bench-ms must be > 0, got {bench_ms}")
     sweep = _resolutions(sweep_resolution)
     if plot is not None:  # fail before any slow work
-        render.require_matplotlib()
+        plots.require_matplotlib()
         check_output(plot, force, (model_path,) if model_path is not None else ())
     dev = resolve_device(device)
     dt = resolve_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
@@ -108,10 +112,10 @@ def command(
 
     def show(console):
         console.print(render.header(report), highlight=False)
-        console.print(render.per_layer_table(report))
+        console.print(render.per_layer_table(report, wide))
         console.print(render.end_to_end_table(report))
         if report["sweep"]:
-            console.print(render.sweep_table(report))
+            console.print(render.sweep_table(report, wide))
         for line in render.verdict_lines(report):
             console.print(line, highlight=False)
         if report.get("plot"):

@@ -8,9 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..checkpoints import load_model
 from ..errors import UsageError
-from ..metrics.quality import folder_images, quality_report
 from ._common import (
     DeviceOpt,
     DtypeOpt,
@@ -21,6 +19,7 @@ from ._common import (
     SeedOpt,
     TrustOpt,
     WeightsOpt,
+    finite,
     resolve_device,
     resolve_dtype,
 )
@@ -40,7 +39,7 @@ def command(
     eval_samples: Annotated[int, typer.Option("--eval-samples", help="Noised images on which the v-loss and the "
                                               "per-layer error are measured (one batch).")] = 8,
     steps: Annotated[int, typer.Option(help="Heun steps of the paired samples.")] = 50,
-    cfg: Annotated[float, typer.Option(help="Guidance scale of the paired samples (1.0: none).")] = 2.0,
+    cfg: Annotated[float, typer.Option(help="Guidance scale of the paired samples (1.0: none).", parser=finite)] = 2.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Paired samples drawn at a time.")] = 16,
     weights: WeightsOpt = "auto",
     in_context_start: InContextStartOpt = None,
@@ -51,6 +50,9 @@ def command(
     json_output: JsonOpt = False,
 ):
     """How far a converted model is from its dense source: v-loss ratio, PSNR/SSIM of paired samples, layer errors."""
+    from ..checkpoints import load_model
+    from ..metrics.quality import folder_images, quality_report
+
     out = Output(json_output)
     if class_index is not None and data is None:
         raise UsageError("--class-index labels the images of a --data folder; pass --data DIR too")

@@ -1,6 +1,7 @@
 """Image folders as class-labelled tensors in [-1, 1], resized and centre-cropped to a model's resolution.
 
-Two layouts:
+torchvision's `ImageFolder` indexes the files (nothing is opened until it is read) and a `DataLoader`
+decodes them in worker processes. Two layouts:
 
 - one sub-folder per class (`DIR/<class>/...`, searched recursively). Sub-folders named by integers
   (`0/`, `7/`, `999/`) use those integers as class indices; otherwise the sorted folder names map to
@@ -13,25 +14,22 @@ twice the target, resize the short side to the target with bicubic filtering, th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+from torchvision import datasets
 
-from ..errors import InvalidParameter, Param, SLA2Error, UsageError
+from ..errors import InvalidParameter, Param, UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p) and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -50,20 +48,76 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
-@dataclass
-class ImageFolder:
-    """The images of a folder with their class indices; `load` and `batch` give tensors at `resolution`."""
+class UnreadableImage(UsageError):
+    """An image that fails to decode. A DataLoader worker re-raises it as UnreadableImage(its report, which
+    adds a traceback): only our own last line is kept, so the command still shows one line."""
 
-    root: Path
-    files: list[Path]
-    labels: list[int]
-    classes: dict[int, str]
-    resolution: int
+    def __init__(self, message: str):
+        super().__init__(message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1])
+
+
+def _load(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise UnreadableImage(f"cannot read image {path} ({' '.join(str(exc).split())[:160]}); remove it from the "
+                              "data folder") from None
+
+
+class _CenterCrop:
+    """The dataset's transform: JiT's centre crop at `size`, then [-1, 1] (a class: workers pickle it)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return to_tensor(center_crop(image, self.size))
+
+
+class _Visible:
+    """`is_valid_file`: an image file with no hidden part in its path below `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __call__(self, path: str) -> bool:
+        p = Path(path)
+        return p.suffix.lower() in IMAGE_EXTENSIONS and not any(
+            part.startswith(".") for part in p.relative_to(self.root).parts)
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with our class indices and JiT's centre crop: item i is (3×R×R in [-1, 1], label).
+
+    `mapping` takes each class folder's name ("" for a flat folder: the root itself) to its class index.
+    """
+
+    def __init__(self, root: Path, resolution: int, mapping: dict[str, int]):
+        self.mapping, self.resolution, self.root_path = mapping, resolution, Path(root)
+        super().__init__(str(root), transform=_CenterCrop(resolution), loader=_load, is_valid_file=_Visible(root),
+                         allow_empty=True)
+        found = set(self.targets)
+        empty = [name for name, index in mapping.items() if index not in found]
+        if empty:
+            raise UsageError(f"class folder {self.root_path / empty[0]} has no images (looked for "
+                             f"{', '.join(IMAGE_EXTENSIONS)})")
+
+    def find_classes(self, directory):
+        return sorted(self.mapping), dict(self.mapping)
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(p) for p, _ in self.samples]
+
+    @property
+    def labels(self) -> list[int]:
+        return self.targets
 
     @classmethod
     def open(cls, root, resolution: int, *, class_index: int | None = None,
              num_classes: int | None = None) -> "ImageFolder":
-        """Index `root` (class sub-folders, or a flat folder with `class_index`); checks every file's header."""
+        """Index `root` (class sub-folders, or a flat folder with `class_index`); no image is opened here."""
         root = Path(root)
         if not root.exists():
             raise InvalidParameter("root", root, "data folder {value} does not exist")
@@ -82,60 +136,28 @@ class ImageFolder:
                                        "classes 0-{last}", last=num_classes - 1)
             if not top_images:
                 raise UsageError(f"no images in {root} (looked for {kinds})")
-            files, labels, classes = top_images, [class_index] * len(top_images), {class_index: root.name}
+            return cls(root, resolution, {"": class_index})
+        if top_images and subdirs:
+            raise InvalidParameter("root", root, "{value} mixes images and sub-folders; use one sub-folder per "
+                                   "class, or a flat folder with {class_index} N", class_index=Param("class_index"))
+        if top_images:
+            raise InvalidParameter("class_index", None, "{root} is a flat folder of images; pass {name} N to say "
+                                   "their class (or use one sub-folder per class)", root=root)
+        if not subdirs:
+            raise UsageError(f"no images in {root} (looked for {kinds} and class sub-folders)")
+        if all(p.name.isdigit() for p in subdirs):
+            mapping = {p.name: int(p.name) for p in subdirs}
         else:
-            if top_images and subdirs:
-                raise InvalidParameter("root", root, "{value} mixes images and sub-folders; use one sub-folder per "
-                                       "class, or a flat folder with {class_index} N", class_index=Param("class_index"))
-            if top_images:
-                raise InvalidParameter("class_index", None, "{root} is a flat folder of images; pass {name} N to say "
-                                       "their class (or use one sub-folder per class)", root=root)
-            if not subdirs:
-                raise UsageError(f"no images in {root} (looked for {kinds} and class sub-folders)")
-            if all(p.name.isdigit() for p in subdirs):
-                mapping = {int(p.name): p for p in subdirs}
-            else:
-                mapping = dict(enumerate(subdirs))
-            if num_classes is not None:
-                too_big = [f"{p.name} -> {i}" for i, p in mapping.items() if i >= num_classes]
-                if too_big:
-                    raise UsageError(f"{root} has {len(subdirs)} class folders but the model has {num_classes} "
-                                     f"classes (0-{num_classes - 1}): {', '.join(too_big[:3])} is out of range")
-            files, labels, classes = [], [], {}
-            for index, folder in sorted(mapping.items()):
-                found = _images_under(folder)
-                if not found:
-                    raise UsageError(f"class folder {folder} has no images (looked for {kinds})")
-                files += found
-                labels += [index] * len(found)
-                classes[index] = folder.name
-        for path in files:
-            _check_header(path)
-        return cls(root=root, files=files, labels=labels, classes=classes, resolution=resolution)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, index: int) -> torch.Tensor:
-        """Image `index` as 3×R×R in [-1, 1]."""
-        path = self.files[index]
-        try:
-            with Image.open(path) as image:
-                return to_tensor(center_crop(image.convert("RGB"), self.resolution))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise SLA2Error(f"cannot read image {path}: {exc}") from None
-
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = list(indices)
-        images = torch.stack([self.load(i) for i in indices]) if indices else torch.empty(
-            0, 3, self.resolution, self.resolution)
-        return images, torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
+            mapping = {p.name: i for i, p in enumerate(subdirs)}
+        if num_classes is not None:
+            too_big = [f"{name} -> {i}" for name, i in mapping.items() if i >= num_classes]
+            if too_big:
+                raise UsageError(f"{root} has {len(subdirs)} class folders but the model has {num_classes} "
+                                 f"classes (0-{num_classes - 1}): {', '.join(too_big[:3])} is out of range")
+        return cls(root, resolution, mapping)
 
 
-def _check_header(path: Path) -> None:
-    try:
-        with Image.open(path) as image:
-            image.size  # noqa: B018 - the header is parsed on open; size proves it has one
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise UsageError(f"{path} is not a readable image ({exc.__class__.__name__}); remove it from the data "
-                         f"folder") from None
+def image_loader(folder: ImageFolder, index_batches, workers: int = 0) -> DataLoader:
+    """Batches (x, labels) of `folder` for each list of indices in `index_batches`, decoded by `workers`
+    processes ahead of their use (0: in this process); never more than the CPUs this process may use."""
+    return DataLoader(folder, batch_sampler=index_batches, num_workers=min(workers, len(os.sched_getaffinity(0))))

@@ -51,12 +51,14 @@ class TopkSchedule:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Where clean images come from: an image folder, or the dense teacher's own samples (`folder=None`)."""
+    """Where clean images come from: an image folder, or the dense teacher's own samples (`folder=None`).
+    `workers`: processes that decode the folder's images ahead of each step (0: the training process)."""
 
     folder: Path | None = None
     class_index: int | None = None
     teacher_samples: int = 64
     sampling_steps: int = 8
+    workers: int = 4
 
     def __post_init__(self):
         if self.folder is None and self.class_index is not None:
@@ -65,6 +67,8 @@ class DataSpec:
                                    teacher=Param("folder=None"))
         if self.teacher_samples < 1:
             raise InvalidParameter("teacher_samples", self.teacher_samples, "{name} must be >= 1, got {value}")
+        if self.workers < 0:
+            raise InvalidParameter("workers", self.workers, "{name} must be >= 0, got {value}")
         if self.sampling_steps < 2:
             raise InvalidParameter("sampling_steps", self.sampling_steps, "{name} must be >= 2 (the teacher's "
                                    "sampler), got {value}")

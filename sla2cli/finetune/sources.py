@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from ..data.images import ImageFolder
+from ..data.images import ImageFolder, image_loader
 from ..distributed import ProcessGroup
 from ..sampling import sample
 from ..seeding import EVAL_ORDER, TEACHER_POOL, TRAIN_ORDER, generator
@@ -39,25 +39,31 @@ class _Shuffled:
 
 
 class FolderSource:
-    """Images of a folder (class sub-folders or one class), shuffled per epoch; evaluation on a fixed subset."""
+    """Images of a folder (class sub-folders or one class), shuffled per epoch; evaluation on a fixed subset.
+
+    A DataLoader decodes each step's images in `workers` processes ahead of the step. Its batches are the
+    keyed order's (`_Shuffled`) positions of this rank, not a DistributedSampler's: that one pads and strides
+    each epoch by the number of processes, so K processes would see other images than one process with the
+    same global batch, and a resumed run other images than an uninterrupted one.
+    """
 
     kind = "folder"
 
-    def __init__(self, folder: ImageFolder, seed: int, eval_samples: int):
-        self.folder = folder
+    def __init__(self, folder: ImageFolder, seed: int, eval_samples: int, workers: int = 0):
+        self.folder, self.workers = folder, workers
         self.order = _Shuffled(len(folder), seed, TRAIN_ORDER)
         self.eval_indices = _Shuffled(len(folder), seed, EVAL_ORDER)(range(eval_samples))
 
     def describe(self) -> dict:
         return {"source": "folder", "path": str(self.folder.root), "images": len(self.folder),
-                "classes": len(self.folder.classes), "resolution": self.folder.resolution}
+                "classes": len(self.folder.mapping), "resolution": self.folder.resolution}
 
-    def train_batch(self, positions, device) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.folder.batch(self.order(positions))
-        return x.to(device), y.to(device)
+    def train_batches(self, steps: list[range]):
+        """(x, y) for each step's positions, in order."""
+        return iter(image_loader(self.folder, [self.order(positions) for positions in steps], self.workers))
 
     def eval_batch(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.folder.batch(self.eval_indices)
+        x, y = next(iter(image_loader(self.folder, [self.eval_indices])))
         return x.to(device), y.to(device)
 
 
@@ -76,9 +82,11 @@ class TeacherSource:
         return {"source": "teacher", "samples": len(self.train_x), "sampling_steps": self.sampling_steps,
                 "sampler": "heun", "labels": "uniform random"}
 
-    def train_batch(self, positions, device) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.tensor(self.order(positions), dtype=torch.long, device=self.train_x.device)
-        return self.train_x[idx].to(device), self.train_y[idx].to(device)
+    def train_batches(self, steps: list[range]):
+        """(x, y) for each step's positions, in order."""
+        for positions in steps:
+            idx = torch.tensor(self.order(positions), dtype=torch.long, device=self.train_x.device)
+            yield self.train_x[idx], self.train_y[idx]
 
     def eval_batch(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.eval_x.to(device), self.eval_y.to(device)
@@ -120,7 +128,7 @@ def build_source(model, spec: DataSpec, *, seed: int, eval_samples: int, device:
                  group: ProcessGroup, autocast, folder: ImageFolder | None = None):
     """The run's source of clean images; `batch_size` bounds the teacher's sampling batch (at least 16)."""
     if spec.kind == "folder":
-        return FolderSource(folder, seed, eval_samples)
+        return FolderSource(folder, seed, eval_samples, spec.workers)
     x, y = teacher_samples(model, spec.teacher_samples + eval_samples, steps=spec.sampling_steps, seed=seed,
                            device=device, batch_size=max(batch_size, SAMPLING_BATCH), group=group, autocast=autocast)
     return TeacherSource(x, y, seed, eval_samples, spec.sampling_steps)

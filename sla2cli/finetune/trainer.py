@@ -3,7 +3,8 @@ data-parallel under torchrun.
 
 Order of work: check every input (nothing is written before), load or start the state, measure the
 per-layer error against dense attention on a fixed evaluation batch, train, measure again, write the
-output atomically (rank 0), and remove the resumable state.
+output atomically (rank 0), and remove the resumable state. Ctrl-C while training raises `Interrupted`
+(a KeyboardInterrupt) naming the step whose state was saved, so the caller can say how to resume.
 """
 
 from __future__ import annotations
@@ -38,7 +39,16 @@ from .config import DataSpec, FinetuneConfig
 from .objectives import FullFinetune, RouterDistillation
 from .schedule import EMA
 from .sources import build_source
-from .state import check_resumable, claiming, load_state, restore_rng, rng_states, save_state, state_path
+from .state import (
+    Interrupted,
+    check_resumable,
+    claiming,
+    load_state,
+    restore_state,
+    rng_states,
+    save_state,
+    state_path,
+)
 
 ROUTER_PARAMS = ("proj_q", "proj_k")
 ALPHA_LR_SCALE = 10.0
@@ -250,15 +260,7 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
 
     start, history, before = 0, [], None
     if state is not None:
-        start, history, before = state["step"], list(state["history"]), state["errors_before"]
-        weights = state["weights"]
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(weights[name])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema.decay:
-            ema.load_state_dict(state["ema"])
-        restore_rng(state["rng"], device)
+        start, history, before = restore_state(state, spath, named, optimizer, ema, layers, device)
     elif group.is_main:
         before = _measure(model, z_eval, t_eval, y_eval)
 
@@ -278,46 +280,53 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
     began = time.perf_counter()
     after_first = None
     saved = start if state is not None else None
-    for step in range(start, config.steps):
-        topk = {i: config.topk_at(step, target[i]) for i in layers}
-        lo = step * config.batch_size + group.rank * per_rank
-        positions = range(lo, lo + per_rank)
-        x, y = src.train_batch(positions, device)
-        z, t, _ = noised(x, positions, seed=config.seed, stream=TRAIN_NOISE, noise_scale=noise_scale)
-        if config.full:
-            _set_topk(cores, topk)
-            loss, parts, e2e = runner(x, z, t, y, config.e2e_weight, autocast)
-        else:
-            with autocast():
-                qkv, teacher_out = record_dense_qkv(model, layers, z, t, y)
-            loss, parts, e2e = runner(qkv, topk, config.tau, config.e2e_weight, z, t, y, teacher_out, autocast)
-        report = torch.cat([loss.detach().float()[None], parts.float(), e2e.float()[None]])
-        if group.distributed:
-            dist.all_reduce(report)
-            report /= group.world_size
-        if not torch.isfinite(report).all():
-            raise _diverged("loss", report[0].item(), step + 1, config.learning_rate, saved, spath)
-        loss.backward()
-        norm = _grad_norm(params)
-        if not torch.isfinite(norm):
-            raise _diverged("gradients", norm.item(), step + 1, config.learning_rate, saved, spath)
-        factor = config.lr_schedule.factor(step, config.steps)
-        for group_, base in zip(optimizer.param_groups, base_lrs):
-            group_["lr"] = base * factor
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update()
-        history.append(report[0].item())
-        done = step + 1
-        if after_first is None:
-            after_first = time.perf_counter()
-        if config.save_every and done % config.save_every == 0 and done < config.steps:
-            save(done)
-            saved = done
-        if progress is not None:
-            progress(StepInfo(step=done, steps=config.steps, loss=history[-1],
-                              topk=sum(topk.values()) / len(topk),
-                              per_layer=report[1:1 + len(parts)].tolist(), seconds=time.perf_counter() - began))
+    step = start
+    # this rank's slice of each global batch, by position; the source reads them ahead of the steps
+    slices = [range(k * config.batch_size + group.rank * per_rank, k * config.batch_size + (group.rank + 1) * per_rank)
+              for k in range(start, config.steps)]
+    batches = src.train_batches(slices)
+    try:
+        for step in range(start, config.steps):
+            topk = {i: config.topk_at(step, target[i]) for i in layers}
+            positions = slices[step - start]
+            x, y = (v.to(device) for v in next(batches))
+            z, t, _ = noised(x, positions, seed=config.seed, stream=TRAIN_NOISE, noise_scale=noise_scale)
+            if config.full:
+                _set_topk(cores, topk)
+                loss, parts, e2e = runner(x, z, t, y, config.e2e_weight, autocast)
+            else:
+                with autocast():
+                    qkv, teacher_out = record_dense_qkv(model, layers, z, t, y)
+                loss, parts, e2e = runner(qkv, topk, config.tau, config.e2e_weight, z, t, y, teacher_out, autocast)
+            report = torch.cat([loss.detach().float()[None], parts.float(), e2e.float()[None]])
+            if group.distributed:
+                dist.all_reduce(report)
+                report /= group.world_size
+            if not torch.isfinite(report).all():
+                raise _diverged("loss", report[0].item(), step + 1, config.learning_rate, saved, spath)
+            loss.backward()
+            norm = _grad_norm(params)
+            if not torch.isfinite(norm):
+                raise _diverged("gradients", norm.item(), step + 1, config.learning_rate, saved, spath)
+            factor = config.lr_schedule.factor(step, config.steps)
+            for group_, base in zip(optimizer.param_groups, base_lrs):
+                group_["lr"] = base * factor
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update()
+            history.append(report[0].item())
+            done = step + 1
+            if after_first is None:
+                after_first = time.perf_counter()
+            if config.save_every and done % config.save_every == 0 and done < config.steps:
+                save(done)
+                saved = done
+            if progress is not None:
+                progress(StepInfo(step=done, steps=config.steps, loss=history[-1],
+                                  topk=sum(topk.values()) / len(topk),
+                                  per_layer=report[1:1 + len(parts)].tolist(), seconds=time.perf_counter() - began))
+    except KeyboardInterrupt:  # the state of step `saved` (written at a step boundary) is what a resume uses
+        raise Interrupted(step + 1, config.steps, saved, spath) from None
     ended = time.perf_counter()
     steps_run = config.steps - start
     rate = None

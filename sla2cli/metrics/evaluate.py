@@ -1,7 +1,9 @@
 """`eval-fid` as a library call: check everything, sample (resumably, on every rank), then measure on rank 0.
 
-Order matters for the user: every input (sample count, reference, Inception weights, models, folders)
-is checked before the first sample is made, so a mistake costs seconds, not hours, and writes nothing.
+Order matters for the user: every input (sample count, reference, feature weights, models, folders, the
+grid) is checked before the first sample is made, so a mistake costs seconds, not hours, and writes nothing.
+Without a reference nothing needs feature weights: the samples are made, compared pair by pair with
+`compare_to`'s (PSNR, SSIM, MAE) and drawn (`grid`), and the report says that FID was not computed.
 """
 
 from __future__ import annotations
@@ -10,32 +12,58 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoints import LoadInfo, file_sha256, load_model
-from ..checkpoints.writing import check_spares_inputs
+from ..checkpoints.writing import atomic_write, check_output, check_spares_inputs
 from ..distributed import ProcessGroup, barrier, init_from_env, rank_device, shutdown
-from ..errors import InvalidParameter
-from ..sampling import SamplerSettings, sampler_settings
+from ..errors import InvalidParameter, Param
+from ..sampling import SamplerSettings, sample_label, sampler_settings
 from ..seeding import check_seed
 from ..sla2.attention import SLA2Attention, backends_in_use
 from ..sla2.backends import check_name
-from .fid import Reference, frechet_distance, inception_score, reference_statistics, resolve_reference, statistics
+from .features import FeatureSpace, create_extractor, dataset_features, feature_space
+from .fid import (
+    Reference,
+    frechet_distance,
+    inception_score,
+    kernel_distance,
+    reference_statistics,
+    resolve_reference,
+    statistics,
+)
 from .generate import Generation, Progress, generate_samples
-from .inception import FEATURE_EXTRACTOR, FID_LAYER, ISC_LAYER, create_extractor, dataset_features, resolve_state
+from .grid import image_grid
 from .paired import paired_metrics
-from .samples import check_pairing, folder_writes, prepare_folder, remove_partial, remove_samples, sample_dataset
+from .samples import (
+    check_pairing,
+    folder_writes,
+    prepare_folder,
+    read_sample,
+    remove_partial,
+    remove_samples,
+    sample_dataset,
+)
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+GRID_SAMPLES = 16  # the grid shows the first samples, paired column by column
 
 
 @dataclass
 class EvalRequest:
-    """Everything `sla2 eval-fid` takes; None means the documented default."""
+    """Everything `sla2 eval-fid` takes; None means the documented default (`ref` None: no FID).
+
+    `batch_size` is the global batch: under torchrun each of K processes samples batch_size / K at a time.
+    """
 
     model: Path
     num_samples: int
-    ref: str
+    ref: str | None = None
+    features: str = "inception"
+    grid: Path | None = None
+    force: bool = False
+    download_progress: bool = False
     out: Path | None = None
     sampler: str = "jit"
     steps: int = 50
@@ -82,6 +110,10 @@ def _check_request(r: EvalRequest) -> None:
     if r.compare_to is not None and not r.compare_to.exists():
         raise InvalidParameter("compare_to", r.compare_to, "{name} {value} does not exist; pass a model file or a "
                                "sample folder")
+    space = feature_space(r.features)
+    if r.isc and space.isc_layer is None:
+        raise InvalidParameter("isc", r.isc, "{name} needs class logits of Inception: use {inception}",
+                               inception=Param("features='inception'"))
 
 
 def _manifest(info: LoadInfo, path: Path, settings: SamplerSettings, r: EvalRequest) -> dict:
@@ -118,19 +150,24 @@ def evaluate(r: EvalRequest, progress: Progress | None = None) -> dict | None:
     """Run the whole evaluation; returns the report on rank 0 and None on the other ranks."""
     started = time.perf_counter()
     _check_request(r)
-    reference: Reference = resolve_reference(r.ref)
-    weights_file, inception = resolve_state(r.inception_weights)  # read once: the tensors go on, never the path
+    space = feature_space(r.features)
+    reference = weights = None
+    if r.ref is not None:
+        reference = resolve_reference(r.ref, space)
+        weights = space.resolve(r.inception_weights, True, r.download_progress)  # read once: tensors, not paths
     group: ProcessGroup = init_from_env(r.device)
     try:
-        return _evaluate(r, reference, (weights_file, inception), group, rank_device(r.device, group), progress,
-                         started)
+        if r.batch_size % group.world_size:
+            raise InvalidParameter("batch_size", r.batch_size, "{name} {value} (the global batch) must be a "
+                                   "multiple of the {processes} processes", processes=group.world_size)
+        return _evaluate(r, space, reference, weights, group, rank_device(r.device, group), progress, started)
     finally:
         shutdown(group)
 
 
-def _evaluate(r: EvalRequest, reference: Reference, weights: tuple[Path, dict], group: ProcessGroup,
-              device: torch.device, progress: Progress | None, started: float) -> dict | None:
-    weights_file, inception = weights
+def _evaluate(r: EvalRequest, space: FeatureSpace, reference: Reference | None, weights: tuple[Path, dict] | None,
+              group: ProcessGroup, device: torch.device, progress: Progress | None, started: float) -> dict | None:
+    per_process = r.batch_size // group.world_size
     main = _Subject(path=r.model, folder=Path())
     main.model, main.info = _load(r.model, r, device)
     settings = sampler_settings(r.sampler, steps=r.steps, cfg=r.cfg, cfg_interval=r.cfg_interval,
@@ -160,9 +197,11 @@ def _evaluate(r: EvalRequest, reference: Reference, weights: tuple[Path, dict], 
         other.backend = _sla2_backend(other.model, r.sla2_backend, device, r.dtype)
 
     subjects = [main] + ([other] if other is not None and other.model is not None else [])
-    inputs = [p for p in (r.model, r.compare_to, Path(r.ref), weights_file) if p is not None and p.exists()]
+    inputs = [Path(p) for p in (r.model, r.compare_to, r.ref, weights and weights[0]) if p and Path(p).exists()]
     for s in subjects:  # no sample, manifest or folder we write (or remove) may be an input
         check_spares_inputs(folder_writes(s.folder, inputs), inputs, "out", s.folder)
+    if r.grid is not None:
+        check_output(r.grid, r.force, tuple(inputs))
     for s in subjects:  # check every folder before writing into any
         prepare_folder(s.folder, s.manifest, create=False)
     if group.is_main:
@@ -174,49 +213,38 @@ def _evaluate(r: EvalRequest, reference: Reference, weights: tuple[Path, dict], 
     for s in subjects:
         task = "sampling" if s is main else f"sampling {s.path.name}"
         s.generation = generate_samples(s.model, s.folder, r.num_samples, settings=settings, seed=r.seed,
-                                        batch_size=r.batch_size, device=device, dtype=r.dtype, group=group,
+                                        batch_size=per_process, device=device, dtype=r.dtype, group=group,
                                         progress=progress, task=task)
     if not group.is_main:
         return None
 
-    if progress:
-        progress("Inception features", 0, 1)
-    layers = [FID_LAYER] + ([ISC_LAYER] if r.isc else [])
-    extractor = create_extractor(inception, layers, device)
-    feats = dataset_features(sample_dataset(main.folder, r.num_samples), extractor, device, r.batch_size)
-    stats = statistics(feats[FID_LAYER])
-    ref_stats = reference_statistics(reference, extractor, device, r.batch_size)
     report = {
         "model": str(r.model), "weights": main.info.weights, "preset": main.info.preset,
         "converted_layers": main.info.sla2_layers, "sla2_backend": main.backend,
         "samples": r.num_samples, "resolution": main.info.config.input_size, **settings.to_dict(),
         "seed": r.seed, "dtype": DTYPE_NAMES[r.dtype], "device": str(device), "world_size": group.world_size,
-        "batch_size": r.batch_size,
-        "fid": frechet_distance(stats, ref_stats),
-        "isc": inception_score(feats[ISC_LAYER]) if r.isc else None,
-        "reference": reference.describe(),
-        "feature_extractor": FEATURE_EXTRACTOR, "inception_weights": str(weights_file),
-        "torch_fidelity": _torch_fidelity_version(),
-        "out": str(main.folder), "kept_samples": keep,
+        "batch_size": r.batch_size, "batch_per_process": per_process,
+        "fid": None, "kid": None, "isc": None, "reference": None, "features": None, "torch_fidelity": None,
+        "notes": [], "out": str(main.folder), "kept_samples": keep,
         "generation": main.generation.to_dict(),
         "images_per_second": main.generation.images_per_second,
-        "compare": None, "warnings": warnings,
+        "compare": None, "grid": None, "warnings": warnings,
     }
     if other is not None:
-        other_feats = dataset_features(sample_dataset(other.folder, r.num_samples), extractor, device,
-                                       r.batch_size)[FID_LAYER]
-        other_stats = statistics(other_feats)
         report["compare"] = {
             "other": str(other.path), "kind": "model" if other.model is not None else "folder",
             "converted_layers": other.info.sla2_layers if other.info else None,
-            "sla2_backend": other.backend,
-            "fid_between": frechet_distance(stats, other_stats),
-            "fid_other": frechet_distance(other_stats, ref_stats),
+            "sla2_backend": other.backend, "fid_between": None, "fid_other": None,
             **paired_metrics(main.folder, other.folder, r.num_samples),
             "generation": other.generation.to_dict() if other.generation else None,
         }
-    if progress:
-        progress("Inception features", 1, 1)
+    if reference is None:
+        report["notes"].append(f"{space.metric} not computed: no reference (--ref) given")
+    else:
+        _measure(report, r, space, reference, weights, main.folder, other and other.folder, device, per_process,
+                 progress)
+    if r.grid is not None:
+        report["grid"] = str(_write_grid(r, main, other))
     if not keep:
         if other is not None and other.model is not None:
             remove_samples(other.folder)
@@ -228,6 +256,45 @@ def _evaluate(r: EvalRequest, reference: Reference, weights: tuple[Path, dict], 
                 pass
     report["wall_s"] = time.perf_counter() - started
     return report
+
+
+def _measure(report: dict, r: EvalRequest, space: FeatureSpace, reference: Reference, weights: tuple[Path, dict],
+             folder: Path, other_folder: Path | None, device: torch.device, batch_size: int,
+             progress: Progress | None) -> None:
+    """FID (and KID, IS) of the samples in `space`, and of the other set where there is one, into `report`."""
+    task = f"{space.name} features"
+    if progress:
+        progress(task, 0, 1)
+    layers = [space.layer] + ([space.isc_layer] if r.isc else [])
+    extractor = create_extractor(weights[1], layers, device, space.name)
+    feats = dataset_features(sample_dataset(folder, r.num_samples), extractor, device, batch_size)
+    stats = statistics(feats[space.layer])
+    ref_stats = reference_statistics(reference, space, extractor, device, batch_size)
+    report.update({
+        "fid": frechet_distance(stats, ref_stats),
+        "kid": kernel_distance(feats[space.layer], reference.features) if reference.features is not None else None,
+        "isc": inception_score(feats[space.isc_layer]) if r.isc else None,
+        "reference": reference.describe(), "features": space.describe(weights[0]),
+        "torch_fidelity": _torch_fidelity_version(),
+    })
+    if other_folder is not None:
+        other_stats = statistics(dataset_features(sample_dataset(other_folder, r.num_samples), extractor, device,
+                                                  batch_size)[space.layer])
+        report["compare"].update(fid_between=frechet_distance(stats, other_stats),
+                                 fid_other=frechet_distance(other_stats, ref_stats))
+    if progress:
+        progress(task, 1, 1)
+
+
+def _write_grid(r: EvalRequest, main: _Subject, other: _Subject | None) -> Path:
+    """The first GRID_SAMPLES samples, the model's above `compare_to`'s, each column labelled with its class."""
+    count = min(r.num_samples, GRID_SAMPLES)
+    num_classes = main.info.config.num_classes
+    labels = [f"#{i} class {sample_label(r.seed, i, num_classes)}" for i in range(count)]
+    rows = [(s.path.name, np.stack([read_sample(s.folder, i) for i in range(count)]))
+            for s in (main, other) if s is not None]
+    atomic_write(r.grid, lambda tmp: image_grid(rows, labels, tmp))
+    return r.grid
 
 
 def _torch_fidelity_version() -> str:

@@ -1,10 +1,10 @@
-"""FID and IS the standard way: torch-fidelity's Inception features and its statistics functions.
+"""FID, KID and IS the standard way: torch-fidelity's features (`features`) and its statistics functions.
 
 A reference (`--ref`) is one of
 - a folder of images (png/jpg/jpeg, not recursive, as torch-fidelity globs it),
 - a torch-fidelity registered input (`cifar10-train`, ...; torch-fidelity caches its features),
-- an `.npz` of Inception statistics with `mu` (2048) and `sigma` (2048×2048), as JiT's
-  `fid_stats/*.npz` and ADM's reference batches hold.
+- an `.npz` of statistics with `mu` (D) and `sigma` (D×D) in the chosen feature space, as JiT's
+  `fid_stats/*.npz` and ADM's reference batches hold for Inception (D = 2048). It has no features, so no KID.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import InvalidParameter, SLA2Error
-from .inception import FID_LAYER, input_features
+from .features import FEATURE_SPACES, FeatureSpace, input_features
 
-FEATURE_DIM = 2048
 IMAGE_EXTENSIONS = "png,jpg,jpeg"
 
 
@@ -30,6 +29,7 @@ class Reference:
     source: str
     images: int | None = None
     statistics: dict | None = field(default=None, repr=False)
+    features: torch.Tensor | None = field(default=None, repr=False)  # for KID; an .npz has none
 
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.source, "images": self.images,
@@ -41,8 +41,8 @@ def folder_images(path: Path) -> list[str]:
     return glob_samples_paths(str(path), False, IMAGE_EXTENSIONS, verbose=False)
 
 
-def load_statistics(path: Path, parameter: str = "path") -> dict:
-    """`mu`, `sigma` from an .npz, checked (2048 and 2048×2048, finite), without unpickling anything.
+def load_statistics(path: Path, parameter: str = "path", space: FeatureSpace = FEATURE_SPACES["inception"]) -> dict:
+    """`mu`, `sigma` from an .npz, checked (D and D×D for the space's D, finite), without unpickling anything.
 
     Errors name the file as the argument `parameter` of the caller (`ref` for `resolve_reference`).
     """
@@ -51,25 +51,26 @@ def load_statistics(path: Path, parameter: str = "path") -> dict:
             missing = [k for k in ("mu", "sigma") if k not in data.files]
             if missing:
                 raise InvalidParameter(parameter, path, "{name} {value} has no {missing} (found: {found}); an .npz "
-                                       "reference must hold Inception statistics mu and sigma",
-                                       missing=" and ".join(missing), found=", ".join(data.files) or "nothing")
+                                       "reference must hold {metric} statistics mu and sigma",
+                                       missing=" and ".join(missing), found=", ".join(data.files) or "nothing",
+                                       metric=space.metric)
             mu, sigma = np.asarray(data["mu"]), np.asarray(data["sigma"])
     except InvalidParameter:
         raise
     except Exception as exc:
-        raise InvalidParameter(parameter, path, "{name} {value} is not a readable .npz of Inception statistics "
+        raise InvalidParameter(parameter, path, "{name} {value} is not a readable .npz of statistics "
                                "({detail})", detail=" ".join(str(exc).split())[:160]) from None
-    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+    if mu.shape != (space.dim,) or sigma.shape != (space.dim, space.dim):
         raise InvalidParameter(parameter, path, "{name} {value}: mu {mu} and sigma {sigma} must be ({dim},) and "
-                               "({dim}, {dim}) (pool-3 features of InceptionV3)", mu=mu.shape, sigma=sigma.shape,
-                               dim=FEATURE_DIM)
+                               "({dim}, {dim}) ({layer} features of {extractor})", mu=mu.shape, sigma=sigma.shape,
+                               dim=space.dim, layer=space.layer, extractor=space.extractor)
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise InvalidParameter(parameter, path, "{name} {value}: mu or sigma contains NaN or infinity")
     return {"mu": mu, "sigma": sigma}
 
 
-def resolve_reference(ref: str) -> Reference:
-    """Decide what `ref` is and check it, before any sample is generated."""
+def resolve_reference(ref: str, space: FeatureSpace = FEATURE_SPACES["inception"]) -> Reference:
+    """Decide what `ref` is and check it (an .npz against `space`), before any sample is generated."""
     from torch_fidelity.registry import DATASETS_REGISTRY
     path = Path(ref)
     if path.is_dir():
@@ -81,15 +82,15 @@ def resolve_reference(ref: str) -> Reference:
     if path.suffix.lower() == ".npz":
         if not path.is_file():
             raise InvalidParameter("ref", ref, "{name} {value} does not exist")
-        return Reference("npz", str(path), statistics=load_statistics(path, parameter="ref"))
+        return Reference("npz", str(path), statistics=load_statistics(path, parameter="ref", space=space))
     if ref in DATASETS_REGISTRY:
         return Reference("registered", ref)
-    raise InvalidParameter("ref", ref, "{name} {value!r} is not a folder of images, an .npz of Inception statistics "
+    raise InvalidParameter("ref", ref, "{name} {value!r} is not a folder of images, an .npz of statistics "
                            "(mu, sigma) or a torch-fidelity input ({inputs})", inputs=", ".join(DATASETS_REGISTRY))
 
 
 def statistics(features: torch.Tensor) -> dict:
-    """mu and sigma of N×2048 features, by torch-fidelity's `fid_features_to_statistics`."""
+    """mu and sigma of N×D features, by torch-fidelity's `fid_features_to_statistics`."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
     if features.shape[0] < 2:
         raise SLA2Error(f"FID needs at least 2 images, got {features.shape[0]}")
@@ -118,11 +119,23 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> dict:
     return {"mean": out[KEY_METRIC_ISC_MEAN], "std": out[KEY_METRIC_ISC_STD], "splits": splits}
 
 
-def reference_statistics(reference: Reference, extractor, device: torch.device, batch_size: int = 64) -> dict:
+def kernel_distance(features_1: torch.Tensor, features_2: torch.Tensor, subsets: int = 100) -> dict:
+    """torch-fidelity's KID (polynomial kernel), its subset size capped by the smaller set (1000 at most)."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    size = min(1000, len(features_1), len(features_2))
+    out = kid_features_to_metric(features_1.double(), features_2.double(), kid_subsets=subsets,
+                                 kid_subset_size=size, verbose=False)
+    return {"mean": out[KEY_METRIC_KID_MEAN], "std": out[KEY_METRIC_KID_STD], "subset_size": size,
+            "subsets": subsets}
+
+
+def reference_statistics(reference: Reference, space: FeatureSpace, extractor, device: torch.device,
+                         batch_size: int = 64) -> dict:
     """The reference's statistics (computing features for folders and registered inputs); sets `images`."""
     if reference.statistics is None:
-        feats = input_features(reference.source, extractor, device, batch_size,
-                               save_cpu_ram=reference.images is not None and reference.images < 512)[FID_LAYER]
-        reference.images = int(feats.shape[0])
-        reference.statistics = statistics(feats)
+        reference.features = input_features(reference.source, extractor, device, batch_size,
+                                            save_cpu_ram=reference.images is not None and reference.images < 512
+                                            )[space.layer]
+        reference.images = int(reference.features.shape[0])
+        reference.statistics = statistics(reference.features)
     return reference.statistics

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -68,21 +69,43 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(ssim_map.mean(axis=(0, 1)).mean())
 
 
-def paired_metrics(folder_a: Path, folder_b: Path, count: int) -> dict:
-    """MAE and PSNR over indices 0..count-1: mean and worst (with the worst image's index)."""
-    mae, mse = [], []
-    for i in range(count):
-        e = image_errors(read_sample(folder_a, i), read_sample(folder_b, i))
+def _summary(values: np.ndarray, worst_is_max: bool) -> tuple[float | None, float | None, int | None]:
+    """(mean, worst, worst index) over the finite values; None where there are none."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return None, None, None
+    masked = np.where(finite, values, -np.inf if worst_is_max else np.inf)
+    worst = int(masked.argmax() if worst_is_max else masked.argmin())
+    return float(values[finite].mean()), float(values[worst]), worst
+
+
+def compare_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """MAE, PSNR and SSIM of each (a, b) pair of uint8 H×W×3 images: mean and worst (with its index) of each,
+    and every pair's values (`per_image`).
+
+    Pairs are read one at a time (sample folders may hold 50 000 images). Identical pairs (PSNR infinite)
+    are counted apart and left out of the PSNR summary; SSIM is None for images under its 11×11 window.
+    """
+    mae, mse, sim = [], [], []
+    for a, b in pairs:
+        e = image_errors(a, b)
         mae.append(e[0])
         mse.append(e[1])
-    mae_arr = np.array(mae)
+        sim.append(ssim(a, b) if min(a.shape[:2]) >= SSIM_WINDOW else math.nan)
     psnrs = np.array([psnr(m) for m in mse])
-    finite = np.isfinite(psnrs)
-    worst_mae = int(mae_arr.argmax())
-    out = {"pairs": count, "identical": int((~finite).sum()),
-           "mae_mean": float(mae_arr.mean()), "mae_worst": float(mae_arr[worst_mae]), "mae_worst_index": worst_mae,
-           "psnr_mean": None, "psnr_worst": None, "psnr_worst_index": None}
-    if finite.any():
-        worst = int(np.where(finite, psnrs, np.inf).argmin())
-        out.update(psnr_mean=float(psnrs[finite].mean()), psnr_worst=float(psnrs[worst]), psnr_worst_index=worst)
+    out = {"pairs": len(mae), "identical": int(np.isinf(psnrs).sum())}
+    for name, values, worst_is_max in (("psnr", psnrs, False), ("ssim", np.array(sim), False),
+                                       ("mae", np.array(mae), True)):
+        mean, worst, index = _summary(values, worst_is_max)
+        out.update({f"{name}_mean": mean, f"{name}_worst": worst, f"{name}_worst_index": index})
+    out["per_image"] = [{"index": i, "psnr": None if math.isinf(p) else float(p),
+                         "ssim": None if math.isnan(s) else s, "mae": m}
+                        for i, (p, s, m) in enumerate(zip(psnrs, sim, mae))]
+    return out
+
+
+def paired_metrics(folder_a: Path, folder_b: Path, count: int) -> dict:
+    """`compare_pairs` over the samples 0..count-1 of two folders, without the per-image list."""
+    out = compare_pairs((read_sample(folder_a, i), read_sample(folder_b, i)) for i in range(count))
+    del out["per_image"]
     return out

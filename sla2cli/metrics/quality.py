@@ -31,7 +31,7 @@ from ..sampling import SAMPLERS, paired_inputs, sample, to_uint8
 from ..seeding import PROBE_NOISE, check_seed
 from ..sla2.layers import remove_sla2, sla2_layers
 from ..sla2.stats import measure_layers, own_noised_batch
-from .paired import image_errors, psnr, ssim
+from .paired import compare_pairs
 
 OWN_SAMPLING_STEPS = 8  # Heun steps of the dense model's own samples (as `sla2 stats --measure` draws them)
 STRIPPED = "the model with its SLA2 layers removed"
@@ -65,38 +65,6 @@ def _architecture_difference(a, b) -> str | None:
     da, db = a.to_dict(), b.to_dict()
     diff = [f"{k} {da.get(k)} vs {db.get(k)}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
     return ", ".join(diff) or None
-
-
-def _summary(values: np.ndarray, worst_is_max: bool) -> tuple[float | None, float | None, int | None]:
-    """(mean, worst, worst index) over the finite values; None where there are none."""
-    finite = np.isfinite(values)
-    if not finite.any():
-        return None, None, None
-    masked = np.where(finite, values, -np.inf if worst_is_max else np.inf)
-    worst = int(masked.argmax() if worst_is_max else masked.argmin())
-    return float(values[finite].mean()), float(values[worst]), worst
-
-
-def compare_images(a: np.ndarray, b: np.ndarray) -> dict:
-    """PSNR, SSIM and MAE of two uint8 N×H×W×C image sets, pair by pair: mean and worst, with the worst index.
-
-    Identical pairs (PSNR infinite) are counted apart and left out of the PSNR summary.
-    """
-    mae, mse, sim = [], [], []
-    for x, y in zip(a, b):
-        e = image_errors(x, y)
-        mae.append(e[0])
-        mse.append(e[1])
-        sim.append(ssim(x, y))
-    psnrs = np.array([psnr(m) for m in mse])
-    out = {"pairs": len(mae), "identical": int(np.isinf(psnrs).sum())}
-    for name, values, worst_is_max in (("psnr", psnrs, False), ("ssim", np.array(sim), False),
-                                       ("mae", np.array(mae), True)):
-        mean, worst, index = _summary(values, worst_is_max)
-        out.update({f"{name}_mean": mean, f"{name}_worst": worst, f"{name}_worst_index": index})
-    out["per_image"] = [{"index": i, "psnr": None if math.isinf(p) else float(p), "ssim": s, "mae": m}
-                        for i, (p, s, m) in enumerate(zip(psnrs, sim, mae))]
-    return out
 
 
 def _hwc(images: torch.Tensor) -> np.ndarray:
@@ -213,7 +181,7 @@ def quality_report(model: nn.Module, dense: nn.Module | None = None, *, images: 
         noise, lab = noise.to(device), lab.to(device)
         a.append(_hwc(sample(model, noise, lab, steps=steps, cfg=cfg)))
         b.append(_hwc(sample(dense, noise, lab, steps=steps, cfg=cfg)))
-    paired = compare_images(np.concatenate(a), np.concatenate(b))
+    paired = compare_pairs(zip(np.concatenate(a), np.concatenate(b)))
 
     settings = {"eval_samples": len(x), "samples": samples, "steps": steps, "cfg": float(cfg), "sampler": "jit",
                 "cfg_interval": list(SAMPLERS["jit"].cfg_interval), "seed": seed, "device": str(device),

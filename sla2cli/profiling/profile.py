@@ -2,7 +2,8 @@
 
 `profile_model` returns one plain dict (what `sla2 profile --json` prints): per-layer FLOPs (counted),
 per-layer latencies of dense attention, SLA2 attention and the rest of the block (measured at the model's
-real per-layer shapes, on inputs captured from a forward), end-to-end forward latency and peak memory of
+real per-layer shapes, on inputs captured from a forward; each a median with its IQR, `*_iqr_ms`, and a
+speedup flagged `inconclusive` where the two timings overlap), end-to-end forward latency and peak memory of
 the dense model, the model as converted, the model as the recommendations would convert it and the model
 with attention removed (the Amdahl ceiling), optionally per resolution (`sweep`).
 """
@@ -154,12 +155,21 @@ def _no_grad(fn: Callable) -> Callable[[], object]:
 
 
 def _pair(timer: Timer, fns: dict[str, Callable], graph_below_ms: float = LAUNCH_BOUND_MS) -> dict[str, dict]:
-    """Eager medians of each; if any is under `graph_below_ms` on CUDA, every one also as a CUDA graph."""
-    result = {name: {"ms": timer.eager(fn)} for name, fn in fns.items()}
+    """Eager median and IQR of each; if any median is under `graph_below_ms` on CUDA, every one also as a
+    CUDA graph (`graph_ms`, `graph_iqr_ms`; None where it cannot be captured)."""
+    result = {name: {"ms": t.ms, "iqr_ms": t.iqr_ms} for name, t in ((n, timer.eager(fn)) for n, fn in fns.items())}
     if timer.is_cuda and min(r["ms"] for r in result.values()) < graph_below_ms:
         for name, fn in fns.items():
-            result[name]["graph_ms"] = timer.graph(fn, result[name]["ms"])
+            graph = timer.graph(fn, result[name]["ms"])
+            result[name].update(graph_ms=graph and graph.ms, graph_iqr_ms=graph and graph.iqr_ms)
     return result
+
+
+def overlap(a: dict, b: dict, key: str = "ms") -> bool:
+    """Whether two timings (`key` and `key` IQR) cannot be told apart: the ranges median ± IQR/2 intersect.
+    A speedup between them is then inconclusive: noise, not a result."""
+    iqr = key.removesuffix("ms") + "iqr_ms"
+    return abs(a[key] - b[key]) <= (a[iqr] + b[iqr]) / 2
 
 
 def _end_to_end(model: JiT, timer: Timer, inputs, variants: dict[str, Callable]) -> dict[str, dict]:
@@ -323,13 +333,18 @@ def _e2e_summary(e2e: dict[str, dict]) -> dict:
     dense, converted, bare = e2e["dense"]["ms"], e2e["converted"]["ms"], e2e["no_attention"]["ms"]
     summary = {
         "dense_ms": dense, "converted_ms": converted, "no_attention_ms": bare,
+        **{f"{name}_iqr_ms": e2e[name]["iqr_ms"] for name in ("dense", "converted", "no_attention")},
         "speedup": _speedup(dense, converted), "ceiling": _speedup(dense, bare),
+        "inconclusive": overlap(e2e["dense"], e2e["converted"]),
         "attention_share": max(0.0, 1 - bare / dense),
         "peak_memory_mib": {name: m["peak_memory_mib"] for name, m in e2e.items()},
     }
     if "recommended" in e2e:
         summary["recommended_ms"] = e2e["recommended"]["ms"]
+        summary["recommended_iqr_ms"] = e2e["recommended"]["iqr_ms"]
         summary["recommended_speedup"] = _speedup(dense, e2e["recommended"]["ms"])
+        summary["recommended_inconclusive"] = e2e["recommended"] is not e2e["dense"] and overlap(e2e["dense"],
+                                                                                               e2e["recommended"])
     if any(m.get("graph_ms") for m in e2e.values()):
         summary["graph_ms"] = {name: m.get("graph_ms") for name, m in e2e.items()}
     return summary
@@ -398,10 +413,13 @@ def profile_model(model: JiT, *, device: torch.device, dtype: torch.dtype, batch
                "mode": "dense", "backend": None, "kept_blocks": None, "key_blocks": None,
                "dense_attention_flops": flops.dense_attention[i], "sla2_attention_flops": None,
                "executed_attention_flops": flops.attention[i], "rest_of_block_flops": flops.rest_of_block[i],
-               "dense_attention_ms": dense_t["ms"], "sla2_attention_ms": None, "attention_speedup": None,
-               "rest_of_block_ms": rest_t["ms"], "attention_share": dense_t["ms"] / (dense_t["ms"] + rest_t["ms"]),
+               "dense_attention_ms": dense_t["ms"], "dense_attention_iqr_ms": dense_t["iqr_ms"],
+               "sla2_attention_ms": None, "sla2_attention_iqr_ms": None, "attention_speedup": None,
+               "inconclusive": None, "rest_of_block_ms": rest_t["ms"], "rest_of_block_iqr_ms": rest_t["iqr_ms"],
+               "attention_share": dense_t["ms"] / (dense_t["ms"] + rest_t["ms"]),
                "dense_attention_graph_ms": dense_t.get("graph_ms"), "sla2_attention_graph_ms": None,
-               "attention_speedup_graph": None, "rest_of_block_graph_ms": rest_t.get("graph_ms"),
+               "attention_speedup_graph": None, "inconclusive_graph": None,
+               "rest_of_block_graph_ms": rest_t.get("graph_ms"),
                "timed_as": t["timed_as"], "recommendation": None, "reason": None, "reasons": [], "reason_codes": []}
         core = converted.get(i)
         if core is not None:
@@ -411,10 +429,12 @@ def profile_model(model: JiT, *, device: torch.device, dtype: torch.dtype, batch
             row.update({"mode": "sla2", "backend": core.resolve_backend(probe).name, "topk": c.topk,
                         "block_q": c.block_q, "block_k": c.block_k, "kept_blocks": keep_count(c.topk, n_k),
                         "key_blocks": n_k, "sla2_attention_flops": flops.attention[i],
-                        "sla2_attention_ms": sla2_t["ms"], "attention_speedup": dense_t["ms"] / sla2_t["ms"],
+                        "sla2_attention_ms": sla2_t["ms"], "sla2_attention_iqr_ms": sla2_t["iqr_ms"],
+                        "attention_speedup": dense_t["ms"] / sla2_t["ms"], "inconclusive": overlap(dense_t, sla2_t),
                         "sla2_attention_graph_ms": sla2_t.get("graph_ms")})
             if sla2_t.get("graph_ms") and dense_t.get("graph_ms"):
                 row["attention_speedup_graph"] = dense_t["graph_ms"] / sla2_t["graph_ms"]
+                row["inconclusive_graph"] = overlap(dense_t, sla2_t, "graph_ms")
             row.update(layer_advice(row, t["attention"], device))
         rows.append(row)
 

@@ -1,8 +1,9 @@
 """Latency and peak memory of a callable, the way each device is measured properly.
 
-CUDA: `triton.testing.do_bench(..., return_mode="median")` (warm-up excluded, L2 flushed between runs);
-launch-bound callables can also be timed as a CUDA graph of several calls, so kernel launches stop
-dominating. CPU: `torch.utils.benchmark` median with a stated number of threads.
+CUDA: every time `triton.testing.do_bench` takes (warm-up excluded, L2 flushed between runs); launch-bound
+callables can also be timed as a CUDA graph of several calls, so kernel launches stop dominating. CPU:
+`torch.utils.benchmark` with a stated number of threads. Either way the repeats are summarised by
+`torch.utils.benchmark.Measurement`: median and interquartile range (`Timing`), so noise shows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ CUDA_MIN_SAMPLES = 10
 CUDA_WARMUP_MS = 500.0
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call over repeated measurements: median and interquartile range."""
+
+    ms: float
+    iqr_ms: float
+    samples: int
+
+    @classmethod
+    def of(cls, measurement, scale: float = 1.0) -> "Timing":
+        """From a `torch.utils.benchmark.Measurement` (seconds per run), each time multiplied by `scale`."""
+        return cls(ms=measurement.median * 1e3 * scale, iqr_ms=measurement.iqr * 1e3 * scale,
+                   samples=len(measurement.times))
+
+    @classmethod
+    def from_ms(cls, times_ms: list[float], scale: float = 1.0) -> "Timing":
+        """From single-call times in milliseconds (CUDA events), each multiplied by `scale`."""
+        benchmark = _torch_benchmark()
+        task = benchmark.utils.common.TaskSpec(stmt="fn()", setup="pass")
+        return cls.of(benchmark.Measurement(1, [t / 1e3 for t in times_ms], task), scale)
+
+
 @dataclass
 class Timer:
     """Times callables on one device; `describe()` says how, for the report."""
@@ -49,27 +72,26 @@ class Timer:
 
     def describe(self) -> dict:
         if self.is_cuda:
-            return {"method": f"triton.testing.do_bench median (warm-up excluded, L2 flushed between runs, at "
-                              f"least {CUDA_MIN_SAMPLES} samples)",
+            return {"method": f"triton.testing.do_bench, median and IQR (warm-up excluded, L2 flushed between "
+                              f"runs, at least {CUDA_MIN_SAMPLES} samples)",
                     "warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms,
                     "cuda_graphs": f"also for callables under {LAUNCH_BOUND_MS} ms eager (launch-bound): "
                                    f"median of graph replays of up to {GRAPH_MAX_CALLS} calls, per call"}
-        return {"method": f"torch.utils.benchmark median (at least {CPU_MIN_SAMPLES} samples)", "threads": self.threads,
-                "min_run_time_s": self.min_run_time}
+        return {"method": f"torch.utils.benchmark, median and IQR (at least {CPU_MIN_SAMPLES} samples)",
+                "threads": self.threads, "min_run_time_s": self.min_run_time}
 
-    def eager(self, fn: Callable[[], object]) -> float:
-        """Median milliseconds of one call."""
+    def eager(self, fn: Callable[[], object]) -> Timing:
+        """Milliseconds of one call: median and IQR over the repeats."""
         if self.is_cuda:
             with torch.cuda.device(self.device):
-                return _cuda_bench(fn, self.warmup_ms, self.rep_ms)
+                return Timing.from_ms(_cuda_bench(fn, self.warmup_ms, self.rep_ms))
         benchmark = _torch_benchmark()
         fn()  # warm-up, outside the measurement
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=self.threads)
         measured = timer.blocked_autorange(min_run_time=self.min_run_time)
-        times = list(measured.times)
-        while len(times) < CPU_MIN_SAMPLES:  # a slow call: still take the median of several
-            times.append(timer.timeit(1).median)
-        return sorted(times)[len(times) // 2] * 1e3
+        # a slow call: still several samples, single calls merged into the same Measurement
+        extra = [timer.timeit(1) for _ in range(CPU_MIN_SAMPLES - len(measured.times))]
+        return Timing.of(benchmark.Measurement.merge([measured, *extra])[0] if extra else measured)
 
     def warm_up(self, fn: Callable[[], object]) -> None:
         """On CUDA, run `fn` for CUDA_WARMUP_MS so the first measurement does not see idle clocks."""
@@ -81,8 +103,8 @@ class Timer:
                 fn()
             torch.cuda.synchronize()
 
-    def graph(self, fn: Callable[[], object], eager_ms: float) -> float | None:
-        """Median milliseconds per call inside a CUDA graph; None off CUDA or if `fn` cannot be captured."""
+    def graph(self, fn: Callable[[], object], eager_ms: float) -> Timing | None:
+        """Milliseconds per call inside a CUDA graph; None off CUDA or if `fn` cannot be captured."""
         if not self.is_cuda:
             return None
         calls = max(1, min(GRAPH_MAX_CALLS, math.ceil(GRAPH_TARGET_MS / max(eager_ms, 1e-3))))
@@ -104,7 +126,7 @@ class Timer:
                 torch.cuda.synchronize()
                 return None
             try:
-                return _cuda_bench(graph.replay, self.warmup_ms, self.rep_ms) / calls
+                return Timing.from_ms(_cuda_bench(graph.replay, self.warmup_ms, self.rep_ms), scale=1 / calls)
             finally:
                 del graph
                 torch.cuda.synchronize()
@@ -144,19 +166,19 @@ def _estimate_ms(fn: Callable[[], object], calls: int = 3) -> float:
     return max(start.elapsed_time(end) / calls, 1e-3)
 
 
-def _cuda_bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
-    """do_bench median, with warm-up and repetitions stretched so slow calls still get several samples."""
+def _cuda_bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> list[float]:
+    """do_bench's times (ms), with warm-up and repetitions stretched so slow calls still get several samples."""
     estimate = _estimate_ms(fn)
     warmup_ms, rep_ms = max(warmup_ms, 2 * estimate), max(rep_ms, CUDA_MIN_SAMPLES * estimate)
     try:
         import triton.testing
     except ImportError:
-        return _cuda_events_median(fn, warmup_ms, rep_ms)
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        return _cuda_events_times(fn, warmup_ms, rep_ms)
+    return [float(t) for t in triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
 
 
-def _cuda_events_median(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
-    """do_bench's procedure without Triton: estimate, warm up, then the median of timed single calls."""
+def _cuda_events_times(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> list[float]:
+    """do_bench's procedure without Triton: estimate, warm up, then time single calls (ms)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -176,7 +198,7 @@ def _cuda_events_median(fn: Callable[[], object], warmup_ms: float, rep_ms: floa
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e))
-    return float(sorted(times)[len(times) // 2])
+    return times
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:

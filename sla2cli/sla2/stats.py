@@ -3,7 +3,8 @@
 `describe_layers` reads parameters only. `measure_layers` runs a batch and compares every converted
 layer with dense attention on the dense model's own q, k, v. `calibrate_alpha` sets α to the softmax
 mass the kept blocks capture, which is exactly α for a perfect linear branch. `attention_entropy`
-says how far from uniform a model's dense attention is (how much there is for sparsity to skip).
+says how far from uniform a model's dense attention is (how much there is for sparsity to skip);
+`attention_concentration` adds the softmax mass the top-k key blocks would capture, layer by layer.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from torch import nn
 from ..diffusion import noised
 from ..sampling import sample
 from ..seeding import PROBE_NOISE, PROBE_SAMPLES, generator
-from .attention import SLA2Attention
-from .layers import layer_tokens, sla2_layers, transformer_blocks
+from .attention import SLA2Attention, SLA2Config
+from .layers import layer_prefix_tokens, layer_tokens, sla2_layers, transformer_blocks
 from .probe import dense_cores, record_dense_qkv
 from .routing import keep_count, num_blocks
 
@@ -117,6 +118,23 @@ def calibrate_alpha(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch
     return chosen
 
 
+def _entropy(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """Mean entropy (nats) of each query's softmax attention, per head and overall, with log N."""
+    q, k = q.float(), k.float()
+    n = k.shape[-2]
+    entropies = []
+    for head in range(q.shape[1]):  # one head at a time: B×N×N stays small
+        logits = q[:, head] @ k[:, head].transpose(-1, -2) / math.sqrt(q.shape[-1])
+        logp = torch.log_softmax(logits, dim=-1)
+        entropies.append(-(logp.exp() * logp).sum(-1).mean(dim=(0, 1)))
+    per_head = torch.stack(entropies)
+    return {"tokens": n, "log_n": math.log(n), "entropy": per_head.mean().item(), "entropy_per_head": per_head.tolist()}
+
+
+def _all_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
+    return list(range(len(transformer_blocks(model)))) if layers is None else layers
+
+
 @torch.no_grad()
 def attention_entropy(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                       layers: list[int] | None = None) -> dict[int, dict]:
@@ -124,19 +142,38 @@ def attention_entropy(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: tor
 
     Uniform attention has entropy log N; a layer that attends locally or to a few tokens is far below.
     """
-    layers = list(range(len(transformer_blocks(model)))) if layers is None else layers
+    layers = _all_layers(model, layers)
     qkv, _ = record_dense_qkv(model, layers, z, t, y)
-    out = {}
+    return {i: _entropy(*qkv[i][:2]) for i in layers}
+
+
+# The topk values `attention_concentration` reports by default: the presets' (max-speed, balanced, quality).
+CONCENTRATION_TOPKS = (0.05, 0.15, 0.25)
+
+
+@torch.no_grad()
+def attention_concentration(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                            topks=CONCENTRATION_TOPKS, block_k: int = 64, layers: list[int] | None = None
+                            ) -> list[dict]:
+    """Per layer of a model run dense: how much its attention leaves for block sparsity to skip.
+
+    `entropy_ratio` is the entropy of its attention over log N (`attention_entropy`: 1.0 is uniform);
+    `captured_mass[topk]` the softmax mass the key blocks SLA2 would keep at that topk capture (router at
+    identity, as right after conversion: what `calibrate_alpha` would set α to). Blocks of `block_k` tokens.
+    """
+    layers = _all_layers(model, layers)
+    qkv, _ = record_dense_qkv(model, layers, z, t, y)
+    rows = []
     for i in layers:
-        q, k, _ = qkv[i]
-        q, k = q.float(), k.float()
-        n = k.shape[-2]
-        entropies = []
-        for head in range(q.shape[1]):  # one head at a time: B×N×N stays small
-            logits = q[:, head] @ k[:, head].transpose(-1, -2) / math.sqrt(q.shape[-1])
-            logp = torch.log_softmax(logits, dim=-1)
-            entropies.append(-(logp.exp() * logp).sum(-1).mean(dim=(0, 1)))
-        per_head = torch.stack(entropies)
-        out[i] = {"tokens": n, "log_n": math.log(n), "entropy": per_head.mean().item(),
-                  "entropy_per_head": per_head.tolist()}
-    return out
+        q, k, v = qkv[i]
+        entropy = _entropy(q, k)
+        mass = {}
+        for topk in topks:
+            core = SLA2Attention(q.shape[1], q.shape[-1], SLA2Config(topk=topk, block_q=block_k, block_k=block_k),
+                                 prefix_tokens=layer_prefix_tokens(model, i)).to(q.device)
+            mass[topk] = core(q, k, v, return_stats=True)[1].captured_mass.mean().item()
+        n_k = num_blocks(entropy["tokens"], block_k)
+        rows.append({"layer": i, "tokens": entropy["tokens"], "key_blocks": n_k, "block_k": block_k,
+                     "entropy_ratio": entropy["entropy"] / entropy["log_n"],
+                     "kept_blocks": {topk: keep_count(topk, n_k) for topk in topks}, "captured_mass": mass})
+    return rows
