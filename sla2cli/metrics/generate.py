@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import ProcessGroup
+from ..graphs import graphed
 from ..sampling import SamplerSettings, paired_inputs, sample_with, to_uint8
 from .samples import missing_indices, write_sample
 
@@ -59,8 +60,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settings: SamplerSettings, seed: int,
                      batch_size: int, device: torch.device, dtype: torch.dtype,
                      group: ProcessGroup = ProcessGroup(), progress: Progress | None = None,
-                     task: str = "sampling") -> Generation:
-    """Write samples 0..num_samples-1 of `model` into `folder` (which must exist), skipping those present."""
+                     task: str = "sampling", graphs: bool = True) -> Generation:
+    """Write samples 0..num_samples-1 of `model` into `folder` (which must exist), skipping those present.
+
+    `graphs`: on CUDA, replay the model's forward from CUDA graphs (`sla2cli.graphs`; same outputs, no
+    per-kernel launch cost), so sampling runs at the speed `sla2 profile` reports for graphs.
+    """
+    net = graphed(model, device) if graphs else model
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     mine = [b for k, b in enumerate(batches(num_samples, batch_size)) if k % group.world_size == group.rank]
@@ -75,7 +81,7 @@ def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settin
     for b, missing in todo:
         noise, labels = paired_inputs(seed, b, shape, cfg.num_classes, cfg.noise_scale)
         with autocast(device, dtype):
-            images = to_uint8(sample_with(model, noise.to(device), labels.to(device), settings)).cpu()
+            images = to_uint8(sample_with(net, noise.to(device), labels.to(device), settings)).cpu()
         for i in missing:
             write_sample(folder, i, images[i - b.start])
         generated += len(b)
