@@ -2,7 +2,7 @@
 (sparse part only) and sla2cli's Triton SLA2 all in (router + sparse + linear + mix), forward and backward.
 
     python bench/attention.py                 # the table (bf16, medians of do_bench)
-    python bench/attention.py --variants      # also time the fused kernel's loop orders and the router's groups
+    python bench/attention.py --variants      # also time the fused kernel's other loop order
     python bench/attention.py --sla DIR       # also time thu-ml/SLA all in, from a checkout at DIR
     python bench/attention.py --quick         # one small shape, to check the script
 
@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sla2cli.kernels.function import LIN_MODES, linear_stats, route_pooled, sla2_forward, sla2_triton  # noqa: E402
+from sla2cli.kernels.function import _linear_first, linear_stats, route_pooled, sla2_forward, sla2_triton  # noqa: E402
 from sla2cli.sla2.reference import sla2_reference  # noqa: E402
 from sla2cli.sla2.routing import Routing, num_blocks, route  # noqa: E402
 
@@ -173,16 +173,13 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
                         t_flex = float("nan")
                     notes = []
                     if variants and keep == 0.05:
-                        for mode in LIN_MODES:
+                        for first in (False, True):
                             o = sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
-                                             feature_map="softmax", lin_mode=mode)
+                                             feature_map="softmax", linear_first=first)
                             t = ms(lambda: sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
-                                                        block_k=block_k, feature_map="softmax", lin_mode=mode))
-                            notes.append(f"{mode} {t:.3f} (err {rel_err(o, ref):.1e})")
-                        for group in (1, 2, 4, 8):
-                            t = ms(lambda: route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k,
-                                                        proj_q=proj_q, proj_k=proj_k, group=group))
-                            notes.append(f"router g{group} {t:.3f}")
+                                                        block_k=block_k, feature_map="softmax", linear_first=first))
+                            chosen = " (chosen)" if first == _linear_first(block_q, D) else ""
+                            notes.append(f"linear_first={first}{chosen} {t:.3f} (err {rel_err(o, ref):.1e})")
                     ref = full = mask = None
                 kk = indices.shape[-1]
                 n_k = num_blocks(N, block_k)

@@ -18,8 +18,7 @@ from ..sla2.routing import Routing, keep_count, num_blocks
 from .sla2_triton import FEATURE_IDS, _route_kernel, _sla2_fwd_kernel, _stats_kernel
 from .sla2_triton_bwd import _bwd_key_kernel, _bwd_query_kernel
 
-ROUTE_GROUP = 4  # query blocks per router program (they share each read of the key-block means)
-ROUTE_TILE = 8192  # elements of one router scoring step (query blocks × key blocks × head dim)
+ROUTE_CHUNK = 64  # key blocks scored per step by the router
 
 
 @dataclass
@@ -68,33 +67,27 @@ def linear_stats(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: st
 
 
 def route_pooled(q: torch.Tensor, k_bar: torch.Tensor, *, topk: float, block_q: int, block_k: int,
-                 proj_q: torch.Tensor | None, proj_k: torch.Tensor | None, group: int = ROUTE_GROUP) -> torch.Tensor:
+                 proj_q: torch.Tensor | None, proj_k: torch.Tensor | None) -> torch.Tensor:
     """The reference router's kept blocks (B×H×n_q×kk, ascending, int32) from `linear_stats`' key-block
-    means, in one Triton launch (and one D×D product of the projections, when there are any).
+    means, in one Triton launch.
 
-    (q̄ W_qᵀ)·(k̄_j W_kᵀ) = q̄ (W_qᵀ W_k) k̄_jᵀ, so the projections meet in one D×D matrix applied to the pooled
-    queries inside the kernel. k is not centred: that shifts each query block's scores by one constant and
-    changes no decision (the scores the kernel writes to scratch differ from the reference's by a constant
-    per row). `group` query blocks per program share each read of the key-block means.
+    (q̄ W_qᵀ)·(k̄_j W_kᵀ) = q̄·(k̄_j W_kᵀ W_q), so the projections are applied to the n_k key-block means
+    only. k is not centred: that shifts each query block's scores by one constant and changes no
+    decision (the scores the kernel writes to scratch differ from the reference's by a constant per row).
     """
     B, H, N, D = q.shape
     n_q, n_k = num_blocks(N, block_q), k_bar.shape[1]
     kk = keep_count(topk, n_k)
-    with torch.autocast(q.device.type, enabled=False):  # A in fp32 even under autocast
-        if proj_q is not None and proj_k is not None:
-            a = proj_q.detach().float().T @ proj_k.detach().float()
-        elif proj_q is not None or proj_k is not None:
-            a = proj_q.detach().float().T if proj_q is not None else proj_k.detach().float()
-        else:
-            a = k_bar  # unused
+    if proj_k is not None:
+        k_bar = k_bar @ proj_k.detach().float().T
+    if proj_q is not None:
+        k_bar = k_bar @ proj_q.detach().float()
+    k_bar = (k_bar * (1.0 / math.sqrt(D))).contiguous()
     scores = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.float32)
     indices = torch.empty(B, H, n_q, kk, device=q.device, dtype=torch.int32)
-    d_pad = _d_pad(D)
-    _route_kernel[(triton.cdiv(n_q, group), B * H)](
-        q, k_bar, a, scores, indices, *q.stride(), a.stride(0), a.stride(-1), H, N, n_q, n_k, kk,
-        1.0 / math.sqrt(D), D=D, ROW_ALIGN=_row_align(q), BLOCK_Q=block_q, D_PAD=d_pad,
-        NK_PAD=triton.next_power_of_2(n_k), CHUNK=max(16, ROUTE_TILE // (group * d_pad)), QB=group, E=16,
-        HAS_PROJ=proj_q is not None or proj_k is not None, num_warps=4)
+    _route_kernel[(n_q, B * H)](
+        q, k_bar, scores, indices, *q.stride(), H, N, n_q, n_k, kk, D=D, ROW_ALIGN=_row_align(q),
+        BLOCK_Q=block_q, D_PAD=_d_pad(D), NK_PAD=triton.next_power_of_2(n_k), CHUNK=ROUTE_CHUNK, num_warps=2)
     return indices
 
 
@@ -107,15 +100,13 @@ def _alpha_table(alpha: torch.Tensor, H: int, n_q: int) -> torch.Tensor:
     return alpha
 
 
-# How the fused kernel takes the kept blocks' share out of the linear branch's totals (`_sla2_fwd_kernel`).
-LIN_MODES = {"sum-in-loop": 0, "sum-first": 1}
+def _linear_first(block_q: int, d: int) -> bool:
+    """Sum the kept blocks' h_j in a loop of its own before the attention loop (instead of inside it)?
 
-
-def _lin_mode(block_q: int, d: int) -> str:
-    """Measured on an H100 (bench/RESULTS.md): summing h_j in a loop of its own first wins where registers are
-    tight (64-row query blocks on 4 warps; head dims padded to 128) and loses a little for 128-row blocks at
-    D = 64."""
-    return "sum-first" if block_q < 128 or d != _d_pad(d) else "sum-in-loop"
+    Measured on an H100 (bench/RESULTS.md): a separate loop wins where registers are tight (64-row query
+    blocks on 4 warps; head dims padded to 128) and loses a little for 128-row blocks at D = 64.
+    """
+    return block_q < 128 or d != _d_pad(d)
 
 
 def _num_warps(block_q: int) -> int:
@@ -133,11 +124,11 @@ def _alloc_like_layout(q: torch.Tensor) -> torch.Tensor:
 
 def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q: int, block_k: int,
                  feature_map: str, save: bool = False, num_warps: int | None = None,
-                 num_stages: int | None = None, lin_mode: str | None = None):
+                 num_stages: int | None = None, linear_first: bool | None = None):
     """Launch the fused kernel; `stats` None means every key block is kept (output = O_sparse).
 
     Returns O, or with `save` (O, O_sparse, lse) for the backward: B·H×N×D and B·H×N (log2 units).
-    `lin_mode` is one of LIN_MODES (None: `_lin_mode`'s choice).
+    `linear_first` picks the loop order (None: `_linear_first`'s choice).
     """
     B, H, N, D = q.shape
     n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), indices.shape[-1]
@@ -154,7 +145,7 @@ def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q:
         H, N, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, ROW_ALIGN=_row_align(q, k, v, out),
         BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), FEATURE=FEATURE_IDS[feature_map], LINEAR=linear,
         PREC=_precision(q.dtype), SAVE=save,
-        LIN_MODE=LIN_MODES[lin_mode or _lin_mode(block_q, D)],
+        LIN_FIRST=_linear_first(block_q, D) if linear_first is None else linear_first,
         num_warps=num_warps or _num_warps(block_q),
         **extra)
     return (out, o_s, lse) if save else out

@@ -89,68 +89,40 @@ def _stats_kernel(k_ptr, v_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, 
 
 
 @triton.jit
-def _route_kernel(q_ptr, kbar_ptr, a_ptr, scores_ptr, idx_ptr, sq_b, sq_h, sq_n, sq_d, sa_r, sa_c, H, N, n_q, n_k,
-                  kk, scale, D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr,
-                  NK_PAD: tl.constexpr, CHUNK: tl.constexpr, QB: tl.constexpr, E: tl.constexpr,
-                  HAS_PROJ: tl.constexpr):
-    """QB pooled query blocks against all key blocks, then each one's top kk as ascending indices.
+def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, sq_b, sq_h, sq_n, sq_d, H, N, n_q, n_k, kk,
+                  D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr,
+                  NK_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """Scores of one pooled query block against all key blocks, then its top kk as ascending indices.
 
-    Score of query block i and key block j: q̄_i A k̄_jᵀ · scale with A = W_qᵀW_k (`route_pooled`), applied to
-    the pooled queries here (E feature columns at a time, so registers stay small), so the key-block means
-    come straight from the statistics kernel. The QB query blocks share every read of the key-block means
-    (the reads, not arithmetic, are what a router program spends). Exact fp32 products and sums; ties go to
-    the lower block index.
+    `kbar` holds the key blocks already mapped so that q̄·kbar_j is the score (see `route_pooled`).
+    Ties go to the lower block index.
     """
-    pid = tl.program_id(0)
+    pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b, hh = _batch_and_head(bh, H)
     cols = tl.arange(0, D_PAD)
     dmask = cols < D
-    r = tl.arange(0, QB)
-    first = pid * QB
-    q_base = q_ptr + b * sq_b + hh * sq_h
-    u = tl.zeros([QB, D_PAD], dtype=tl.float32)
-    if HAS_PROJ:
-        for e0 in tl.static_range(0, D_PAD, E):
-            ce = e0 + tl.arange(0, E)
-            a = tl.load(a_ptr + ce[:, None] * sa_r + cols[None, :] * sa_c, mask=(ce < D)[:, None] & dmask[None, :],
-                        other=0.0)
-            for i in tl.static_range(QB):
-                rows = (first + i) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-                qc = tl.load(q_base + _row_tile(rows, ce, sq_n, sq_d, 1), mask=(rows < N)[:, None] & (ce < D)[None, :],
-                             other=0.0)
-                part = tl.sum(tl.sum(qc.to(tl.float32), 0)[:, None] * a, 0)
-                u = tl.where(r[:, None] == i, u + part[None, :], u)
-    else:
-        for i in tl.static_range(QB):
-            rows = (first + i) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-            q = tl.load(q_base + _row_tile(rows, cols, sq_n, sq_d, ROW_ALIGN),
-                        mask=(rows < N)[:, None] & dmask[None, :], other=0.0)
-            u = tl.where(r[:, None] == i, tl.sum(q.to(tl.float32), 0)[None, :], u)
-    count = tl.maximum(tl.minimum(N - (first + r) * BLOCK_Q, BLOCK_Q), 1).to(tl.float32)
-    u = u * (scale / count)[:, None]
-    live = first + r < n_q
-    row = (bh * n_q + first + r).to(tl.int64)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows, cols, sq_n, sq_d, ROW_ALIGN),
+                mask=(rows < N)[:, None] & dmask[None, :], other=0.0)
+    u = tl.sum(q.to(tl.float32), 0) / tl.minimum(N - pid_q * BLOCK_Q, BLOCK_Q).to(tl.float32)
+    row = (bh * n_q + pid_q).to(tl.int64)
     kbar_base = kbar_ptr + (bh * n_k).to(tl.int64) * D
     for c0 in range(0, n_k, CHUNK):
         blocks = c0 + tl.arange(0, CHUNK)
         kb = tl.load(kbar_base + blocks[:, None] * D + cols[None, :], mask=(blocks < n_k)[:, None] & dmask[None, :],
                      other=0.0)
-        sc = tl.sum(u[:, None, :] * kb[None, :, :], 2)
-        tl.store(scores_ptr + row[:, None] * n_k + blocks[None, :], sc, mask=live[:, None] & (blocks < n_k)[None, :])
+        tl.store(scores_ptr + row * n_k + blocks, tl.sum(kb * u[None, :], 1), mask=blocks < n_k)
     tl.debug_barrier()
     offs = tl.arange(0, NK_PAD)
-    for i in tl.static_range(QB):
-        if first + i < n_q:
-            row_i = (bh * n_q + first + i).to(tl.int64)
-            s = tl.load(scores_ptr + row_i * n_k + offs, mask=offs < n_k, other=float("-inf"))
-            chosen = offs < 0
-            for _ in range(kk):
-                hit = offs == tl.argmax(s, 0, tie_break_left=True)
-                chosen = chosen | hit
-                s = tl.where(hit, float("-inf"), s)
-            pos = tl.cumsum(chosen.to(tl.int32), 0) - 1
-            tl.store(idx_ptr + row_i * kk + pos, offs, mask=chosen)
+    s = tl.load(scores_ptr + row * n_k + offs, mask=offs < n_k, other=float("-inf"))
+    chosen = offs < 0
+    for _ in range(kk):
+        hit = offs == tl.argmax(s, 0, tie_break_left=True)
+        chosen = chosen | hit
+        s = tl.where(hit, float("-inf"), s)
+    pos = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    tl.store(idx_ptr + row * kk + pos, offs, mask=chosen)
 
 
 @triton.jit
@@ -174,14 +146,12 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
                      H, N, n_q, n_k, kk, qk_scale, D: tl.constexpr, ROW_ALIGN: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
                      FEATURE: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-                     LIN_MODE: tl.constexpr):
+                     LIN_FIRST: tl.constexpr):
     """One query block of one head: sparse softmax over its kk kept key blocks, linear over the rest, mixed.
 
-    With SAVE (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N). LIN_MODE
-    is how the kept blocks' share of the linear branch is taken out of the totals (`LIN_MODES` in
-    function.py): their h_j summed in fp32 registers inside the attention loop (0: fewer index loads, more
-    registers) or in a loop of their own first (1), which leaves O_linear, scaled by 1−α, waiting in the
-    input dtype.
+    With SAVE (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N). With
+    LIN_FIRST the kept blocks' h_j are summed in a loop of their own and O_linear, scaled by 1−α, waits in
+    the input dtype; otherwise the sum shares the attention loop (fewer index loads, more registers).
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -202,7 +172,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
         h_offs = cols[:, None] * D + cols[None, :]
         hz_base = (bh * n_k).to(tl.int64)
         a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i)
-        if LIN_MODE == 1:
+        if LIN_FIRST:
             h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, cols, dmask, dmask2, D, D_PAD)
             lin_part = ((1.0 - a) * _linear_out(q, h_kept, z_kept, htot_ptr, ztot_ptr, bh, cols, dmask, h_offs,
                                                 D, FEATURE, PREC)).to(q.dtype)
@@ -216,7 +186,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
         kvmask = kvalid[:, None] & dmask[None, :]
         kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask, other=0.0)
         vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
-        if LINEAR and LIN_MODE == 0:
+        if LINEAR and not LIN_FIRST:
             jb = hz_base + j
             h_kept += tl.load(h_ptr + jb * (D * D) + h_offs, mask=dmask2, other=0.0).to(tl.float32)
             z_kept += tl.load(z_ptr + jb * D + cols, mask=dmask, other=0.0)
@@ -234,7 +204,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
         tl.store(os_ptr + row_flat[:, None] * D + cols[None, :], out.to(os_ptr.dtype.element_ty), mask=qmask)
         tl.store(lse_ptr + row_flat, m_i + tl.log2(l_i), mask=rows_q < N)
     if LINEAR:
-        if LIN_MODE != 0:
+        if LIN_FIRST:
             out = a * out + lin_part.to(tl.float32)
         else:
             out = a * out + (1.0 - a) * _linear_out(q, h_kept, z_kept, htot_ptr, ztot_ptr, bh, cols, dmask, h_offs,
