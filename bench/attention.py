@@ -2,7 +2,8 @@
 (sparse part only) and sla2cli's Triton SLA2 all in (router + sparse + linear + mix), forward and backward.
 
     python bench/attention.py                 # the issue's table (bf16, medians of do_bench)
-    python bench/attention.py --sweep         # also sweep the fused kernel's num_warps / num_stages
+    python bench/attention.py --variants      # also time the fused kernel's other loop order
+    python bench/attention.py --sla DIR       # also time thu-ml/SLA all in, from a checkout at DIR
     python bench/attention.py --quick         # one small shape, to check the script
 
 Every SLA2 output is checked against the PyTorch reference on the same routing before it is timed (rel
@@ -30,10 +31,10 @@ from sla2cli.sla2.routing import Routing, num_blocks, route  # noqa: E402
 
 # (name, B, H, N, D, keep ratios, (block_q, block_k) settings)
 SHAPES = [
-    ("SLA paper", 1, 12, 32768, 128, (0.10, 0.05, 0.03), ((128, 64), (128, 128), (64, 64))),
-    ("JiT-B/16 2048px", 1, 12, 16416, 64, (0.05, 0.03), ((128, 64), (128, 128), (64, 64))),
+    ("SLA paper", 1, 12, 32768, 128, (0.10, 0.05, 0.03), ((128, 128), (128, 64))),
+    ("JiT-B/16 2048px", 1, 12, 16416, 64, (0.05, 0.03), ((128, 64), (128, 128))),
     ("JiT-B/16 1024px", 4, 12, 4128, 64, (0.05,), ((128, 64), (64, 64))),
-    ("JiT-H/16 2048px", 1, 16, 16416, 80, (0.05,), ((128, 64), (64, 64))),
+    ("JiT-H/16 2048px", 1, 16, 16416, 80, (0.05,), ((128, 64),)),
     ("PixelGen-XL 2048px", 1, 16, 16416, 72, (0.05,), ((128, 64),)),
 ]
 QUICK = [("quick", 1, 4, 4100, 80, (0.05,), ((64, 64),))]
@@ -92,7 +93,31 @@ def router_agreement(q, k, keep, block_q, block_k, proj_q, proj_k, indices) -> f
     return ((ref & mine).sum() / ref.sum()).item()
 
 
-def forward_rows(shapes, sweep: bool):
+def graph_ms(fn) -> float:
+    """Median ms of one call replayed from a CUDA graph (no host launch work): what a captured sampler pays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return ms(graph.replay)
+
+
+def sla_anchor(sla_dir: str | None, D: int, keep: float):
+    """thu-ml/SLA's module (all in) from a checkout at `sla_dir`, or None; it is read, not depended on."""
+    if not sla_dir:
+        return None
+    if sla_dir not in sys.path:
+        sys.path.insert(0, sla_dir)
+    from sparse_linear_attention import SparseLinearAttention
+
+    return SparseLinearAttention(D, keep, BLKQ=64, BLKK=64).cuda()
+
+
+def forward_rows(shapes, variants: bool, sla_dir: str | None):
     torch.manual_seed(0)
     rows = []
     for name, B, H, N, D, keeps, blocks in shapes:
@@ -110,9 +135,13 @@ def forward_rows(shapes, sweep: bool):
         print(f"{name} B={B} H={H} N={N} D={D} (q strides {q.stride()}): cuDNN {t_cudnn:.3f} ms, "
               f"flash {t_flash:.3f} ms", flush=True)
         for keep in keeps:
+            try:
+                sla = sla_anchor(sla_dir, D, keep)
+                t_sla = ms(lambda: sla(q, k, v)) if sla is not None else float("nan")
+            except Exception as exc:  # its kernels assert on head dims that are not powers of two
+                print(f"  thu-ml/SLA failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                t_sla = float("nan")
             for block_q, block_k in blocks:
-                if block_q == 64 and keep != 0.05:  # the small-block setting only once per shape, to save time
-                    continue
                 run = partial(sla2_triton, q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k,
                               proj_q=proj_q, proj_k=proj_k)
                 with torch.no_grad():
@@ -126,21 +155,15 @@ def forward_rows(shapes, sweep: bool):
                     ref = sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k,
                                          routing=full)
                     err = rel_err(out, ref)
-                    t_ref = ms(lambda: sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q,
-                                                      block_k=block_k, proj_q=proj_q, proj_k=proj_k))
                     same = torch.equal(out, run())
                     agree = router_agreement(q, k, keep, block_q, block_k, proj_q, proj_k, indices)
                     t_all = ms(run)
+                    t_graph = graph_ms(run)
                     t_stats = ms(lambda: linear_stats(k, v, block_k, "softmax"))
                     t_route = ms(lambda: route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k,
                                                       proj_q=proj_q, proj_k=proj_k))
                     t_main = ms(lambda: sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
                                                      block_k=block_k, feature_map="softmax"))
-                    other = {"linear_first": not _linear_first(block_q, D)}
-                    t_other = ms(lambda: sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
-                                                      block_k=block_k, feature_map="softmax", **other))
-                    err_other = rel_err(sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
-                                                     block_k=block_k, feature_map="softmax", **other), ref)
                     t_sparse = ms(lambda: sla2_forward(q, k, v, alpha, indices, None, block_q=block_q,
                                                        block_k=block_k, feature_map="softmax"))
                     try:
@@ -148,32 +171,28 @@ def forward_rows(shapes, sweep: bool):
                     except Exception as exc:  # flex's block-size / head-dim limits differ by version
                         print(f"  flex failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                         t_flex = float("nan")
+                    notes = []
+                    if variants and keep == 0.05:
+                        for first in (False, True):
+                            o = sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
+                                             feature_map="softmax", linear_first=first)
+                            t = ms(lambda: sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
+                                                        block_k=block_k, feature_map="softmax", linear_first=first))
+                            chosen = " (chosen)" if first == _linear_first(block_q, D) else ""
+                            notes.append(f"linear_first={first}{chosen} {t:.3f} (err {rel_err(o, ref):.1e})")
                     ref = full = mask = None
-                    sweep_note = ""
-                    if sweep and N == 32768 and keep == 0.05:
-                        trials = []
-                        for w in (4, 8):
-                            for s in (1, 2, 3):
-                                try:
-                                    trials.append((ms(lambda: sla2_forward(
-                                        q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
-                                        feature_map="softmax", num_warps=w, num_stages=s)), w, s))
-                                except triton.runtime.errors.OutOfResources:
-                                    pass
-                        sweep_note = " sweep " + " ".join(f"w{w}s{s}:{t:.3f}" for t, w, s in trials)
                 kk = indices.shape[-1]
                 n_k = num_blocks(N, block_k)
                 row = dict(name=name, shape=f"{B}x{H}x{N}x{D}", keep=keep, blocks=f"{block_q},{block_k}",
-                           kept=f"{kk}/{n_k}", cudnn=t_cudnn, flash=t_flash, flex=t_flex, sla2=t_all,
-                           stats=t_stats, route=t_route, main=t_main, sparse=t_sparse, ref=t_ref, err=err, agree=agree,
-                           det=same)
+                           kept=f"{kk}/{n_k}", cudnn=t_cudnn, flash=t_flash, flex=t_flex, sla=t_sla, sla2=t_all,
+                           graph=t_graph, stats=t_stats, route=t_route, main=t_main, sparse=t_sparse, err=err,
+                           agree=agree, det=same)
                 rows.append(row)
                 print(f"  keep {keep:.2f} blocks ({block_q},{block_k}) kk {kk}/{n_k}: sla2 {t_all:.3f} ms "
-                      f"({t_cudnn / t_all:.1f}x) = stats {t_stats:.3f} + router {t_route:.3f} + fused {t_main:.3f} "
-                      f"(its sparse part alone {t_sparse:.3f}; other loop order {t_other:.3f}, err {err_other:.2e}); "
-                      f"flex {t_flex:.3f}; torch reference {t_ref:.3f}; rel err {err:.2e}; "
-                      f"router agreement {agree:.4f}; "
-                      f"deterministic {same}{sweep_note}", flush=True)
+                      f"({t_cudnn / t_all:.1f}x; graph {t_graph:.3f}) = stats {t_stats:.3f} + router {t_route:.3f} "
+                      f"+ fused {t_main:.3f} (its sparse part alone {t_sparse:.3f}); flex {t_flex:.3f}; "
+                      f"thu-ml/SLA {t_sla:.3f}; rel err {err:.2e}; router agreement {agree:.4f}; "
+                      f"deterministic {same}" + ("".join(f"\n    {n}" for n in notes)), flush=True)
         q = k = v = None  # free the inputs before the next shape
         torch.cuda.empty_cache()
     return rows
@@ -217,17 +236,18 @@ def backward_rows(shapes):
 def print_tables(fwd, bwd):
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16, "
           "median of do_bench (ms)\n")
-    print("| shape BxHxNxD | keep | blocks | kept | cuDNN | flash | flex (sparse only) | sla2 all in | "
-          "sla2 = stats + router + fused (sparse part of fused) | router share | flex x | **sla2 x** | rel err | "
-          "router agree | det | torch reference |")
+    print("| shape BxHxNxD | keep | blocks | kept | cuDNN | flex (sparse only) | thu-ml/SLA | sla2 all in (graph) | "
+          "= stats + router + fused (sparse part) | router share | flex x | SLA x | **sla2 x** (graph) | rel err | "
+          "router agree | det |")
     print("| --- " * 16 + "|")
     for r in fwd:
         x = r["cudnn"]
-        print(f"| {r['shape']} | {r['keep']:.0%} | {r['blocks']} | {r['kept']} | {x:.3f} | {r['flash']:.3f} | "
-              f"{r['flex']:.3f} | {r['sla2']:.3f} | "
+        print(f"| {r['shape']} | {r['keep']:.0%} | {r['blocks']} | {r['kept']} | {x:.3f} | {r['flex']:.3f} | "
+              f"{r['sla']:.3f} | {r['sla2']:.3f} ({r['graph']:.3f}) | "
               f"{r['stats']:.3f} + {r['route']:.3f} + {r['main']:.3f} ({r['sparse']:.3f}) | "
-              f"{r['route'] / r['sla2']:.0%} | {x / r['flex']:.1f}x | **{x / r['sla2']:.1f}x** | {r['err']:.1e} | "
-              f"{r['agree']:.3f} | {'yes' if r['det'] else 'NO'} | {r['ref']:.2f} |")
+              f"{r['route'] / r['sla2']:.0%} | {x / r['flex']:.1f}x | {x / r['sla']:.1f}x | "
+              f"**{x / r['sla2']:.1f}x** ({x / r['graph']:.1f}x) | {r['err']:.1e} | "
+              f"{r['agree']:.3f} | {'yes' if r['det'] else 'NO'} |")
     if bwd:
         print("\n| backward BxHxNxD | keep | blocks | cuDNN | flash | sla2 | **sla2 x** | rel err dq, dk, dv, dα |")
         print("| --- " * 8 + "|")
@@ -240,13 +260,16 @@ def print_tables(fwd, bwd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--sla", metavar="DIR", help="a thu-ml/SLA checkout (its sparse_linear_attention folder)")
+    parser.add_argument("--shapes", default=None, help="comma-separated names of SHAPES rows to run (default all)")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--backward-only", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
-    fwd = [] if args.backward_only else forward_rows(QUICK if args.quick else SHAPES, args.sweep)
+    shapes = QUICK if args.quick else [s for s in SHAPES if not args.shapes or s[0] in args.shapes.split(",")]
+    fwd = [] if args.backward_only else forward_rows(shapes, args.variants, args.sla)
     bwd = []
     if not args.no_backward:
         try:

@@ -10,7 +10,8 @@ and applying classifier-free guidance v_u + w·(v_c − v_u) on that velocity (n
   followed by 1, respaced by the time shift t ↦ t / (t + (1 − t)·shift); guidance where
   low < t ≤ high, judged at the start of the step for both of its evaluations.
 
-The grid and the state z are float32 (float64 when the noise is), as in the originals; the network sees
+The grid and the state z are float32 (float64 when the noise is), as in the originals (guidance is judged
+on a host copy of the grid, so a step never waits for the GPU); the network sees
 z in its own parameter dtype, so it runs under `torch.autocast` or with low-precision weights alike.
 Conditional and unconditional passes run as one batch. Where guidance is off (outside the interval or
 w = 1) only the conditional pass runs: the originals compute v_u + 1·(v_c − v_u) there, which is v_c
@@ -118,22 +119,23 @@ def jit_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, s
     """LTH14/JiT `Denoiser.generate`: Heun (or Euler) steps on linspace(0, 1, steps+1), last step Euler."""
     if method not in ("heun", "euler"):
         raise InvalidParameter("method", method, "unknown JiT sampling {name} {value!r}; choose heun or euler")
-    grid = jit_time_grid(steps, _state_dtype(noise)).to(noise.device)
+    host_grid = jit_time_grid(steps, _state_dtype(noise))
+    grid = host_grid.to(noise.device)
     z = noise.to(_state_dtype(noise))
 
-    def v_at(z, t):
-        return _velocity(model, z, t, labels, cfg, _jit_guided(t, cfg_interval), t_eps)
+    def v_at(z, i):
+        return _velocity(model, z, grid[i], labels, cfg, _jit_guided(host_grid[i], cfg_interval), t_eps)
 
     for i in range(steps - 1):
         t, t_next = grid[i], grid[i + 1]
-        v = v_at(z, t)
+        v = v_at(z, i)
         if method == "heun":
             z_euler = z + (t_next - t) * v
-            v = 0.5 * (v + v_at(z_euler, t_next))
+            v = 0.5 * (v + v_at(z_euler, i + 1))
         z = z + (t_next - t) * v
         if trajectory is not None:
             trajectory.append(z)
-    z = z + (grid[-1] - grid[-2]) * v_at(z, grid[-2])
+    z = z + (grid[-1] - grid[-2]) * v_at(z, steps - 1)
     if trajectory is not None:
         trajectory.append(z)
     return z
@@ -143,11 +145,12 @@ def pixelgen_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor,
                     cfg_interval: tuple[float, float], time_shift: float = 2.0, t_eps: float = T_EPS,
                     trajectory: list | None = None, **_) -> torch.Tensor:
     """Zehong-Ma/PixelGen `HeunSamplerJiT` with exact Heun: shifted grid, guidance judged at t_cur."""
-    grid = pixelgen_time_grid(steps, time_shift, _state_dtype(noise)).to(noise.device)
+    host_grid = pixelgen_time_grid(steps, time_shift, _state_dtype(noise))
+    grid = host_grid.to(noise.device)
     z = noise.to(_state_dtype(noise))
     for i in range(steps):
         t, t_next = grid[i], grid[i + 1]
-        guide = _pixelgen_guided(t, cfg_interval)
+        guide = _pixelgen_guided(host_grid[i], cfg_interval)
         v = _velocity(model, z, t, labels, cfg, guide, t_eps)
         dt = t_next - t
         if i < steps - 1:

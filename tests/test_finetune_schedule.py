@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sla2cli.errors import InvalidParameter
+from sla2cli.errors import CheckpointError, InvalidParameter
 from sla2cli.finetune.schedule import EMA, LRSchedule
 
 
@@ -36,13 +36,33 @@ def test_ema_by_hand_and_state_round_trip():
     ema = EMA([p], 0.9)
     with torch.no_grad():
         p.copy_(torch.tensor([1.0, 0.0]))
-    ema.update()  # 0.9 * [0, 2] + 0.1 * [1, 0]
-    assert torch.allclose(ema.shadow[0], torch.tensor([0.1, 1.8]))
+    ema.update()  # one update: the average is p_1 itself, not 0.9 * p_0 + 0.1 * p_1
+    assert torch.allclose(ema.average()[0], torch.tensor([1.0, 0.0]))
+    with torch.no_grad():
+        p.copy_(torch.tensor([3.0, 1.0]))
+    ema.update()  # (0.1 * 0.9 * p_1 + 0.1 * p_2) / (1 - 0.81) = (0.09 p_1 + 0.1 p_2) / 0.19
+    expected = (0.09 * torch.tensor([1.0, 0.0]) + 0.1 * torch.tensor([3.0, 1.0])) / 0.19
+    assert torch.allclose(ema.average()[0], expected)
     saved = ema.state_dict()
     other = EMA([p], 0.9)
     other.load_state_dict(saved)
     other.copy_to_params()
-    assert torch.allclose(p, torch.tensor([0.1, 1.8]))
+    assert torch.allclose(p, expected)
+
+
+def test_ema_before_any_update_leaves_the_weights():
+    p = torch.nn.Parameter(torch.tensor([4.0]))
+    ema = EMA([p], 0.99)
+    ema.copy_to_params()
+    assert torch.equal(p, torch.tensor([4.0]))
+
+
+@pytest.mark.parametrize("state", [[torch.zeros(2)], {"shadow": [torch.zeros(3)], "updates": 1},
+                                   {"shadow": [torch.zeros(2)], "updates": -1}, {"shadow": [torch.zeros(2)]}])
+def test_ema_refuses_a_mismatched_state(state):
+    ema = EMA([torch.nn.Parameter(torch.zeros(2))], 0.9)
+    with pytest.raises(CheckpointError, match="EMA"):
+        ema.load_state_dict(state)
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.5, float("inf")])

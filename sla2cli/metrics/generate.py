@@ -9,6 +9,7 @@ files are written: a resumed run reproduces the files an uninterrupted one would
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import ProcessGroup
+from ..graphs import graphed
 from ..sampling import SamplerSettings, paired_inputs, sample_with, to_uint8
 from .samples import missing_indices, write_sample
 
@@ -55,12 +57,22 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _write_batch(folder: Path, indices: range, missing: list[int], images: torch.Tensor) -> None:
+    for i in missing:
+        write_sample(folder, i, images[i - indices.start])
+
+
 @torch.no_grad()
 def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settings: SamplerSettings, seed: int,
                      batch_size: int, device: torch.device, dtype: torch.dtype,
                      group: ProcessGroup = ProcessGroup(), progress: Progress | None = None,
-                     task: str = "sampling") -> Generation:
-    """Write samples 0..num_samples-1 of `model` into `folder` (which must exist), skipping those present."""
+                     task: str = "sampling", graphs: bool = True) -> Generation:
+    """Write samples 0..num_samples-1 of `model` into `folder` (which must exist), skipping those present.
+
+    `graphs`: on CUDA, replay the model's forward from CUDA graphs (`sla2cli.graphs`; same outputs, no
+    per-kernel launch cost), so sampling runs at the speed `sla2 profile` reports for graphs.
+    """
+    net = graphed(model, device) if graphs else model
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     mine = [b for k, b in enumerate(batches(num_samples, batch_size)) if k % group.world_size == group.rank]
@@ -72,16 +84,27 @@ def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settin
     if progress:
         progress(task, 0, total)
     start = time.perf_counter()
-    for b, missing in todo:
-        noise, labels = paired_inputs(seed, b, shape, cfg.num_classes, cfg.noise_scale)
-        with autocast(device, dtype):
-            images = to_uint8(sample_with(model, noise.to(device), labels.to(device), settings)).cpu()
-        for i in missing:
-            write_sample(folder, i, images[i - b.start])
-        generated += len(b)
-        written += len(missing)
-        if progress:
-            progress(task, generated, total)
+    # One helper thread encodes and writes a batch's PNGs and draws the next batch's noise while the GPU samples
+    # (at 2048 px those took about a second per image, as long as SLA2's forwards); FIFO, so noise comes first.
+    with ThreadPoolExecutor(max_workers=1) as io:
+        def inputs(k):
+            return io.submit(paired_inputs, seed, todo[k][0], shape, cfg.num_classes, cfg.noise_scale)
+
+        upcoming, writing = inputs(0) if todo else None, None
+        for k, (b, missing) in enumerate(todo):
+            noise, labels = upcoming.result()
+            upcoming = inputs(k + 1) if k + 1 < len(todo) else None
+            with autocast(device, dtype):
+                images = to_uint8(sample_with(net, noise.to(device), labels.to(device), settings)).cpu()
+            if writing is not None:
+                writing.result()  # surfaces a failed write; keeps one batch in flight
+            writing = io.submit(_write_batch, folder, b, missing, images)
+            generated += len(b)
+            written += len(missing)
+            if progress:
+                progress(task, generated, total)
+        if writing is not None:
+            writing.result()
     seconds = time.perf_counter() - start
     counts = [(generated, written, reused, seconds)]
     if group.distributed:

@@ -1,0 +1,78 @@
+"""A model's forward replayed from CUDA graphs, so sampling pays no per-kernel launch cost on the host.
+
+A JiT forward at 2048 px launches hundreds of kernels; with SLA2's shorter attention the host, not the
+GPU, sets the pace of an eager sampler (bench/RESULTS.md, "Profile"). `Graphed` captures the forward once
+per input signature (shapes, dtypes, autocast state) and replays it: the same kernels on the same inputs,
+so the outputs are those of the eager forward. Inputs are copied into the graph's own buffers and the
+output is copied out, so callers may keep or change what they pass and get.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WARMUP_CALLS = 2  # eager calls on a side stream before capture: Triton compiles, cuBLAS picks its kernels
+
+
+class Graphed(nn.Module):
+    """`model(z, t, y)` through CUDA graphs; `model` must be on CUDA, in eval mode, and not change while
+    this wrapper is in use (its weights are read by the replays; their values may change, their storage not).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._graphs: dict[tuple, tuple | None] = {}  # None: this signature could not be captured
+        self._pool = None
+        self.eager_reason: str | None = None  # why some signature runs eagerly, if one does
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        autocast = torch.is_autocast_enabled("cuda")
+        key = tuple((tuple(a.shape), a.dtype) for a in (z, t, y)) + (
+            autocast, torch.get_autocast_dtype("cuda") if autocast else None)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(z, t, y, autocast)
+            except RuntimeError as error:  # e.g. an op that synchronises with the host: keep the eager forward
+                self._graphs[key] = None
+                self.eager_reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        if self._graphs[key] is None:
+            return self.model(z, t, y)
+        graph, inputs, out = self._graphs[key]
+        for buffer, value in zip(inputs, (z, t, y)):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
+
+    @torch.no_grad()
+    def _capture(self, z, t, y, autocast: bool):
+        inputs = tuple(a.detach().clone(memory_format=torch.contiguous_format) for a in (z, t, y))
+        # Autocast's cast cache would hand the graph tensors it frees on exit; the casts are re-run instead.
+        cast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) if autocast \
+            else torch.autocast("cuda", enabled=False)
+        side = torch.cuda.Stream(z.device)
+        side.wait_stream(torch.cuda.current_stream(z.device))
+        with torch.cuda.stream(side), cast:
+            for _ in range(WARMUP_CALLS):
+                self.model(*inputs)
+        torch.cuda.current_stream(z.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), cast:
+            out = self.model(*inputs)
+        return graph, inputs, out
+
+
+def graphed(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`Graphed(model)` on CUDA; the model itself elsewhere (nothing to gain on a CPU)."""
+    return Graphed(model) if torch.device(device).type == "cuda" else model
