@@ -34,15 +34,13 @@ import torch
 
 from sla2cli import save_model
 from sla2cli.checkpoints import load_model
-from sla2cli.data.textures import CLASS_NAMES, NUM_CLASSES, class_batch, texture_batch
+from sla2cli.data.textures import CLASS_NAMES, NUM_CLASSES, TRAIN_SEED, class_batch, texture_batch
 from sla2cli.diffusion import add_noise, denoising_loss, noised, sample_t, v_loss
 from sla2cli.models.jit import JiT
 from sla2cli.models.shipped import DEMO_CONFIG, HELD_OUT_SEED, half_storage_copy
 from sla2cli.sampling import sample
 from sla2cli.seeding import PROBE_NOISE
 from sla2cli.sla2.stats import attention_entropy
-
-TRAIN_SEED = 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:

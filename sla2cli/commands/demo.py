@@ -69,8 +69,10 @@ def _render_convert(r: dict, console) -> None:
 
 
 def _render_finetune(r: dict, console) -> None:
-    table = Table(title=f"finetune ({r['stage']} stage, data-free: {r['data'].get('samples')} teacher samples; "
-                        f"{r['steps_run']} steps)", title_justify="left")
+    data = r["data"]
+    source = (f"images of {data['path']}" if data["source"] == "folder"
+              else f"data-free: {data.get('samples')} teacher samples")
+    table = Table(title=f"finetune ({r['stage']} stage on {source}; {r['steps_run']} steps)", title_justify="left")
     for name in ("layer", "kept / total", "rel. sq. error before", "after", "α mean", "drift W_q", "drift W_k"):
         table.add_column(name, justify="right")
     for row in r["per_layer"]:
@@ -79,8 +81,8 @@ def _render_finetune(r: dict, console) -> None:
                       f"{row['router_drift_k']:.4f}")
     console.print(table)
     console.print(f"mean relative squared attention error {r['mean_error_before']:.4f} → "
-                  f"{r['mean_error_after']:.4f} on the teacher's "
-                  f"samples; {_f(r['steps_per_second'], 2)} steps/s; wrote {r['output']}", highlight=False)
+                  f"{r['mean_error_after']:.4f} on its evaluation images; {_f(r['steps_per_second'], 2)} steps/s; "
+                  f"wrote {r['output']}", highlight=False)
 
 
 def _render_measure(r: dict, console) -> None:
@@ -103,7 +105,8 @@ def _render_measure(r: dict, console) -> None:
     for name in models:
         m = r[name]
         console.print(f"{name}: whole-model x-prediction error vs dense {m['model_relative_error']:.4f}; held-out "
-                      f"v-loss {m['held_out_v_loss']:.4f} (dense {m['dense_held_out_v_loss']:.4f})", highlight=False)
+                      f"v-loss {m['held_out_v_loss']:.4f} (dense {m['dense_held_out_v_loss']:.4f}, "
+                      f"{m['held_out_v_loss'] / m['dense_held_out_v_loss']:.3f}x)", highlight=False)
 
 
 def _render_samples(r: dict, console) -> None:

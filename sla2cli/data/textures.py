@@ -265,6 +265,7 @@ def class_batch(label: int, n: int, seed: int = 0, size: int = 64, device="cpu")
 
 
 # The demo's reference set: these images, regenerated on the spot (nothing is stored).
+TRAIN_SEED = 0  # the shipped demo model's training images (scripts/train_demo_model.py)
 REFERENCE_SEED = 20_260_001
 
 
