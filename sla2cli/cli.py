@@ -7,6 +7,7 @@ import traceback
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .commands import _common, convert, demo, eval_fid, finetune, profile, quality, stats
 from .commands._errors import cli_message
@@ -48,7 +49,7 @@ for _name, _module in (("convert", convert), ("finetune", finetune), ("profile",
 
 
 def _fail(message: str, code: int) -> int:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return code
 
 

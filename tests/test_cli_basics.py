@@ -32,3 +32,18 @@ def test_usage_names_the_model_argument_and_help_has_no_emoji(cli):
                 os.environ[k] = v
     assert code == 0 and "MODEL" in out and "{src}" not in out and "{model_path}" not in out
     assert "START:END" in out and "\N{END WITH LEFTWARDS ARROW ABOVE}" not in out
+
+
+def test_bracketed_text_in_an_error_is_shown_not_eaten_as_markup(tmp_path):
+    """Messages are plain text: a path like `[object]` or `x[1]` must reach the user intact."""
+    from sla2cli.cli import run
+
+    missing = tmp_path / "[object]" / "m.safetensors"
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run(["stats", str(missing)])
+    assert code != 0
+    assert "[object]" in err.getvalue()

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -135,10 +136,10 @@ class Output:
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.stderr.print(message, highlight=False)
+            self.stderr.print(escape(message), highlight=False)
 
     def warn(self, message: str) -> None:
-        self.stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+        self.stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     def emit(self, document: dict, render) -> None:
         """Print `document` as JSON, or call `render(console)` to draw it for a person."""
