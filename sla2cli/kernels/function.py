@@ -71,22 +71,24 @@ def route_pooled(q: torch.Tensor, k_bar: torch.Tensor, *, topk: float, block_q: 
     """The reference router's kept blocks (B×H×n_q×kk, ascending, int32) from `linear_stats`' key-block
     means, in one Triton launch.
 
-    (q̄ W_qᵀ)·(k̄_j W_kᵀ) = q̄·(k̄_j W_kᵀ W_q), so the projections are applied to the n_k key-block means
-    only. k is not centred: that shifts each query block's scores by one constant and changes no
-    decision (the scores the kernel writes to scratch differ from the reference's by a constant per row).
+    (q̄ W_qᵀ)·(k̄_j W_kᵀ) = q̄·(k̄_j W_kᵀ W_q), so the projections meet in one D×D matrix applied to the n_k
+    key-block means (no torch op at all without projections), and 1/√D is applied in-kernel. k is not
+    centred: that shifts each query block's scores by one constant and changes no decision (the scores the
+    kernel writes to scratch differ from the reference's by a constant per row).
     """
     B, H, N, D = q.shape
     n_q, n_k = num_blocks(N, block_q), k_bar.shape[1]
     kk = keep_count(topk, n_k)
-    if proj_k is not None:
-        k_bar = k_bar @ proj_k.detach().float().T
-    if proj_q is not None:
-        k_bar = k_bar @ proj_q.detach().float()
-    k_bar = (k_bar * (1.0 / math.sqrt(D))).contiguous()
+    if proj_q is not None or proj_k is not None:
+        with torch.autocast(q.device.type, enabled=False):  # the routing decisions in fp32, also under autocast
+            m = proj_k.detach().float().T if proj_k is not None else None
+            if proj_q is not None:
+                m = proj_q.detach().float() if m is None else m @ proj_q.detach().float()
+            k_bar = k_bar @ m
     scores = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.float32)
     indices = torch.empty(B, H, n_q, kk, device=q.device, dtype=torch.int32)
     _route_kernel[(n_q, B * H)](
-        q, k_bar, scores, indices, *q.stride(), H, N, n_q, n_k, kk, D=D, ROW_ALIGN=_row_align(q),
+        q, k_bar, scores, indices, *q.stride(), H, N, n_q, n_k, kk, 1.0 / math.sqrt(D), D=D, ROW_ALIGN=_row_align(q),
         BLOCK_Q=block_q, D_PAD=_d_pad(D), NK_PAD=triton.next_power_of_2(n_k), CHUNK=ROUTE_CHUNK, num_warps=2)
     return indices
 

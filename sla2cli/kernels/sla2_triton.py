@@ -89,12 +89,12 @@ def _stats_kernel(k_ptr, v_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, 
 
 
 @triton.jit
-def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, sq_b, sq_h, sq_n, sq_d, H, N, n_q, n_k, kk,
+def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, sq_b, sq_h, sq_n, sq_d, H, N, n_q, n_k, kk, scale,
                   D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr,
                   NK_PAD: tl.constexpr, CHUNK: tl.constexpr):
     """Scores of one pooled query block against all key blocks, then its top kk as ascending indices.
 
-    `kbar` holds the key blocks already mapped so that q̄·kbar_j is the score (see `route_pooled`).
+    `kbar` holds the key blocks already mapped so that scale·q̄·kbar_j is the score (see `route_pooled`).
     Ties go to the lower block index.
     """
     pid_q = tl.program_id(0)
@@ -105,7 +105,7 @@ def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, sq_b, sq_h, sq_n, sq_d, 
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows, cols, sq_n, sq_d, ROW_ALIGN),
                 mask=(rows < N)[:, None] & dmask[None, :], other=0.0)
-    u = tl.sum(q.to(tl.float32), 0) / tl.minimum(N - pid_q * BLOCK_Q, BLOCK_Q).to(tl.float32)
+    u = tl.sum(q.to(tl.float32), 0) * (scale / tl.minimum(N - pid_q * BLOCK_Q, BLOCK_Q).to(tl.float32))
     row = (bh * n_q + pid_q).to(tl.int64)
     kbar_base = kbar_ptr + (bh * n_k).to(tl.int64) * D
     for c0 in range(0, n_k, CHUNK):
