@@ -15,7 +15,7 @@ from rich.console import Console
 
 import sla2cli.finetune.trainer as trainer
 
-HEAVY = ("torch", "torchvision", "torch_fidelity", "fvcore", "matplotlib", "safetensors")
+HEAVY = ("torch", "torchvision", "torch_fidelity", "fvcore", "matplotlib", "safetensors", "huggingface_hub")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -54,7 +54,8 @@ def test_weights_swapped_after_the_check_are_never_unpickled(cli, inception_weig
     real_load, real_create = torch.load, evaluate_module.create_extractor
 
     def recording_load(f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and Path(f).resolve() == weights.resolve():
+        name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)  # a path or an open file
+        if isinstance(name, (str, os.PathLike)) and Path(name).resolve() == weights.resolve():
             loads.append(kwargs.get("weights_only"))
         return real_load(f, *args, **kwargs)
 

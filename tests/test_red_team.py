@@ -416,3 +416,32 @@ def test_non_finite_and_integer_weights_convert_with_a_warning(cli, tmp_path):
     assert "1 tensor(s) are stored as int64, not floating point, and are read as float32" in warnings[1]
     shown = " ".join(err.split())  # the console wraps at its width
     assert all(f"warning: {w}" in shown for w in warnings[:2])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_special_files_as_inception_weights_or_reference_statistics_do_not_hang(tmp_path, kind):
+    """--inception-weights and an .npz --ref are read through the same non-blocking open as checkpoints."""
+    from sla2cli.errors import SLA2Error
+    from sla2cli.metrics.fid import load_statistics
+    from sla2cli.metrics.inception import load_weights
+
+    path = _special(kind, tmp_path / "special.npz")
+    for load in (load_weights, load_statistics):
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(error=_raised(load, path)), daemon=True)
+        thread.start()
+        thread.join(30)
+        if thread.is_alive() and kind == "fifo":
+            with open(path, "wb"):  # release the reader so the test run is not left hanging
+                pass
+        assert not thread.is_alive(), f"{load.__name__} waited on a {kind}"
+        error = outcome["error"]
+        assert isinstance(error, SLA2Error) and "not a file" in str(error) and "\n" not in str(error)
+
+
+def _raised(call, *args):
+    try:
+        call(*args)
+    except Exception as exc:  # the test inspects what was raised
+        return exc
+    return None

@@ -102,7 +102,9 @@ def open_regular(path: Path) -> BinaryIO:
         kind = next((name for test, name in _SPECIAL if test(mode)), "not a regular file")
         raise CheckpointError(f"{path} is {kind}, not a file")
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    file = os.fdopen(fd, "rb")
+    file.raw.name = str(path)  # messages and readers name the file, not its descriptor
+    return file
 
 
 def _sniff(path: Path) -> str:

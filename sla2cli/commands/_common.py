@@ -40,9 +40,33 @@ InContextStartOpt = Annotated[Optional[int], typer.Option(
     "--in-context-start", help="Block where in-context tokens join; needed only for non-preset architectures.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a full unpickle of a file you trust.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+
+
+def model_source(text) -> Path:
+    """A model argument's value as a local file. Every command's MODEL, --compare-to and --dense parse through
+    here, so an `hf://ORG/REPO/PATH` source is fetched into the Hugging Face cache before the command runs, and
+    its output-is-input checks compare the cached file itself."""
+    from ..checkpoints.sources import resolve_source
+
+    return resolve_source(text)
+
+
+def local_path(text) -> Path:
+    """Every other path option's value (outputs, data): local only. Without this, `-o hf://org/repo/x` would be
+    read as the folder `hf:`."""
+    from ..checkpoints.sources import is_hub_source
+
+    if is_hub_source(text):
+        raise typer.BadParameter(f"{text} is on the Hugging Face Hub; hf:// is read only for models, this takes "
+                                 "a local path")
+    return Path(text)
+
+
+HUB_HELP = ("local, or on the Hugging Face Hub as hf://ORG/REPO/PATH (hf://ORG/REPO@REVISION/PATH: a branch, tag or "
+            "commit)")
 ModelArg = Annotated[Path, typer.Argument(
     metavar="MODEL", help="Checkpoint: official JiT .pth, PixelGen .ckpt, state_dict or .safetensors (dense or "
-                          "converted).", show_default=False)]
+                          f"converted), {HUB_HELP}.", show_default=False, parser=model_source)]
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

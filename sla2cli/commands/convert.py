@@ -21,6 +21,7 @@ from ._common import (
     WeightsOpt,
     claim_outputs,
     finite,
+    local_path,
     resolve_device,
 )
 
@@ -28,7 +29,8 @@ from ._common import (
 def command(
     ctx: typer.Context,
     src: ModelArg,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the result.")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the result.",
+                                                   parser=local_path)] = None,
     layers: Annotated[Optional[str], typer.Option(
         help="Layers to convert: 6-11, 0,2,5-7, all, none, last:6 (default: all for a dense model, unchanged for "
              "a converted one).")] = None,

@@ -11,7 +11,7 @@ from rich.rule import Rule
 from rich.table import Table
 
 from ..report import layers_table
-from ._common import DeviceOpt, JsonOpt, Output, SeedOpt, resolve_device
+from ._common import DeviceOpt, JsonOpt, Output, SeedOpt, local_path, resolve_device
 
 
 def _f(value, digits: int = 3) -> str:
@@ -191,7 +191,7 @@ def summary_table(r: dict, layers: list[int], timings: dict[str, float]) -> Tabl
 def command(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the converted and finetuned models, the sample "
                                           "grid and sla2-demo.json (made if absent; reused only if an earlier demo "
-                                          "made it).")] = Path("sla2-demo"),
+                                          "made it).", parser=local_path)] = Path("sla2-demo"),
     fast: Annotated[bool, typer.Option("--fast", help="Fewer samples, steps and repetitions: the same pipeline "
                                        "in a fraction of the time, with noisier numbers (for tests).")] = False,
     device: DeviceOpt = None,

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ._common import (
+    HUB_HELP,
     DeviceOpt,
     DtypeOpt,
     InContextStartOpt,
@@ -20,6 +21,8 @@ from ._common import (
     TrustOpt,
     WeightsOpt,
     finite,
+    local_path,
+    model_source,
     resolve_device,
     resolve_dtype,
 )
@@ -49,10 +52,10 @@ def command(
                         ] = "inception",
     grid: Annotated[Optional[Path], typer.Option("--grid", help="Write a PNG of the first 16 samples, with "
                                                  "--compare-to's below them, labelled by class.",
-                                                 show_default=False)] = None,
+                                                 show_default=False, parser=local_path)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Sample folder ({index:06d}.png; a re-run resumes). "
                                                     "Default: sla2-samples/<model>-<settings>, removed after "
-                                                    "unless --keep-samples.")] = None,
+                                                    "unless --keep-samples.", parser=local_path)] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
     cfg: Annotated[Optional[float], typer.Option(help="Guidance scale (default per preset: JiT-B 3.0, L 2.4, H 2.2; "
                                                  "/32: 3.0, 2.5, 2.3; PixelGen-XL 2.25).", parser=finite)] = None,
@@ -66,11 +69,12 @@ def command(
     seed: SeedOpt = 0,
     inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="torch-fidelity's "
                                                               "weights-inception-2015-12-05-6726825d.pth (default: "
-                                                              "torch-fidelity's cache).")] = None,
+                                                              "torch-fidelity's cache).", parser=local_path)] = None,
     isc: Annotated[bool, typer.Option("--isc", help="Also compute the Inception Score.")] = False,
     compare_to: Annotated[Optional[Path], typer.Option("--compare-to", help="Another model, or a sample folder "
                                                        "from the same seed: adds PSNR/SSIM/MAE per image (and "
-                                                       "FID between the sets, with --ref).")] = None,
+                                                       f"FID between the sets, with --ref); {HUB_HELP}.",
+                                                       parser=model_source)] = None,
     keep_samples: Annotated[bool, typer.Option("--keep-samples", help="Keep the default sample folder.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --grid file.")] = False,
     sla2_backend: Annotated[str, typer.Option("--sla2-backend", help="SLA2 implementation for converted layers: "

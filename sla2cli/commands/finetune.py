@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ._common import (
+    HUB_HELP,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
@@ -24,6 +25,8 @@ from ._common import (
     WeightsOpt,
     finite,
     invocation,
+    local_path,
+    model_source,
     resolve_device,
 )
 
@@ -32,15 +35,18 @@ if TYPE_CHECKING:
     from ..finetune.state import Interrupted
 
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", show_default=False,
-                                          help="A converted (SLA2) model, as `sla2 convert` writes it.")]
+                                          help=f"A converted (SLA2) model, as `sla2 convert` writes it; {HUB_HELP}.",
+                                          parser=model_source)]
 
 
 def command(
     model_path: ModelArg,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the finetuned model "
-                                                   "(its resumable state goes next to it as DST.resume.pt).")] = None,
+                                                   "(its resumable state goes next to it as DST.resume.pt).",
+                                                   parser=local_path)] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Image folder: one sub-folder per class (or a flat "
-                                                 "folder with --class-index), resized and centre-cropped.")] = None,
+                                                 "folder with --class-index), resized and centre-cropped.",
+                                                 parser=local_path)] = None,
     data_free: Annotated[bool, typer.Option("--data-free", help="Train on samples of the dense model itself "
                                             "(Heun, random labels) instead of --data.")] = False,
     class_index: Annotated[Optional[int], typer.Option("--class-index", help="Class of every image of a flat "
@@ -84,7 +90,8 @@ def command(
     backend: Annotated[str, typer.Option("--backend", help="SLA2 implementation to train with: auto (Triton "
                                          "kernels on CUDA when available), torch, triton.")] = "auto",
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the loss and per-layer error curves "
-                                                 "as a PNG (needs matplotlib, the 'plot' extra).")] = None,
+                                                 "as a PNG (needs matplotlib, the 'plot' extra).",
+                                                 parser=local_path)] = None,
     weights: WeightsOpt = "auto",
     in_context_start: InContextStartOpt = None,
     trust_checkpoint: TrustOpt = False,

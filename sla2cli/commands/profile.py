@@ -9,6 +9,7 @@ import typer
 
 from ..errors import UsageError
 from ._common import (
+    HUB_HELP,
     DeviceOpt,
     ForceOpt,
     InContextStartOpt,
@@ -18,6 +19,8 @@ from ._common import (
     TrustOpt,
     WeightsOpt,
     finite,
+    local_path,
+    model_source,
     resolve_device,
     resolve_dtype,
 )
@@ -39,7 +42,8 @@ def _resolutions(text: str | None) -> list[int]:
 def command(
     model_path: Annotated[Optional[Path], typer.Argument(
         help="Checkpoint (dense or converted): official JiT .pth, PixelGen .ckpt, state_dict or .safetensors. "
-             "Omit it and pass --arch to profile random weights.", show_default=False, metavar="MODEL")] = None,
+             f"Omit it and pass --arch to profile random weights. The file is {HUB_HELP}.",
+        show_default=False, metavar="MODEL", parser=model_source)] = None,
     arch: Annotated[Optional[str], typer.Option(
         help="Profile a preset with random weights: JiT-B/16, JiT-B/32, JiT-L/16, JiT-L/32, JiT-H/16, JiT-H/32, "
              "PixelGen-XL.")] = None,
@@ -54,7 +58,7 @@ def command(
         "--sweep-resolution", help="Also time end to end at these resolutions, e.g. 256,512,1024,2048.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write latency and attention share against resolution, and "
                                                  "the per-layer speedup, as a PNG (needs matplotlib, the 'plot' "
-                                                 "extra).")] = None,
+                                                 "extra).", parser=local_path)] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Tables with every column (FLOPs, CUDA-graph times, the rest "
                                        "of the block); the default fits 120 columns. --json has everything.")] = False,
     bench_ms: Annotated[float, typer.Option("--bench-ms", help="Time spent per measurement in ms (CUDA: "

@@ -20,6 +20,8 @@ from ._common import (
     TrustOpt,
     WeightsOpt,
     finite,
+    local_path,
+    model_source,
     resolve_device,
     resolve_dtype,
 )
@@ -29,9 +31,11 @@ def command(
     model_path: ModelArg,
     dense_path: Annotated[Optional[Path], typer.Option("--dense", help="The dense model to compare with (default: "
                                                        "MODEL with its SLA2 layers removed, its source after a "
-                                                       "stage-1 finetune; after --full, name the original).")] = None,
+                                                       "stage-1 finetune; after --full, name the original).",
+                                                       parser=model_source)] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Image folder for the v-loss (as `sla2 finetune "
-                                                 "--data`); default: samples of the dense model.")] = None,
+                                                 "--data`); default: samples of the dense model.",
+                                                 parser=local_path)] = None,
     class_index: Annotated[Optional[int], typer.Option("--class-index", help="Class of every image of a flat "
                                                        "--data folder.")] = None,
     samples: Annotated[int, typer.Option("-n", "--samples", help="Paired samples (same noise and labels for "

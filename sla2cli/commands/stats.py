@@ -21,6 +21,7 @@ from ._common import (
     TrustOpt,
     WeightsOpt,
     finite,
+    local_path,
     resolve_device,
     resolve_dtype,
 )
@@ -37,7 +38,7 @@ def command(
     resolution: Annotated[Optional[int], typer.Option(help="Image size for --measure (default: the model's).")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw a heatmap as a PNG: α per layer and head "
                                                  "(converted model), or the captured softmax mass per layer and "
-                                                 "topk (dense model). Needs matplotlib.")] = None,
+                                                 "topk (dense model). Needs matplotlib.", parser=local_path)] = None,
     weights: WeightsOpt = "auto",
     in_context_start: InContextStartOpt = None,
     trust_checkpoint: TrustOpt = False,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoints.reading import open_regular
 from ..errors import InvalidParameter, SLA2Error
 from .features import FEATURE_SPACES, FeatureSpace, input_features
 
@@ -47,7 +48,7 @@ def load_statistics(path: Path, parameter: str = "path", space: FeatureSpace = F
     Errors name the file as the argument `parameter` of the caller (`ref` for `resolve_reference`).
     """
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_regular(Path(path)) as file, np.load(file, allow_pickle=False) as data:
             missing = [k for k in ("mu", "sigma") if k not in data.files]
             if missing:
                 raise InvalidParameter(parameter, path, "{name} {value} has no {missing} (found: {found}); an .npz "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints.reading import open_regular
 from ..errors import InvalidParameter, Param, ParameterError, SLA2Error
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -46,12 +47,13 @@ def download(url: str, dst: Path, progress: bool = False, timeout: float = DOWNL
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict of torch-fidelity's InceptionV3, loaded without unpickling code, checked."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        detail = " ".join(str(exc).split())[:200]
-        raise SLA2Error(f"Inception weights {path} cannot be read as a plain state_dict ({detail}); "
-                        f"use torch-fidelity's {INCEPTION_FILE}") from None
+    with open_regular(Path(path)) as file:  # a FIFO or device is refused, never waited on
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise SLA2Error(f"Inception weights {path} cannot be read as a plain state_dict ({detail}); "
+                            f"use torch-fidelity's {INCEPTION_FILE}") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     conv = state.get("Conv2d_1a_3x3.conv.weight") if isinstance(state, dict) else None
     if not (torch.is_tensor(fc) and tuple(fc.shape) == (1008, 2048)
