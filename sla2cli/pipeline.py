@@ -25,6 +25,7 @@ from .conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, convert_model, sla2_settings,
 from .data.textures import CLASS_NAMES, REFERENCE_SEED, TRAIN_SEED, reference_set, texture_batch
 from .diffusion import noised, v_loss
 from .errors import InvalidParameter
+from .graphs import graphed
 from .metrics.grid import image_grid
 from .models.jit import JiT
 from .models.shipped import DEMO, DEMO_MODEL_PATH, HELD_OUT_SEED
@@ -284,7 +285,7 @@ def step_samples(demo: Demo) -> dict:
         models.append(("SLA2 finetuned", demo.tuned))
     images = {}
     for name, model in models:
-        images[name] = sample(model, noise, labels, steps=plan.sample_steps, cfg=1.0)
+        images[name] = sample(graphed(model, demo.device), noise, labels, steps=plan.sample_steps, cfg=1.0)
     rows = list(images.items())
     best = rows[-1][0]
     rows.append((f"|dense - {best}| x4", (images["dense"] - images[best]).abs() * 4 - 1))
