@@ -32,7 +32,9 @@ def test_recipe_runs_both_stages_reports_and_cleans_up(cli, src, tmp_path):
     for key in ("converted", "stage1", "finetuned", "control"):
         assert h[key]["ratio"] == pytest.approx(h[key]["model"] / h[key]["dense"])
     assert h["finetuned_vs_control"] == pytest.approx(h["finetuned"]["model"] / h["control"]["model"])
-    assert h["control"]["ratio"] == pytest.approx(1.0, abs=0.05)  # every block kept: dense up to 2 small steps
+    # every block kept: the dense model moved by 2 full steps (the bias-corrected EMA keeps the trained
+    # weights, not 99% of the starting ones), which shifts a random model's loss by tens of percent at most
+    assert 0.5 < h["control"]["ratio"] < 1.5
     assert dst.exists() and (tmp_path / "out.control.safetensors").exists()
     assert not stage1_path(dst).exists()  # the intermediate is gone
 
