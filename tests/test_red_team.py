@@ -416,6 +416,11 @@ def test_non_finite_and_integer_weights_convert_with_a_warning(cli, tmp_path):
     assert "1 tensor(s) are stored as int64, not floating point, and are read as float32" in warnings[1]
     shown = " ".join(err.split())  # the console wraps at its width
     assert all(f"warning: {w}" in shown for w in warnings[:2])
+    # every other command that reads a model says the same
+    for args in (["stats", src], ["profile", src, "--device", "cpu", "--bench-ms", "1", "--layers", "none"]):
+        code, _, err = cli(*args, "--in-context-start", "2", "--json")
+        assert code == 0, err
+        assert f"warning: {warnings[0]}" in " ".join(err.split())
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])
@@ -445,3 +450,16 @@ def _raised(call, *args):
     except Exception as exc:  # the test inspects what was raised
         return exc
     return None
+
+
+def test_a_special_file_in_a_reference_folder_is_refused_before_sampling(tmp_path):
+    from sla2cli.metrics.fid import resolve_reference
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(2):
+        (ref / f"{i}.png").write_bytes(b"")
+    os.mkfifo(ref / "2.png")
+    with pytest.raises(InvalidParameter, match="2.png, which is not a regular file") as exc:
+        resolve_reference(str(ref))
+    assert exc.value.parameter == "ref"

@@ -183,6 +183,16 @@ class Output:
             yield progress
 
 
+def load_model_warned(out: "Output", path, **options):
+    """`load_model`, with what the file's numbers hold (NaN, infinities, integer tensors) said as warnings."""
+    from ..checkpoints import load_model
+
+    model, info = load_model(path, **options)
+    for warning in info.warnings:
+        out.warn(warning)
+    return model, info
+
+
 def claim_outputs(ctx: typer.Context, paths, sources=()) -> None:
     """Claim `paths` against other writers (`checkpoints.writing.claim`) until this command ends, however."""
     from ..checkpoints.writing import claim

@@ -25,6 +25,7 @@ from ._common import (
     WeightsOpt,
     finite,
     invocation,
+    load_model_warned,
     local_path,
     model_source,
     resolve_device,
@@ -103,7 +104,7 @@ def command(
 ):
     """Finetune a converted model's router and α against dense attention (or all weights with --full)."""
     from .. import plots
-    from ..checkpoints import check_output, load_model
+    from ..checkpoints import check_output
     from ..distributed import init_from_env, rank_device, shutdown
     from ..finetune import DataSpec, FinetuneConfig, StepInfo, TopkSchedule, run_finetune
     from ..finetune.config import RECIPE
@@ -141,7 +142,7 @@ def command(
     group = init_from_env(dev)
     try:
         dev = rank_device(dev, group)
-        model, info = load_model(model_path, weights=weights, in_context_start=in_context_start,
+        model, info = load_model_warned(out, model_path, weights=weights, in_context_start=in_context_start,
                                  trust_checkpoint=trust_checkpoint)
 
         def started(summary: dict) -> None:

@@ -19,6 +19,7 @@ from ._common import (
     TrustOpt,
     WeightsOpt,
     finite,
+    load_model_warned,
     local_path,
     model_source,
     resolve_device,
@@ -77,7 +78,7 @@ def command(
 ):
     """Per-layer FLOPs and latency of dense vs SLA2 attention, end-to-end speedup, ceiling and advice."""
     from .. import plots
-    from ..checkpoints import check_output, load_model
+    from ..checkpoints import check_output
     from ..profiling import Timer, check_profile_options, profile_model, random_model, render, select_layers
 
     out = Output(json_output)
@@ -100,7 +101,7 @@ def command(
         model = random_model(arch, resolution=resolution, device=dev, seed=seed)
         label = f"{arch} (random weights)"
     else:
-        model, info = load_model(model_path, weights=weights, in_context_start=in_context_start,
+        model, info = load_model_warned(out, model_path, weights=weights, in_context_start=in_context_start,
                                  trust_checkpoint=trust_checkpoint)
         label = f"{model_path.name} ({info.weights})"
     select_layers(model, layers, topk)

@@ -20,6 +20,7 @@ from ._common import (
     TrustOpt,
     WeightsOpt,
     finite,
+    load_model_warned,
     local_path,
     model_source,
     resolve_device,
@@ -54,7 +55,6 @@ def command(
     json_output: JsonOpt = False,
 ):
     """How far a converted model is from its dense source: v-loss ratio, PSNR/SSIM of paired samples, layer errors."""
-    from ..checkpoints import load_model
     from ..metrics.quality import folder_images, quality_report
 
     out = Output(json_output)
@@ -62,8 +62,8 @@ def command(
         raise UsageError("--class-index labels the images of a --data folder; pass --data DIR too")
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     options = dict(weights=weights, in_context_start=in_context_start, trust_checkpoint=trust_checkpoint)
-    model, info = load_model(model_path, **options)
-    dense = load_model(dense_path, **options)[0] if dense_path is not None else None
+    model, info = load_model_warned(out, model_path, **options)
+    dense = load_model_warned(out, dense_path, **options)[0] if dense_path is not None else None
     images = labels = described = None
     if data is not None:
         images, labels, described = folder_images(data, model.config, eval_samples, seed=seed, class_index=class_index)

@@ -21,6 +21,7 @@ from ._common import (
     TrustOpt,
     WeightsOpt,
     finite,
+    load_model_warned,
     local_path,
     resolve_device,
     resolve_dtype,
@@ -51,7 +52,7 @@ def command(
     """Per-layer SLA2 statistics: settings, α per head, router drift, with --measure real behaviour; for a dense
     model, how concentrated each layer's attention is and which layers to convert."""
     from .. import plots
-    from ..checkpoints import check_output, load_model
+    from ..checkpoints import check_output
     from ..conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, SLA2_PRESETS, SUGGEST_MIN_MASS, suggest_layers
     from ..profiling.profile import layer_spec
     from ..sla2.stats import attention_concentration, describe_layers, measure_layers, own_noised_batch
@@ -65,7 +66,7 @@ def command(
         plots.require_matplotlib()
         check_output(plot, force, (model_path,))
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    model, info = load_model(model_path, weights=weights, in_context_start=in_context_start,
+    model, info = load_model_warned(out, model_path, weights=weights, in_context_start=in_context_start,
                              trust_checkpoint=trust_checkpoint)
     if resolution is not None and (resolution <= 0 or resolution % model.config.patch_size):
         raise UsageError(f"--resolution must be a positive multiple of the patch size {model.config.patch_size}")

@@ -23,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from ..errors import InvalidParameter, Param, UsageError
+from ..checkpoints.reading import open_regular
+from ..errors import CheckpointError, InvalidParameter, Param, UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -57,10 +58,10 @@ class UnreadableImage(UsageError):
 
 
 def _load(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
+    try:  # a FIFO or device named like an image is refused, never waited on
+        with open_regular(Path(path)) as file, Image.open(file) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError, CheckpointError) as exc:
         raise UnreadableImage(f"cannot read image {path} ({' '.join(str(exc).split())[:160]}); remove it from the "
                               "data folder") from None
 

@@ -9,6 +9,8 @@ A reference (`--ref`) is one of
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +77,12 @@ def resolve_reference(ref: str, space: FeatureSpace = FEATURE_SPACES["inception"
     from torch_fidelity.registry import DATASETS_REGISTRY
     path = Path(ref)
     if path.is_dir():
-        count = len(folder_images(path))
+        images = folder_images(path)
+        special = next((f for f in images if not stat.S_ISREG(os.stat(f).st_mode)), None)
+        if special is not None:  # torch-fidelity would open it and wait (a FIFO) or read forever (a device)
+            raise InvalidParameter("ref", ref, "{name} {value} holds {special}, which is not a regular file; remove "
+                                   "it from the folder", special=special)
+        count = len(images)
         if count < 2:
             raise InvalidParameter("ref", ref, "{name} {value} holds {count} image(s) ({extensions}, not searched "
                                    "recursively); FID needs at least 2", count=count, extensions=IMAGE_EXTENSIONS)
