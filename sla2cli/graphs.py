@@ -25,7 +25,6 @@ class Graphed(nn.Module):
         self.model = model
         self._graphs: dict[tuple, tuple | None] = {}  # None: this signature could not be captured
         self._pool = None
-        self.eager_reason: str | None = None  # why some signature runs eagerly, if one does
 
     @property
     def num_classes(self) -> int:
@@ -42,9 +41,8 @@ class Graphed(nn.Module):
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(z, t, y, autocast)
-            except RuntimeError as error:  # e.g. an op that synchronises with the host: keep the eager forward
+            except RuntimeError:  # e.g. an op that synchronises with the host: keep the eager forward
                 self._graphs[key] = None
-                self.eager_reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if self._graphs[key] is None:
             return self.model(z, t, y)
         graph, inputs, out = self._graphs[key]

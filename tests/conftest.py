@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,30 @@ def cli(capsys):
         captured = capsys.readouterr()
         return code, captured.out, captured.err
     return invoke
+
+
+def within(seconds: float, call, fifo: Path):
+    """`call()` (its value, or what it raised), failing the test instead of hanging it if it takes longer than
+    `seconds`."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = call()
+        except Exception as exc:  # re-raised in the test's own thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if stat.S_ISFIFO(os.stat(fifo).st_mode):
+            open(fifo, "wb").close()  # a writer comes and goes: the blocked reader sees the end
+        thread.join()
+        pytest.fail(f"blocked on {fifo}")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def one_json(stdout: str) -> dict:

@@ -13,12 +13,11 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import typing
 
 import pytest
 import torch
-from conftest import TINY, nonzero_model, one_json
+from conftest import TINY, nonzero_model, one_json, within
 from finetune_support import converted_file, one_thread, random_model  # noqa: F401
 from official_jit import official_args, write_official_pth
 from safetensors import safe_open
@@ -67,25 +66,11 @@ def _special(kind: str, path: pathlib.Path):
     return pathlib.Path("/dev/zero")  # a character device that never ends
 
 
-def _within(seconds: float, call, fifo: pathlib.Path):
-    """`call()`, failing the test (instead of hanging it) if it takes longer than `seconds`."""
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(value=call()), daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        if stat.S_ISFIFO(os.stat(fifo).st_mode):
-            open(fifo, "wb").close()  # a writer comes and goes: the blocked reader sees the end
-        thread.join()
-        pytest.fail(f"blocked on {fifo}")
-    return result["value"]
-
-
 @pytest.mark.parametrize("kind", ["fifo", "directory", "socket", "char-device"])
 def test_special_files_as_inputs_are_refused_without_opening_them(cli, tmp_path, kind):
     special = _special(kind, tmp_path / "model.pth")
     for args in (("stats", special), ("convert", special, "-o", tmp_path / "out.safetensors")):
-        code, out, err = _within(30, lambda: cli(*args), special)
+        code, out, err = within(30, lambda: cli(*args), special)
         assert code == 1 and out == ""
         assert _one_line(err).startswith(f"error: {special} is a") and "not a file" in err
     assert not (tmp_path / "out.safetensors").exists()
@@ -300,7 +285,7 @@ def test_a_fifo_in_place_of_the_resume_state_does_not_hang(cli, interrupted):
     src, dst, state_file = interrupted
     state_file.unlink()
     os.mkfifo(state_file)
-    code, _, err = _within(60, lambda: cli("finetune", src, "-o", dst, *RUN, "--resume"), state_file)
+    code, _, err = within(60, lambda: cli("finetune", src, "-o", dst, *RUN, "--resume"), state_file)
     assert code == 1 and "is a FIFO, not a file" in _one_line(err)
 
 
@@ -432,24 +417,9 @@ def test_special_files_as_inception_weights_or_reference_statistics_do_not_hang(
 
     path = _special(kind, tmp_path / "special.npz")
     for load in (load_weights, load_statistics):
-        outcome = {}
-        thread = threading.Thread(target=lambda: outcome.update(error=_raised(load, path)), daemon=True)
-        thread.start()
-        thread.join(30)
-        if thread.is_alive() and kind == "fifo":
-            with open(path, "wb"):  # release the reader so the test run is not left hanging
-                pass
-        assert not thread.is_alive(), f"{load.__name__} waited on a {kind}"
-        error = outcome["error"]
-        assert isinstance(error, SLA2Error) and "not a file" in str(error) and "\n" not in str(error)
-
-
-def _raised(call, *args):
-    try:
-        call(*args)
-    except Exception as exc:  # the test inspects what was raised
-        return exc
-    return None
+        with pytest.raises(SLA2Error, match="not a file") as exc:
+            within(30, lambda: load(path), path)
+        assert "\n" not in str(exc.value)
 
 
 def test_a_special_file_in_a_reference_folder_is_refused_before_sampling(tmp_path):

@@ -55,7 +55,7 @@ def command(
     json_output: JsonOpt = False,
 ):
     """How far a converted model is from its dense source: v-loss ratio, PSNR/SSIM of paired samples, layer errors."""
-    from ..metrics.quality import folder_images, quality_report
+    from ..metrics.quality import evaluation_images, quality_report
 
     out = Output(json_output)
     if class_index is not None and data is None:
@@ -66,7 +66,8 @@ def command(
     dense = load_model_warned(out, dense_path, **options)[0] if dense_path is not None else None
     images = labels = described = None
     if data is not None:
-        images, labels, described = folder_images(data, model.config, eval_samples, seed=seed, class_index=class_index)
+        images, labels, described = evaluation_images(data, model.config, eval_samples, seed=seed,
+                                                      class_index=class_index)
     with out.progress() as progress:
         task = progress.add_task("comparing", total=None)
         report = quality_report(model, dense, images=images, labels=labels, data=described,

@@ -55,11 +55,11 @@ class RecipeResult:
 
 
 def _held_out_images(dense: JiT, data: DataSpec, count: int, seed: int, device) -> tuple[torch.Tensor, ...]:
-    from ..metrics.quality import OWN_SAMPLING_STEPS, folder_images
+    from ..metrics.quality import OWN_SAMPLING_STEPS, evaluation_images
     from ..sla2.stats import own_noised_batch
 
     if data.kind == "folder":
-        x, y, _ = folder_images(data.folder, dense.config, count, seed=seed, class_index=data.class_index)
+        x, y, _ = evaluation_images(data.folder, dense.config, count, seed=seed, class_index=data.class_index)
         return x, y
     x, _, y = own_noised_batch(dense, count, t=1.0, sampling_steps=OWN_SAMPLING_STEPS, seed=seed, device=device)
     return x, y

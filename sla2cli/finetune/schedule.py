@@ -55,8 +55,7 @@ class EMA:
         if not (math.isfinite(decay) and 0.0 <= decay < 1.0):
             raise InvalidParameter("ema", decay, "{name} must be a decay in [0, 1) (0 = off), got {value}")
         self.params, self.decay = params, decay
-        self.shadow = [torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in params] \
-            if decay > 0 else []
+        self.shadow = [torch.zeros_like(p.detach()) for p in params] if decay > 0 else []
         self.updates = 0
 
     @torch.no_grad()

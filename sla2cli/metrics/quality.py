@@ -38,7 +38,7 @@ OWN_SAMPLING_STEPS = 8  # Heun steps of the dense model's own samples (as `sla2 
 STRIPPED = "the model with its SLA2 layers removed"
 
 
-def folder_images(root, config, count: int, *, seed: int, class_index: int | None = None
+def evaluation_images(root, config, count: int, *, seed: int, class_index: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Up to `count` images of an image folder (as `sla2 finetune --data` reads it), at the model's resolution.
 
