@@ -1,37 +1,65 @@
 #!/usr/bin/env bash
-# The quality table of bench/RESULTS.md ("Quality recipe"): the shipped demo model converted at 90.6% and 97%
-# nominal sparsity (32-token blocks, 3 or 1 of 33 key blocks kept), α calibrated, then `sla2 finetune --recipe`
-# (stage 1, then stage 2 distilled from the dense teacher) with a dense control, and `sla2 quality` against the
-# dense model (held-out v-loss on 128 dense samples, 32 paired samples of 50 Heun steps at CFG 2.0).
-# Usage on a GPU machine: bash bench/quality.sh OUT_DIR [WHEEL_DIR] [STAGE2_STEPS]
+# The quality table of bench/RESULTS.md ("Quality recipe", issue 14's protocol): the shipped demo model at 90% and
+# 95% of its attention FLOPs removed (16-token blocks, 4 or 1 of 65 key blocks kept, a learned rank-R feature map
+# and α per query, calibrated), then `sla2 finetune --recipe` (stage 1 on training textures: router, α and feature
+# maps against the dense model's velocity; stage 2 distilled from the dense teacher), a dense control at 90%, and
+# `sla2 quality` of stage 1 alone, the recipe and the control against the dense model: held-out v-loss on 512
+# textures of HELD_OUT_SEED, PSNR/SSIM of 128 paired samples (50 Heun steps, CFG 2.0); `sla2 profile` counts the
+# FLOPs. Usage on a GPU machine: bash bench/quality.sh OUT_DIR [WHEEL_DIR] [STAGE1_STEPS] [STAGE2_STEPS]
+# (a quick smoke run elsewhere: DEVICE=cpu TRAIN_IMAGES=64 EVAL_IMAGES=16 PAIRED=2 bash bench/quality.sh /tmp/q "" 2 2)
 set -euo pipefail
 out=${1:?output folder}
 source "$(dirname "$0")/gpu_env.sh" "${2:-}"
-steps=${3:-500}
+router_steps=${3:-500}
+steps=${4:-300}
 demo=sla2cli/assets/demo-jit.safetensors
-common=(--data-free --data-free-samples 256 --eval-samples 128 --batch-size 32 --dtype bf16 --device cuda
-        --save-every 0 --router-steps 200 --steps "$steps" --recipe --json)
-for keep in 0.1:90 0.03:97; do
-    topk=${keep%%:*}; tag=${keep##*:}
-    sla2 convert "$demo" -o "$out/c$tag.safetensors" --layers all --topk "$topk" --block-q 32 --block-k 32 \
-        --no-qat --calibrate 16 --device cuda --json > "$out/convert$tag.json"
+dev=${DEVICE:-cuda}
+train=${TRAIN_IMAGES:-16384}
+eval=${EVAL_IMAGES:-512}
+paired=${PAIRED:-128}
+mkdir -p "$out"
+python3 - "$out" "$train" "$eval" <<'PY'
+import sys
+from pathlib import Path
+import torch
+from sla2cli.data.textures import TRAIN_SEED, texture_batch
+from sla2cli.models.shipped import HELD_OUT_SEED
+from sla2cli.pipeline import write_textures
+out = Path(sys.argv[1])
+x, y = texture_batch(torch.arange(int(sys.argv[2])), seed=TRAIN_SEED)
+write_textures(out / "train", x, y)
+x, y = texture_batch(torch.arange(int(sys.argv[3])), seed=HELD_OUT_SEED)
+write_textures(out / "held-out", x, y)
+PY
+quality() {  # model tag
+    sla2 quality "$1" --dense "$demo" --data "$out/held-out" --eval-samples "$eval" -n "$paired" --steps 50 \
+        --cfg 2.0 --device "$dev" --json > "$out/quality-$2.json"
+}
+for row in 90:0.0615:16 95:0.015:8; do
+    IFS=: read -r tag topk rank <<< "$row"
+    sla2 convert "$demo" -o "$out/c$tag.safetensors" --layers all --topk "$topk" --block-q 16 --block-k 16 \
+        --feature-rank "$rank" --alpha-mode per_query --no-qat --calibrate 16 --device "$dev" --json > "$out/convert$tag.json"
+    sla2 profile "$out/c$tag.safetensors" --device "$dev" --json > "$out/profile$tag.json"
     extra=(); [ "$tag" = 90 ] && extra=(--control)
-    sla2 finetune "$out/c$tag.safetensors" -o "$out/f$tag.safetensors" "${common[@]}" "${extra[@]}" \
-        > "$out/recipe$tag.json"
-    sla2 quality "$out/f$tag.safetensors" --dense "$demo" -n 32 --eval-samples 128 --steps 50 --cfg 2.0 \
-        --device cuda --json > "$out/quality$tag.json"
+    sla2 finetune "$out/c$tag.safetensors" -o "$out/f$tag.safetensors" --recipe --keep-stage1 "${extra[@]}" \
+        --data "$out/train" --eval-samples 128 --batch-size 32 --dtype bf16 --device "$dev" --save-every 0 \
+        --router-steps "$router_steps" --steps "$steps" --json > "$out/recipe$tag.json"
+    quality "$out/f$tag.safetensors.stage1.safetensors" "stage1-$tag"
+    quality "$out/f$tag.safetensors" "recipe-$tag"
+    [ "$tag" = 90 ] && quality "$out/f$tag.control.safetensors" "control-$tag"
     python3 - "$out" "$tag" <<'PY'
 import json, sys
-out, tag = sys.argv[1:]
-r, q = json.load(open(f"{out}/recipe{tag}.json")), json.load(open(f"{out}/quality{tag}.json"))
-h = r["held_out"]
-line = (f"{tag}%: held-out v-loss vs dense: converted {h['converted']['ratio']:.4f}x, stage 1 "
-        f"{h['stage1']['ratio']:.4f}x, recipe {h['finetuned']['ratio']:.4f}x")
-if "control" in h:
-    line += f", control {h['control']['ratio']:.4f}x, recipe/control {h['finetuned_vs_control']:.4f}x"
-s1, s2 = r["stage1"], r["stage2"]
-line += (f" | stage 1 {s1['seconds']:.0f} s, stage 2 {s2['seconds']:.0f} s | sla2 quality: v-loss "
-         f"{q['v_loss']['ratio']:.4f}x, PSNR {q['paired']['psnr_mean']:.2f} dB, SSIM {q['paired']['ssim_mean']:.4f}")
+from pathlib import Path
+out, tag = Path(sys.argv[1]), sys.argv[2]
+load = lambda name: json.loads((out / name).read_text())
+p, r = load(f"profile{tag}.json")["totals"], load(f"recipe{tag}.json")
+removed = 1 - p["executed_attention_flops"] / p["dense_attention_flops"]
+q = {k: load(f"quality-{k}-{tag}.json") for k in ("stage1", "recipe", "control") if (out / f"quality-{k}-{tag}.json").exists()}
+line = f"{tag}%: attention FLOPs removed {removed:.2%} | stage 1 {r['stage1']['seconds']:.0f} s, stage 2 {r['stage2']['seconds']:.0f} s"
+for k, d in q.items():
+    line += f" | {k}: v-loss {d['v_loss']['ratio']:.4f}x dense, PSNR {d['paired']['psnr_mean']:.2f} dB, SSIM {d['paired']['ssim_mean']:.3f}"
+if "control" in q:
+    line += f" | recipe/control {q['recipe']['v_loss']['model'] / q['control']['v_loss']['model']:.4f}x"
 print(line, flush=True)
 PY
 done

@@ -36,12 +36,13 @@ def layers_table(rows: list[dict], title: str, why: dict[int, str] | None = None
 
 
 def stats_table(rows: list[dict], measured: dict[int, dict] | None = None) -> Table:
-    """Per-layer SLA2 settings, α summary, router drift and, when measured, realised behaviour."""
+    """Per-layer SLA2 settings, α summary, router drift and, when measured, realised behaviour. With α per
+    query the settings hold its base value σ(bias); the α applied is measured."""
     table = Table(title="SLA2 layers", title_justify="left")
     columns = ["layer", "mode", "topk", "kept / total", "blocks q,k", "φ", "QAT", "α mean [min, max]",
                "drift W_q", "drift W_k"]
     if measured:
-        columns += ["kept frac", "captured mass", "rel. error vs dense"]
+        columns += ["kept frac", "captured mass", "α applied", "rel. error vs dense"]
     for name in columns:
         table.add_column(name, justify="right")
     for r in rows:
@@ -49,12 +50,15 @@ def stats_table(rows: list[dict], measured: dict[int, dict] | None = None) -> Ta
             cells = [str(r["layer"]), "dense"] + ["-"] * (len(columns) - 2)
         else:
             cells = [str(r["layer"]), "sla2", _fmt(r["topk"], 2), _kept(r), f"{r['block_q']},{r['block_k']}",
-                     r["feature_map"], _fmt(r["qat"]),
-                     f"{r['alpha_mean']:.3f} [{r['alpha_min']:.3f}, {r['alpha_max']:.3f}]",
+                     r["feature_map"] + (f"(x·W, rank {r['feature_rank']})" if r.get("feature_rank") else ""),
+                     _fmt(r["qat"]),
+                     ("base " if r["alpha_mode"] == "per_query" else "")
+                     + f"{r['alpha_mean']:.3f} [{r['alpha_min']:.3f}, {r['alpha_max']:.3f}]",
                      _fmt(r["router_drift_q"], 4), _fmt(r["router_drift_k"], 4)]
             if measured:
                 m = measured.get(r["layer"], {})
-                cells += [_fmt(m.get("kept_fraction")), _fmt(m.get("captured_mass")), _fmt(m.get("relative_error"), 4)]
+                cells += [_fmt(m.get("kept_fraction")), _fmt(m.get("captured_mass")), _fmt(m.get("alpha_applied")),
+                          _fmt(m.get("relative_error"), 4)]
         table.add_row(*cells)
     return table
 

@@ -75,11 +75,18 @@ def test_distill_objective_with_ema_and_cosine_changes_weights_and_saves_the_ave
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(("proj_q", "proj_k")))
 
 
-@pytest.mark.parametrize("kwargs", [{"objective": "distill"}, {"ema": 0.9}, {"schedule": "cosine"},
-                                    {"warmup": 0.1}, {"objective": "mse", "full": True}])
-def test_stage_2_options_are_checked(kwargs):
+@pytest.mark.parametrize("kwargs", [{"objective": "v"}, {"objective": "v+distill"}, {"objective": "layer", "full": True},
+                                    {"objective": "mse", "full": True}, {"ema": 1.0}, {"schedule": "step"},
+                                    {"warmup": 1.5, "full": True}])
+def test_each_stage_takes_only_its_own_objectives(kwargs):
     with pytest.raises(InvalidParameter):
         FinetuneConfig(**kwargs)
+
+
+def test_objective_defaults_by_stage_and_stage_1_takes_a_schedule():
+    assert FinetuneConfig().objective == "layer" and FinetuneConfig(full=True).objective == "v"
+    config = FinetuneConfig(objective="distill", schedule="cosine", warmup=0.05, ema=0.9)
+    assert config.stage == "router" and config.lr_schedule.factor(0, 100) < 1
 
 
 @pytest.mark.parametrize("extra, message", [(("--control",), "--recipe"), (("--recipe", "--full"), "--full")])

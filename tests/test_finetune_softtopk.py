@@ -13,18 +13,27 @@ from sla2cli.sla2 import SLA2Attention, SLA2Config, route, sla2_reference
 from sla2cli.sla2.feature_maps import FEATURE_MAPS
 
 
-def dense_masked(q, k, v, alpha, mask, block_q, block_k, feature_map):
+def dense_masked(q, k, v, alpha, mask, block_q, block_k, feature_map, feature_q=None, feature_k=None,
+                 mix_scale=None):
     """SLA2 with a fractional block mask M, written densely: the sparse branch weights key block j by
-    M_ij, the linear branch by 1 − M_ij. At a 0/1 mask it is SLA2 exactly."""
+    M_ij, the linear branch by 1 − M_ij. At a 0/1 mask it is SLA2 exactly. Learned feature maps map q, k
+    before φ; `mix_scale` makes α per query from log Σ M·exp(s) and log Σ (1 − M)·φq·φk."""
     N, D = q.shape[-2:]
     phi = FEATURE_MAPS[feature_map]
     qb, kb = torch.arange(N) // block_q, torch.arange(N) // block_k
     m = mask[:, :, qb][:, :, :, kb]
-    e = torch.exp((s := q @ k.transpose(-1, -2) / math.sqrt(D)) - s.amax(-1, keepdim=True))
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    shift = s.amax(-1, keepdim=True)
+    e = torch.exp(s - shift)
     o_s = (m * e) @ v / (m * e).sum(-1, keepdim=True)
-    w = (1 - m) * (phi(q) @ phi(k).transpose(-1, -2))
+    fq = q if feature_q is None else torch.einsum("bhnd,hdr->bhnr", q, feature_q)
+    fk = k if feature_k is None else torch.einsum("bhnd,hdr->bhnr", k, feature_k)
+    w = (1 - m) * (phi(fq) @ phi(fk).transpose(-1, -2))
     o_l = (w @ v) / w.sum(-1, keepdim=True)
     a = alpha[:, qb][None, :, :, None] if alpha.dim() == 2 else alpha[None, :, None, None]
+    if mix_scale is not None:
+        lse = torch.log((m * e).sum(-1, keepdim=True)) + shift
+        a = torch.sigmoid(torch.logit(a) + mix_scale[None, :, None, None] * (lse - torch.log(w.sum(-1, keepdim=True))))
     return a * o_s + (1 - a) * o_l
 
 
@@ -34,27 +43,37 @@ SHAPES = [  # N, block_q, block_k, D, topk, feature map, α per query block
     (33, 4, 16, 3, 0.4, "softmax", True),
     (64, 16, 16, 8, 0.5, "relu", False),
 ]
+LEARNED = [(0, False), (3, True), (6, False), (4, True)]  # feature rank (0: none), α per query
 
 
+@pytest.mark.parametrize("rank,per_query", LEARNED)
 @pytest.mark.parametrize("N,block_q,block_k,D,topk,feature_map,per_block", SHAPES)
 def test_routing_gradient_is_the_exact_derivative_at_the_hard_mask(N, block_q, block_k, D, topk, feature_map,
-                                                                  per_block):
-    torch.manual_seed(N)
+                                                                  per_block, rank, per_query):
+    torch.manual_seed(N + rank)
     q, k, v = (torch.randn(2, 3, N, D, dtype=torch.float64) * 1.5 for _ in range(3))
+    learned = {}
+    if rank:
+        learned = {name: torch.randn(3, D, rank, dtype=torch.float64) / math.sqrt(D)
+                   for name in ("feature_q", "feature_k")}
+        if feature_map == "relu":  # positive maps of positive inputs: no all-zero linear denominator
+            learned = {name: w.abs() for name, w in learned.items()}
+    if per_query:
+        learned["mix_scale"] = torch.rand(3, dtype=torch.float64) + 0.5
     if feature_map == "relu":
         q, k = q.abs() + 0.1, k.abs() + 0.1  # no query with an all-zero linear denominator
     n_q = -(-N // block_q)
     alpha = torch.rand(3, n_q, dtype=torch.float64) if per_block else torch.rand(3, dtype=torch.float64)
     routing = route(q, k, topk=topk, block_q=block_q, block_k=block_k)
     reference = sla2_reference(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k,
-                               feature_map=feature_map, routing=routing)
+                               feature_map=feature_map, routing=routing, **learned)
     mask = routing.mask.double().requires_grad_(True)
-    dense = dense_masked(q, k, v, alpha, mask, block_q, block_k, feature_map)
+    dense = dense_masked(q, k, v, alpha, mask, block_q, block_k, feature_map, **learned)
     torch.testing.assert_close(dense, reference, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(dense)
     (dense * grad_out).sum().backward()
     got = routing_gradient(q, k, v, alpha, routing.mask, grad_out, block_q=block_q, block_k=block_k,
-                           feature_map=feature_map)
+                           feature_map=feature_map, **learned)
     torch.testing.assert_close(got, mask.grad, rtol=1e-8, atol=1e-8 * mask.grad.abs().max().item())
 
 

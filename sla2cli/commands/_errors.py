@@ -24,7 +24,8 @@ FLAGS: dict[str, str | dict[str, str] | None] = {
     "backend": {"eval-fid": "--sla2-backend", "*": "--backend"}, "sla2_backend": "--sla2-backend",
     # convert: SLA2 settings and checkpoints
     "topk": "--topk", "block_q": "--block-q", "block_k": "--block-k", "feature_map": "--feature-map",
-    "alpha_mode": "--alpha-mode", "preset": "--preset", "format": "--format", "max_error": "--max-error",
+    "alpha_mode": "--alpha-mode", "feature_rank": "--feature-rank",
+    "preset": "--preset", "format": "--format", "max_error": "--max-error",
     "in_context_start": "--in-context-start", "weights": "--weights", "trust_checkpoint": "--trust-checkpoint",
     "trust_checkpoint=True": "--trust-checkpoint",
     "dst": {"profile": "--plot", "eval-fid": "--grid", "*": "-o/--output"}, "force=True": "--force",

@@ -47,7 +47,12 @@ def command(
     max_error: Annotated[Optional[float], typer.Option(
         "--max-error", help="Give each layer the smallest topk whose layer-local relative squared error stays "
         "<= E (e.g. 0.02), or keep it dense; decides topk over --topk and --preset.", parser=finite)] = None,
-    alpha_mode: Annotated[Optional[str], typer.Option("--alpha-mode", help="per_head or per_head_query_block.")] = None,
+    alpha_mode: Annotated[Optional[str], typer.Option(
+        "--alpha-mode", help="per_head, per_head_query_block, or per_query (ours: each query's α from its sparse "
+        "log-sum-exp against its linear branch's mass).")] = None,
+    feature_rank: Annotated[Optional[int], typer.Option(
+        "--feature-rank", help="Linear branch φ(x·W) with a learned D×R W per head (ours; 0: the paper's φ(x)); "
+        "train it with `sla2 finetune` (stage 1).")] = None,
     calibrate: Annotated[int, typer.Option(help="Initialise α from N noised samples of the model's own distribution "
                                            "(with --max-error also measure on them; default 8 "
                                            "there).")] = 0,
@@ -84,7 +89,8 @@ def command(
     model, info = load_model(src, weights=weights, in_context_start=in_context_start,
                              trust_checkpoint=trust_checkpoint)
     settings = conversion.sla2_settings(preset, info.sla2_config, topk=topk, block_q=block_q, block_k=block_k,
-                                           feature_map=feature_map, qat=qat, alpha_mode=alpha_mode)
+                                           feature_map=feature_map, qat=qat, alpha_mode=alpha_mode,
+                                           feature_rank=feature_rank)
     with out.progress() as progress:
         task = "choosing each layer's topk" if max_error is not None else "converting"
         progress.add_task(f"{task}{' and calibrating' if samples else ''}", total=None)
@@ -123,8 +129,9 @@ def command(
         topk_text = f"topk={settings.topk}" if max_error is None else f"error<={max_error:g}"
         why = {r["layer"]: r["why"] for r in result.budget} if max_error is not None else None
         console.print(layers_table(result.rows, f"{src.name} ({info.weights}) → SLA2 {topk_text} "
-                                   f"blocks=({settings.block_q},{settings.block_k}) φ={settings.feature_map} "
-                                   f"QAT={'on' if settings.qat else 'off'}", why=why))
+                                   f"blocks=({settings.block_q},{settings.block_k}) φ={settings.feature_map}"
+                                   + (f"(x·W, rank {settings.feature_rank})" if settings.feature_rank else "")
+                                   + f" α {settings.alpha_mode} QAT={'on' if settings.qat else 'off'}", why=why))
         if result.calibrated_alpha:
             console.print(f"α calibrated{' and errors measured' if max_error is not None else ''} on {samples} "
                           f"samples of the model's own distribution")

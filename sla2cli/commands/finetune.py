@@ -73,15 +73,19 @@ def command(
                                          "stage 2 for --steps (distillation, lr 3e-4, warm-up and cosine, EMA "
                                          "0.995); held-out v-loss against the dense source before and after.")] = False,
     router_steps: Annotated[int, typer.Option("--router-steps", help="Stage 1's steps in --recipe.")] = 200,
+    keep_stage1: Annotated[bool, typer.Option("--keep-stage1", help="With --recipe: keep stage 1's model as "
+                                              "DST.stage1.safetensors (weights untouched).")] = False,
     control: Annotated[bool, typer.Option("--control", help="With --recipe: also train a dense control (every "
                                           "block kept) by the same stage 2, written as DST.control.*.")] = False,
-    objective: Annotated[Optional[str], typer.Option("--objective", help="Stage 2's loss: v (JiT's v-loss), "
-                                                     "distill (velocity of the dense teacher), v+distill.")] = None,
-    lr_schedule: Annotated[Optional[str], typer.Option("--schedule", help="Stage 2's learning rate after warm-up: "
+    objective: Annotated[Optional[str], typer.Option("--objective", help="The loss. Stage 1: layer (layer-local "
+                                                     "error, the default) or distill (the model's velocity against "
+                                                     "the dense teacher's). Stage 2 (--full; with --recipe, stage "
+                                                     "2's): v (JiT's v-loss), distill, v+distill.")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option("--schedule", help="Learning rate after warm-up: "
                                                        "constant or cosine.")] = None,
-    warmup: Annotated[Optional[float], typer.Option("--warmup", help="Stage 2: linear warm-up over this fraction "
+    warmup: Annotated[Optional[float], typer.Option("--warmup", help="Linear warm-up over this fraction "
                                                     "of the steps.", parser=finite)] = None,
-    ema: Annotated[Optional[float], typer.Option("--ema", help="Stage 2: save the exponential moving average of "
+    ema: Annotated[Optional[float], typer.Option("--ema", help="Save the exponential moving average of "
                                                  "the weights with this decay (0: off).", parser=finite)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from DST.resume.pt.")] = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Write the resumable state every N steps "
@@ -107,7 +111,7 @@ def command(
     from ..checkpoints import check_output
     from ..distributed import init_from_env, rank_device, shutdown
     from ..finetune import DataSpec, FinetuneConfig, StepInfo, TopkSchedule, run_finetune
-    from ..finetune.config import RECIPE
+    from ..finetune.config import RECIPE, RECIPE_ROUTER
     from ..finetune.recipe import recipe_outputs, run_recipe
     from ..finetune.state import Interrupted, state_path
     from ..sla2.backends import check_name
@@ -124,6 +128,8 @@ def command(
     schedule = TopkSchedule.parse(topk_schedule) if topk_schedule is not None else None
     if control and not recipe:
         raise UsageError("--control trains a dense control beside --recipe; pass --recipe too")
+    if keep_stage1 and not recipe:
+        raise UsageError("--keep-stage1 keeps the first stage of --recipe; pass --recipe too")
     if recipe and full:
         raise UsageError("--recipe runs stage 1 and then stage 2 (--full) itself; drop --full")
     explicit = {"lr": lr, "objective": objective, "schedule": lr_schedule, "warmup": warmup, "ema": ema}
@@ -131,7 +137,7 @@ def command(
     common = dict(batch_size=batch_size, topk_schedule=schedule, tau=tau, e2e_weight=e2e_weight,
                   save_every=save_every, eval_samples=eval_samples, seed=seed, dtype=dtype)
     config = FinetuneConfig(steps=steps, full=full or recipe, **common, **stage2)
-    router_config = FinetuneConfig(steps=router_steps, **common) if recipe else None
+    router_config = FinetuneConfig(steps=router_steps, **common, **RECIPE_ROUTER) if recipe else None
     spec = DataSpec(folder=data, class_index=class_index, teacher_samples=data_free_samples, workers=workers)
     written = recipe_outputs(output, control) if recipe else [output, state_path(output)]
     check_output(output, force, (model_path,), derived=written)  # fail before any slow work
@@ -172,7 +178,7 @@ def command(
                 if recipe:
                     result = run_recipe(model, info, source=model_path, dst=output, router=router_config, full=config,
                                         data=spec, device=dev, group=group, force=force, resume=resume,
-                                        backend=backend, control=control, on_start=started,
+                                        backend=backend, control=control, on_start=started, keep_stage1=keep_stage1,
                                         progress=lambda stage, info_: (progress.update(task, total=info_.steps),
                                                                        report(info_, stage)))
                 else:

@@ -15,10 +15,12 @@ from .schedule import EMA, LRSchedule
 ROUTER_LR = 5e-3
 FULL_LR = 1e-5
 DTYPES = ("fp32", "bf16")
-OBJECTIVES = ("v", "distill", "v+distill")
-# `--recipe`: stage 1 for `router_steps`, then stage 2 with these settings (the best of the sweep recorded
-# in bench/RESULTS.md, "Quality recipe", on the demo model at 90.6% sparsity).
+OBJECTIVES = ("v", "distill", "v+distill")  # stage 2
+ROUTER_OBJECTIVES = ("layer", "distill")  # stage 1: layer-local error, or the whole model's velocity
+# `--recipe`: stage 1 for `router_steps` with RECIPE_ROUTER, then stage 2 with RECIPE (the best of the sweeps
+# recorded in bench/RESULTS.md, "Quality recipe", on the demo model at 90% sparsity).
 RECIPE = {"objective": "distill", "schedule": "cosine", "warmup": 0.05, "ema": 0.995, "lr": 3e-4}
+RECIPE_ROUTER = {"objective": "distill", "schedule": "cosine", "warmup": 0.05}
 RECIPE_ROUTER_STEPS = 200
 
 
@@ -87,10 +89,12 @@ class FinetuneConfig:
     `e2e_weight` adds that multiple of the relative squared error of the model's output against the
     dense teacher's. `save_every` 0 writes no intermediate state.
 
-    Stage 2 only: `objective` "v" is JiT's v-loss on the data, "distill" the squared error of the
-    velocity against the dense teacher's on the same noised input (no noise in the target: it converges
-    faster, see bench/RESULTS.md), "v+distill" their sum; `schedule` and `warmup` shape the learning rate
-    (`LRSchedule`); `ema` > 0 keeps an exponential moving average of the weights, which is what is saved.
+    `objective` (None: "layer" in stage 1, "v" in stage 2): stage 1's "layer" is the layer-local error
+    against dense attention, "distill" the squared error of the whole model's velocity against the dense
+    teacher's (what held-out v-loss measures); stage 2's "v" is JiT's v-loss on the data, "distill" the
+    velocity distillation (no noise in the target: it converges faster, see bench/RESULTS.md), "v+distill"
+    their sum. `schedule` and `warmup` shape the learning rate (`LRSchedule`); `ema` > 0 keeps an
+    exponential moving average of the weights, which is what is saved.
     """
 
     steps: int = 200
@@ -104,7 +108,7 @@ class FinetuneConfig:
     eval_samples: int = 8
     seed: int = 0
     dtype: str = "fp32"
-    objective: str = "v"
+    objective: str | None = None
     schedule: str = "constant"
     warmup: float = 0.0
     ema: float = 0.0
@@ -125,12 +129,12 @@ class FinetuneConfig:
                                    "got {value}")
         if self.eval_samples < 1:
             raise InvalidParameter("eval_samples", self.eval_samples, "{name} must be >= 1, got {value}")
-        if self.objective not in OBJECTIVES:
-            raise InvalidParameter("objective", self.objective, "{name} must be one of " + ", ".join(OBJECTIVES)
-                                   + ", got {value!r}")
-        if not self.full and (self.objective != "v" or self.ema or self.warmup or self.schedule != "constant"):
-            raise InvalidParameter("objective", self.objective, "{name}, schedule, warmup and ema shape stage 2; "
-                                   "they need {full}", full=Param("full=True"))
+        if self.objective is None:
+            object.__setattr__(self, "objective", "v" if self.full else "layer")
+        choices = OBJECTIVES if self.full else ROUTER_OBJECTIVES
+        if self.objective not in choices:
+            raise InvalidParameter("objective", self.objective, "{name} of " + ("stage 2" if self.full else "stage 1")
+                                   + " must be one of " + ", ".join(choices) + ", got {value!r}")
         LRSchedule(self.schedule, self.warmup)
         EMA([], self.ema)
         if self.dtype not in DTYPES:

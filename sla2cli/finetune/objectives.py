@@ -52,35 +52,42 @@ def soft_topk_cores(model: nn.Module, cores: dict[int, SLA2Attention], topk: dic
 
 
 class RouterDistillation(nn.Module):
-    """Stage 1's trainable part (each converted layer's W_q, W_k, α) and its loss.
+    """Stage 1's trainable part (each converted layer's W_q, W_k, α and learned feature maps) and its loss.
 
-    forward(qkv, topk, ...) → (loss, per-layer losses, end-to-end loss): the mean over layers of the
-    relative squared error of SLA2 against dense attention on the teacher's q, k, v, plus
-    `e2e_weight` × the relative squared error of the whole model's output against the dense teacher's.
+    forward(qkv, topk, ...) → (loss, per-layer losses, end-to-end loss). `objective` "layer": the mean over
+    layers of the relative squared error of SLA2 against dense attention on the teacher's q, k, v; "distill":
+    the squared error of the whole model's velocity against the dense teacher's on the same input (the
+    per-layer errors are then only measured). Plus `e2e_weight` × the relative squared error of the whole
+    model's output against the dense teacher's.
     """
 
-    def __init__(self, model: nn.Module, cores: dict[int, SLA2Attention]):
+    def __init__(self, model: nn.Module, cores: dict[int, SLA2Attention], objective: str = "layer"):
         super().__init__()
         self.layers = sorted(cores)
         self.cores = nn.ModuleDict({str(i): cores[i] for i in self.layers})
+        self.objective = objective
         self._model = (model,)  # not a submodule: its frozen weights are no part of what trains
 
     def forward(self, qkv: dict, topk: dict[int, float], tau: float, e2e_weight: float = 0.0, z=None, t=None,
                 y=None, teacher_out=None, autocast=None):
         per_layer = []
-        for i in self.layers:
-            q, k, v = qkv[i]
-            target = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-            out = soft_topk_attention(self.cores[str(i)], q, k, v, topk=topk[i], tau=tau)
-            per_layer.append(relative_squared_error(out, target).mean())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.objective == "layer"):
+            for i in self.layers:
+                q, k, v = qkv[i]
+                target = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+                out = soft_topk_attention(self.cores[str(i)], q, k, v, topk=topk[i], tau=tau)
+                per_layer.append(relative_squared_error(out, target).mean())
         per_layer = torch.stack(per_layer)
-        loss = per_layer.mean() + _touch(self.parameters())
-        e2e = torch.zeros((), device=loss.device)
-        if e2e_weight > 0:
+        loss = _touch(self.parameters())
+        pred = None
+        if self.objective == "distill" or e2e_weight > 0:
             model = self._model[0]
             cores = {i: self.cores[str(i)] for i in self.layers}
             with soft_topk_cores(model, cores, topk, tau), autocast():
                 pred = model(z, t, y)
+        loss = loss + (per_layer.mean() if self.objective == "layer" else v_loss(pred, teacher_out, z, t).mean())
+        e2e = torch.zeros((), device=loss.device)
+        if e2e_weight > 0:
             e2e = relative_squared_error(pred, teacher_out).mean()
             loss = loss + e2e_weight * e2e
         return loss, per_layer.detach(), e2e.detach()

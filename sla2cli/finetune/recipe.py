@@ -3,7 +3,7 @@ from the dense teacher), with the held-out v-loss of the model against its dense
 on request, of a dense control trained by the same stage 2.
 
 Stage 1 writes `DST.stage1.safetensors` next to the output; stage 2 starts from it and it is removed at the
-end. A killed run resumes across the boundary: with `resume`, a finished stage 1 (its file there, its state
+end unless `keep_stage1` (stage 1 alone is what a user who cannot retrain the weights would ship). A killed run resumes across the boundary: with `resume`, a finished stage 1 (its file there, its state
 gone) is not run again, and each stage continues from its own `.resume.pt`.
 """
 
@@ -77,7 +77,7 @@ def run_recipe(model: JiT, info: LoadInfo, *, source: Path, dst: Path, router: F
                full: FinetuneConfig, data: DataSpec, device: torch.device, group: ProcessGroup = ProcessGroup(),
                force: bool = False, resume: bool = False, backend: str | None = None, control: bool = False,
                progress: Callable[[str, StepInfo], None] | None = None,
-               on_start: Callable[[dict], None] | None = None) -> RecipeResult:
+               on_start: Callable[[dict], None] | None = None, keep_stage1: bool = False) -> RecipeResult:
     """Stage 1 with `router` (not full), then stage 2 with `full` (full), `model` loaded from `source`."""
     if router.full or not full.full:
         raise InvalidParameter("full", full.full, "the recipe runs stage 1 (router) then stage 2 (full): pass a "
@@ -119,7 +119,7 @@ def run_recipe(model: JiT, info: LoadInfo, *, source: Path, dst: Path, router: F
                             progress=stage_progress("dense control"))
         held_out["control"] = _ratio(ctrl_model, dense, images, labels, full.seed)
         held_out["finetuned_vs_control"] = held_out["finetuned"]["model"] / held_out["control"]["model"]
-    if group.is_main:
+    if group.is_main and not keep_stage1:
         mid.unlink(missing_ok=True)
     barrier(group)
     return RecipeResult(router=first, full=second, held_out=held_out, control=ctrl)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..sla2.attention import SLA2Attention, sla2_attention
 from ..sla2.feature_maps import FEATURE_MAPS
-from ..sla2.reference import CHUNK_ELEMENTS, _alpha_per_block, _blocks, _valid
+from ..sla2.reference import CHUNK_ELEMENTS, _alpha_per_block, _blocks, _valid, feature_inputs, query_alpha
 from ..sla2.routing import Routing, compute_dtype, route
 
 BISECTION_STEPS = 60
@@ -65,13 +65,17 @@ def soft_topk_mask(scores: torch.Tensor, kk: int, tau: float) -> torch.Tensor:
 
 @torch.no_grad()
 def routing_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, kept: torch.Tensor,
-                     grad_out: torch.Tensor, *, block_q: int, block_k: int, feature_map: str) -> torch.Tensor:
+                     grad_out: torch.Tensor, *, block_q: int, block_k: int, feature_map: str,
+                     feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
+                     mix_scale: torch.Tensor | None = None) -> torch.Tensor:
     """∂L/∂M_ij at the hard mask `kept` (B×H×n_q×n_k), for the SLA2 output O and ∂L/∂O = `grad_out`.
 
     Sparse branch, for query token t of block i and key u of block j (P the branch's probabilities
-    extended to every key, exp(s_tu − lse over kept keys)): ∂L/∂M_ij += α_i Σ_t Σ_u P_tu (g_t·v_u − g_t·O_s,t).
-    Linear branch (O_l,t = Σ_j (1−M_ij) φq_t h_j / Σ_j (1−M_ij) φq_t·z_j):
-    ∂L/∂M_ij −= (1−α_i) Σ_t [g_t·(φq_t h_j) − (φq_t·z_j)(g_t·O_l,t)] / (φq_t·z_rest).
+    extended to every key, exp(s_tu − lse over kept keys)): ∂L/∂M_ij += α_t Σ_t Σ_u P_tu (g_t·v_u − g_t·O_s,t).
+    Linear branch (O_l,t = Σ_j (1−M_ij) φq_t h_j / Σ_j (1−M_ij) φq_t·z_j, φq of the learned features):
+    ∂L/∂M_ij −= (1−α_t) Σ_t [g_t·(φq_t h_j) − (φq_t·z_j)(g_t·O_l,t)] / (φq_t·z_rest).
+    With α per query (`mix_scale` c) α_t moves with M too: lse_sparse by P_t(block j) and log den by
+    −φq_t·z_j/den_t, so ∂L/∂M_ij += Σ_t g_t·(O_s,t − O_l,t)·α_t(1−α_t)·c·(P_t(j) + φq_t·z_j/den_t).
     """
     B, H, N, D = q.shape
     dtype = compute_dtype(q)
@@ -79,46 +83,60 @@ def routing_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: t
     n_q, n_k = kept.shape[-2:]
     phi = FEATURE_MAPS[feature_map]
     qf, kf, vf, g = (t.detach().to(dtype) for t in (q, k, v, grad_out))
+    fq, fk = feature_inputs(qf, kf, None if feature_q is None else feature_q.detach(),
+                            None if feature_k is None else feature_k.detach())
+    R = fk.shape[-1]
     alpha_table = _alpha_per_block(alpha.detach(), n_q, dtype)  # H×n_q
     key_block = torch.arange(N, device=q.device) // block_k
 
     k_valid = _valid(N, block_k, q.device).to(dtype)
-    phi_k = phi(_blocks(kf, block_k)) * k_valid[..., None]
-    h = torch.einsum("bhntd,bhnte->bhnde", phi_k, _blocks(vf, block_k))  # B×H×n_k×D×D
-    z = phi_k.sum(-2)  # B×H×n_k×D
+    phi_k = phi(_blocks(fk, block_k)) * k_valid[..., None]
+    h = torch.einsum("bhntr,bhnte->bhnre", phi_k, _blocks(vf, block_k))  # B×H×n_k×R×D
+    z = phi_k.sum(-2)  # B×H×n_k×R
 
     q_blocks, g_blocks = _blocks(qf, block_q), _blocks(g, block_q)  # zero padding: padded rows add nothing
+    fq_blocks = _blocks(fq, block_q)
     out = torch.empty(B, H, n_q, n_k, dtype=dtype, device=q.device)
     budget = CHUNK_ELEMENTS * (CUDA_CHUNK_SCALE if q.is_cuda else 1)
-    chunk = max(1, budget // (B * H * block_q * max(N, D * D)))
+    chunk = max(1, budget // (B * H * block_q * max(N, R * D)))
+    to_blocks = lambda per_key: F.pad(per_key, (0, n_k * block_k - N)).unflatten(-1, (n_k, block_k)).sum(-1)  # noqa: E731
     for i0 in range(0, n_q, chunk):
         i1 = min(n_q, i0 + chunk)
         qb, gb, kept_c = q_blocks[:, :, i0:i1], g_blocks[:, :, i0:i1], kept[:, :, i0:i1]
-        a = alpha_table[None, :, i0:i1, None]  # 1×H×c×1
 
         kept_keys = kept_c[..., key_block][..., None, :]  # B×H×c×1×N
         s = torch.einsum("bhcqd,bhnd->bhcqn", qb, kf) * scale
         lse = torch.logsumexp(s.masked_fill(~kept_keys, float("-inf")), dim=-1, keepdim=True)
         p = torch.exp(s - lse)
         o_s = torch.einsum("bhcqn,bhnd->bhcqd", p * kept_keys, vf)
-        ds = p * (torch.einsum("bhcqd,bhnd->bhcqn", gb, vf) - (gb * o_s).sum(-1, keepdim=True))
-        per_key = ds.sum(-2)  # B×H×c×N
-        sparse = F.pad(per_key, (0, n_k * block_k - N)).unflatten(-1, (n_k, block_k)).sum(-1)
 
         unkept = (~kept_c).to(dtype)
-        h_rest = torch.einsum("bhcn,bhnde->bhcde", unkept, h)
+        h_rest = torch.einsum("bhcn,bhnre->bhcre", unkept, h)
         z_rest = unkept @ z
-        phi_q = phi(qb)
-        den = torch.einsum("bhcqd,bhcd->bhcq", phi_q, z_rest)
+        phi_q = phi(fq_blocks[:, :, i0:i1])
+        den = torch.einsum("bhcqr,bhcr->bhcq", phi_q, z_rest)
         ok = den > 0
         inv = torch.where(ok, 1.0 / torch.where(ok, den, 1.0), 0.0)
-        o_l = torch.einsum("bhcqd,bhcde->bhcqe", phi_q, h_rest) * inv[..., None]
-        g_scaled = gb * inv[..., None]
-        outer = torch.einsum("bhcqd,bhcqe->bhcde", phi_q, g_scaled)
-        weight = torch.einsum("bhcqd,bhcq->bhcd", phi_q, (g_scaled * o_l).sum(-1))
-        linear = torch.einsum("bhcde,bhnde->bhcn", outer, h) - torch.einsum("bhcd,bhnd->bhcn", weight, z)
+        o_l = torch.einsum("bhcqr,bhcre->bhcqe", phi_q, h_rest) * inv[..., None]
 
-        out[:, :, i0:i1] = a * sparse - (1 - a) * linear
+        a = alpha_table[None, :, i0:i1, None].expand(B, -1, -1, block_q)  # B×H×c×b_q: α per query token
+        if mix_scale is not None:
+            c = mix_scale.detach().to(dtype)[None, :, None, None]
+            a = query_alpha(a, c, lse[..., 0], den)
+        g_s, g_l = gb * a[..., None], gb * (1 - a[..., None])
+        ds = p * (torch.einsum("bhcqd,bhnd->bhcqn", g_s, vf) - (g_s * o_s).sum(-1, keepdim=True))
+        sparse = to_blocks(ds.sum(-2))  # B×H×c×n_k
+
+        g_scaled = g_l * inv[..., None]
+        outer = torch.einsum("bhcqr,bhcqe->bhcre", phi_q, g_scaled)
+        weight = torch.einsum("bhcqr,bhcq->bhcr", phi_q, (g_scaled * o_l).sum(-1))
+        linear = torch.einsum("bhcre,bhnre->bhcn", outer, h) - torch.einsum("bhcr,bhnr->bhcn", weight, z)
+        grad = sparse - linear
+        if mix_scale is not None:
+            g_mix = (gb * (o_s - o_l)).sum(-1) * a * (1 - a) * c * ok  # B×H×c×b_q: ∂L/∂(lse − log den)
+            grad = grad + to_blocks(torch.einsum("bhcq,bhcqn->bhcn", g_mix, p))
+            grad = grad + torch.einsum("bhcq,bhcqr,bhnr->bhcn", g_mix * inv, phi_q, z)
+        out[:, :, i0:i1] = grad
     return out
 
 
@@ -126,9 +144,10 @@ class _RouterGradient(torch.autograd.Function):
     """Identity on the SLA2 output; its backward sends ∂L/∂M (at the hard mask) into the soft mask."""
 
     @staticmethod
-    def forward(ctx, out, soft_mask, q, k, v, alpha, kept, block_q, block_k, feature_map):
+    def forward(ctx, out, soft_mask, q, k, v, alpha, kept, block_q, block_k, feature_map, learned):
         ctx.save_for_backward(q, k, v, alpha, kept)
         ctx.blocks = (block_q, block_k, feature_map)
+        ctx.learned = learned
         return out.clone()
 
     @staticmethod
@@ -138,8 +157,8 @@ class _RouterGradient(torch.autograd.Function):
             q, k, v, alpha, kept = ctx.saved_tensors
             block_q, block_k, feature_map = ctx.blocks
             grad_mask = routing_gradient(q, k, v, alpha, kept, grad_out, block_q=block_q, block_k=block_k,
-                                         feature_map=feature_map)
-        return (grad_out, grad_mask) + (None,) * 8
+                                         feature_map=feature_map, **ctx.learned)
+        return (grad_out, grad_mask) + (None,) * 9
 
 
 def soft_topk_attention(core: SLA2Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float,
@@ -154,12 +173,14 @@ def soft_topk_attention(core: SLA2Attention, q: torch.Tensor, k: torch.Tensor, v
     routing: Routing = route(q, k, topk=topk, block_q=c.block_q, block_k=c.block_k, proj_q=core.proj_q,
                              proj_k=core.proj_k)
     alpha = core.alpha
+    learned = core.learned_parts()
     out = sla2_attention(q, k, v, topk=topk, alpha=alpha, block_q=c.block_q, block_k=c.block_k,
                          proj_q=core.proj_q, proj_k=core.proj_k, feature_map=c.feature_map, qat=c.qat,
-                         backend=core.backend, routing=routing)
+                         backend=core.backend, routing=routing, **learned)
     kk, n_k = routing.kept_per_query_block, routing.mask.shape[-1]
     if kk < n_k and torch.is_grad_enabled() and routing.scores.requires_grad:
         soft = soft_topk_mask(routing.scores, kk, tau)
         out = _RouterGradient.apply(out, soft, q.detach(), k.detach(), v.detach(), alpha.detach(), routing.mask,
-                                    c.block_q, c.block_k, c.feature_map)
+                                    c.block_q, c.block_k, c.feature_map,
+                                    {name: t.detach() for name, t in learned.items()})
     return core.from_block_order(out)

@@ -52,6 +52,7 @@ from .state import (
 
 ROUTER_PARAMS = ("proj_q", "proj_k")
 ALPHA_LR_SCALE = 10.0
+MIX_PARAMS = ("alpha_logit", "mix_scale")  # what learns at ALPHA_LR_SCALE in stage 1
 
 
 @dataclass
@@ -145,8 +146,8 @@ def _param_groups(named, config: FinetuneConfig) -> list[dict]:
     """α logits learn ALPHA_LR_SCALE times faster in stage 1: a logit must travel a few units (α from its
     0.9 default to the captured mass), a router entry only a few hundredths."""
     lr = config.learning_rate
-    alpha = [p for name, p in named if name.endswith("alpha_logit")]
-    rest = [p for name, p in named if not name.endswith("alpha_logit")]
+    alpha = [p for name, p in named if name.endswith(MIX_PARAMS)]
+    rest = [p for name, p in named if not name.endswith(MIX_PARAMS)]
     groups = [{"params": rest, "lr": lr}] if rest else []
     if alpha:
         groups.append({"params": alpha, "lr": lr if config.full else lr * ALPHA_LR_SCALE})
@@ -264,7 +265,8 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
     elif group.is_main:
         before = _measure(model, z_eval, t_eval, y_eval)
 
-    module = FullFinetune(model, teacher, config.objective) if config.full else RouterDistillation(model, cores)
+    module = (FullFinetune(model, teacher, config.objective) if config.full
+              else RouterDistillation(model, cores, config.objective))
     runner = module
     if group.distributed:
         runner = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)

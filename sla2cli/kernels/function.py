@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..sla2.reference import sla2_reference
+from ..sla2.reference import feature_inputs, sla2_reference
 from ..sla2.routing import Routing, keep_count, num_blocks
 from .sla2_triton import FEATURE_IDS, _route_kernel, _sla2_fwd_kernel, _stats_kernel
 from .sla2_triton_bwd import _bwd_key_kernel, _bwd_query_kernel
@@ -25,7 +25,8 @@ ROUTE_CHUNK = 64  # key blocks scored per step by the router
 class LinearStats:
     """Per-key-block statistics of the linear branch and their totals (sums of the stored values).
 
-    h: B·H×n_k×D×D in the input's dtype, z: B·H×n_k×D fp32; h_total: B·H×D×D and z_total: B·H×D, fp32.
+    h: B·H×n_k×R×D in the input's dtype, z: B·H×n_k×R fp32; h_total: B·H×R×D and z_total: B·H×R, fp32;
+    R = D, or a learned feature map's rank.
     """
 
     h: torch.Tensor
@@ -51,18 +52,22 @@ def _row_align(*tensors: torch.Tensor) -> int:
     return align
 
 
-def linear_stats(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: str) -> tuple[LinearStats, torch.Tensor]:
-    """One pass over K and V: the linear branch's statistics and the block means of k (B·H×n_k×D, fp32)."""
+def linear_stats(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: str,
+                 fk: torch.Tensor | None = None) -> tuple[LinearStats, torch.Tensor]:
+    """One pass over K and V: the linear branch's statistics and the block means of k (B·H×n_k×D, fp32).
+    `fk` (B×H×N×R): what φ reads instead of k (a learned feature map's k·W_k)."""
     B, H, N, D = k.shape
+    R = D if fk is None else fk.shape[-1]
     n_k = num_blocks(N, block_k)
-    h = torch.empty(B * H, n_k, D, D, device=k.device, dtype=k.dtype)
-    z = torch.empty(B * H, n_k, D, device=k.device, dtype=torch.float32)
+    h = torch.empty(B * H, n_k, R, D, device=k.device, dtype=k.dtype)
+    z = torch.empty(B * H, n_k, R, device=k.device, dtype=torch.float32)
     k_bar = torch.empty(B * H, n_k, D, device=k.device, dtype=torch.float32)
     d_pad = _d_pad(D)
+    f = k if fk is None else fk
     _stats_kernel[(n_k, B * H)](
-        k, v, h, z, k_bar, *k.stride(), *v.stride(), H, N, n_k, D=D, ROW_ALIGN=_row_align(k, v), BLOCK_K=block_k,
-        D_PAD=d_pad, FEATURE=FEATURE_IDS[feature_map], PREC=_precision(k.dtype),
-        num_warps=8 if d_pad >= 128 else 4)
+        k, v, f, h, z, k_bar, *k.stride(), *v.stride(), *f.stride(), H, N, n_k, D=D, R=R, ROW_ALIGN=_row_align(k, v),
+        BLOCK_K=block_k, D_PAD=d_pad, R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map], LEARNED=fk is not None,
+        PREC=_precision(k.dtype), num_warps=8 if d_pad >= 128 else 4)
     return LinearStats(h, z, h.sum(1, dtype=torch.float32), z.sum(1)), k_bar
 
 
@@ -126,13 +131,18 @@ def _alloc_like_layout(q: torch.Tensor) -> torch.Tensor:
 
 def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q: int, block_k: int,
                  feature_map: str, save: bool = False, num_warps: int | None = None,
-                 num_stages: int | None = None, linear_first: bool | None = None):
+                 num_stages: int | None = None, linear_first: bool | None = None, fq: torch.Tensor | None = None,
+                 mix_scale: torch.Tensor | None = None):
     """Launch the fused kernel; `stats` None means every key block is kept (output = O_sparse).
 
     Returns O, or with `save` (O, O_sparse, lse) for the backward: B·H×N×D and B·H×N (log2 units).
-    `linear_first` picks the loop order (None: `_linear_first`'s choice).
+    `linear_first` picks the loop order (None: `_linear_first`'s choice). `fq` (B×H×N×R): what φ reads
+    instead of q (a learned feature map's q·W_q); `mix_scale` (H,): α per query.
     """
     B, H, N, D = q.shape
+    R = D if fq is None else fq.shape[-1]
+    f = q if fq is None else fq
+    mix = alpha if mix_scale is None else mix_scale.detach().float().contiguous()
     n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), indices.shape[-1]
     out = _alloc_like_layout(q)
     a = _alpha_table(alpha, H, n_q)
@@ -142,11 +152,11 @@ def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q:
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32) if save else out
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _sla2_fwd_kernel[(n_q, B * H)](
-        q, k, v, out, idx, a, *((stats.h, stats.z, stats.h_total, stats.z_total) if linear else (out,) * 4), o_s, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *a.stride(),
-        H, N, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, ROW_ALIGN=_row_align(q, k, v, out),
-        BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), FEATURE=FEATURE_IDS[feature_map], LINEAR=linear,
-        PREC=_precision(q.dtype), SAVE=save,
+        q, k, v, f, out, idx, a, mix, *((stats.h, stats.z, stats.h_total, stats.z_total) if linear else (out,) * 4),
+        o_s, lse, *q.stride(), *k.stride(), *v.stride(), *f.stride(), *out.stride(), *a.stride(),
+        H, N, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R, ROW_ALIGN=_row_align(q, k, v, out),
+        BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map],
+        LEARNED=fq is not None, LINEAR=linear, MIX=mix_scale is not None, PREC=_precision(q.dtype), SAVE=save,
         LIN_FIRST=_linear_first(block_q, D) if linear_first is None else linear_first,
         num_warps=num_warps or _num_warps(block_q),
         **extra)
@@ -226,13 +236,16 @@ class _SLA2Function(torch.autograd.Function):
 def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, alpha: torch.Tensor,
                 block_q: int = 64, block_k: int = 64, proj_q: torch.Tensor | None = None,
                 proj_k: torch.Tensor | None = None, feature_map: str = "softmax", qat: bool = False,
-                routing: Routing | None = None, return_stats: bool = False):
-    """`sla2_reference` computed by the Triton kernels. QAT and `return_stats` have no kernel yet: the
-    reference serves them, so the backend stays a drop-in for every call."""
-    if qat or return_stats:
+                routing: Routing | None = None, return_stats: bool = False, **learned):
+    """`sla2_reference` computed by the Triton kernels. QAT and `return_stats` have no kernel yet, nor has
+    the backward of the learned parts (feature_q, feature_k, mix_scale: their forward runs here): the
+    reference serves those, so the backend stays a drop-in for every call."""
+    learned = {name: t for name, t in learned.items() if t is not None}
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, alpha, *learned.values()))
+    if qat or return_stats or (learned and training):
         return sla2_reference(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q,
                               proj_k=proj_k, feature_map=feature_map, qat=qat, routing=routing,
-                              return_stats=return_stats)
+                              return_stats=return_stats, **learned)
     if not 0.0 < topk <= 1.0:
         raise ValueError(f"topk must be in (0, 1], got {topk}")
     if feature_map not in FEATURE_IDS:
@@ -241,12 +254,18 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     n_q, n_k = num_blocks(N, block_q), num_blocks(N, block_k)
     kk = routing.kept_per_query_block if routing is not None else keep_count(topk, n_k)
     stats = None
+    fq, fk = feature_inputs(q, k, learned.get("feature_q"), learned.get("feature_k")) if learned else (None, None)
+    fq = None if fq is q else fq
+    fk = None if fk is k else fk
     if kk < n_k:
-        stats, k_bar = linear_stats(k, v, block_k, feature_map)
+        stats, k_bar = linear_stats(k, v, block_k, feature_map, fk)
     if routing is not None:
         indices = routing.indices
     elif stats is not None:
         indices = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k)
     else:
         indices = torch.arange(n_k, device=q.device, dtype=torch.int32).expand(B, H, n_q, n_k)
+    if learned:  # forward only (see above)
+        return sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
+                            feature_map=feature_map, fq=fq, mix_scale=learned.get("mix_scale"))
     return _SLA2Function.apply(q, k, v, alpha, indices, stats, block_q, block_k, feature_map)

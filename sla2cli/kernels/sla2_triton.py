@@ -3,11 +3,12 @@
 Three launches per call. `_stats_kernel`: one pass over K and V giving the key-block means the router
 needs and the linear branch's per-key-block statistics h_j = φ(K_j)ᵀV_j (in the input's dtype) and
 z_j = Σφ(K_j); torch sums the stored h_j, z_j into totals, so "totals minus kept" subtracts exactly the
-values it added. `_route_kernel`: per query block, the pooled query's scores against every (projected)
-key block and the top kk as an ascending index table. `_sla2_fwd_kernel`: per query block,
-online-softmax attention over the kept key blocks only, the kept blocks' h_j, z_j summed (one D×D read
-and add per kept block) so that the linear branch over the other blocks is totals minus kept, then the
-α mix and one store.
+values it added; with a learned feature map φ reads k·W_k (R columns), so h_j is R×D.
+`_route_kernel`: per query block, the pooled query's scores against every (projected) key block and the
+top kk as an ascending index table. `_sla2_fwd_kernel`: per query block, online-softmax attention over the
+kept key blocks only, the kept blocks' h_j, z_j summed (one R×D read and add per kept block) so that the
+linear branch over the other blocks is totals minus kept, then the α mix (per head, or per query from
+the loop's log-sum-exp) and one store.
 Every tensor is read through explicit strides, so the B×N×3×H×D views JiT makes need no copy.
 Head dims that are not powers of two are padded in registers only (masked loads, nothing written padded);
 the head dim is a compile-time constant and ROW_ALIGN states what the token strides are multiples of, so
@@ -50,40 +51,49 @@ def _row_tile(rows, cols, s_n, s_d, ROW_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, cols, dmask, dmask2, D: tl.constexpr,
-                D_PAD: tl.constexpr):
-    """Σ h_j and Σ z_j over one query block's kept key blocks (fp32)."""
-    h_kept = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-    z_kept = tl.zeros([D_PAD], dtype=tl.float32)
+def _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R: tl.constexpr, D: tl.constexpr,
+                R_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """Σ h_j (R×D) and Σ z_j (R) over one query block's kept key blocks (fp32)."""
+    h_kept = tl.zeros([R_PAD, D_PAD], dtype=tl.float32)
+    z_kept = tl.zeros([R_PAD], dtype=tl.float32)
     for t in range(kk):
         jb = hz_base + tl.load(idx_row + t)
-        h_kept += tl.load(h_ptr + jb * (D * D) + h_offs, mask=dmask2, other=0.0).to(tl.float32)
-        z_kept += tl.load(z_ptr + jb * D + cols, mask=dmask, other=0.0)
+        h_kept += tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
+        z_kept += tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
     return h_kept, z_kept
 
 
 @triton.jit
-def _stats_kernel(k_ptr, v_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                  H, N, n_k, D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_K: tl.constexpr,
-                  D_PAD: tl.constexpr, FEATURE: tl.constexpr, PREC: tl.constexpr):
-    """One key block: k's block mean (fp32), h_j = φ(K_j)ᵀV_j (stored in h's dtype) and z_j = Σφ(K_j)."""
+def _stats_kernel(k_ptr, v_ptr, fk_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                  sf_b, sf_h, sf_n, sf_d, H, N, n_k, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                  BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr,
+                  LEARNED: tl.constexpr, PREC: tl.constexpr):
+    """One key block: k's block mean (fp32), h_j = φ(F_j)ᵀV_j (stored in h's dtype) and z_j = Σφ(F_j), F the
+    feature input (k itself, or k·W_k of a learned feature map: R columns)."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b, hh = _batch_and_head(bh, H)
     cols = tl.arange(0, D_PAD)
     dmask = cols < D
+    rcols = tl.arange(0, R_PAD)
+    rmask = rcols < R
     rows = j * BLOCK_K + tl.arange(0, BLOCK_K)
     rvalid = rows < N
     mask = rvalid[:, None] & dmask[None, :]
     kt = tl.load(k_ptr + b * sk_b + hh * sk_h + _row_tile(rows, cols, sk_n, sk_d, ROW_ALIGN), mask=mask, other=0.0)
     vt = tl.load(v_ptr + b * sv_b + hh * sv_h + _row_tile(rows, cols, sv_n, sv_d, ROW_ALIGN), mask=mask, other=0.0)
     kf = kt.to(tl.float32)
-    phik = tl.where(rvalid[:, None], _phi(kf, dmask, FEATURE), 0.0).to(vt.dtype)
+    if not LEARNED:
+        ft = kf  # fk_ptr is k
+    else:
+        ft = tl.load(fk_ptr + b * sf_b + hh * sf_h + _row_tile(rows, rcols, sf_n, sf_d, 1),
+                     mask=rvalid[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+    phik = tl.where(rvalid[:, None], _phi(ft, rmask, FEATURE), 0.0).to(vt.dtype)
     h = tl.dot(tl.trans(phik), vt, input_precision=PREC)
     jb = (bh * n_k + j).to(tl.int64)
-    tl.store(h_ptr + jb * (D * D) + cols[:, None] * D + cols[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=dmask[:, None] & dmask[None, :])
-    tl.store(z_ptr + jb * D + cols, tl.sum(phik.to(tl.float32), 0), mask=dmask)
+    tl.store(h_ptr + jb * (R * D) + rcols[:, None] * D + cols[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
+    tl.store(z_ptr + jb * R + rcols, tl.sum(phik.to(tl.float32), 0), mask=rmask)
     count = tl.minimum(N - j * BLOCK_K, BLOCK_K).to(tl.float32)
     tl.store(kbar_ptr + jb * D + cols, tl.sum(kf, 0) / count, mask=dmask)
 
@@ -126,32 +136,45 @@ def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, sq_b, sq_h, sq_n, sq_d, 
 
 
 @triton.jit
-def _linear_out(q, h_kept, z_kept, htot_ptr, ztot_ptr, bh, cols, dmask, h_offs, D: tl.constexpr,
-                FEATURE: tl.constexpr, PREC: tl.constexpr):
-    """O_linear of one query block: φ(Q)(H − kept)/(φ(Q)·(Z − kept)), 0 where the denominator is 0."""
-    phiq = _phi(q.to(tl.float32), dmask, FEATURE)
-    h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (D * D) + h_offs, mask=dmask[:, None] & dmask[None, :],
-                     other=0.0) - h_kept
-    z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * D + cols, mask=dmask, other=0.0) - z_kept
+def _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R: tl.constexpr,
+                D: tl.constexpr, FEATURE: tl.constexpr, PREC: tl.constexpr):
+    """O_linear of one query block, φ(F_Q)(H − kept)/(φ(F_Q)·(Z − kept)) (0 where the denominator is 0), and
+    that denominator; F_Q the query's feature input."""
+    phiq = _phi(fq.to(tl.float32), rmask, FEATURE)
+    h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (R * D) + h_offs, mask=hmask, other=0.0) - h_kept
+    z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * R + rcols, mask=rmask, other=0.0) - z_kept
     num = tl.dot(phiq, h_rest, input_precision=PREC)
     den = tl.sum(phiq * z_rest[None, :], 1)
-    return tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+    return tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0), den
 
 
 @triton.jit
-def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_ptr, htot_ptr, ztot_ptr, os_ptr,
-                     lse_ptr,
+def _query_alpha(a, c, lse2, den):
+    """α per query (`sla2.reference.query_alpha`): σ(logit a + c·(lse − log den)), 1 where den = 0; lse2 in
+    log2 units."""
+    evidence = lse2 * 0.6931471805599453 - tl.log(tl.where(den > 0, den, 1.0))
+    logit = tl.log(a / (1.0 - a)) + c * evidence
+    return tl.where(den > 0, 1.0 / (1.0 + tl.exp(-logit)), 1.0)
+
+
+@triton.jit
+def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix_ptr, h_ptr, z_ptr, htot_ptr,
+                     ztot_ptr, os_ptr, lse_ptr,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                     so_b, so_h, so_n, so_d, sa_h, sa_i,
-                     H, N, n_q, n_k, kk, qk_scale, D: tl.constexpr, ROW_ALIGN: tl.constexpr,
-                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-                     FEATURE: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-                     LIN_FIRST: tl.constexpr):
+                     sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i,
+                     H, N, n_q, n_k, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
+                     FEATURE: tl.constexpr, LEARNED: tl.constexpr, LINEAR: tl.constexpr, MIX: tl.constexpr,
+                     PREC: tl.constexpr,
+                     SAVE: tl.constexpr, LIN_FIRST: tl.constexpr):
     """One query block of one head: sparse softmax over its kk kept key blocks, linear over the rest, mixed.
 
+    The linear branch reads φ's input from fq (q itself, or q·W_q of a learned feature map: R columns).
+    With MIX, α is per query (`_query_alpha`, scale c from mix_ptr) from the loop's log-sum-exp.
     With SAVE (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N). With
-    LIN_FIRST the kept blocks' h_j are summed in a loop of their own and O_linear, scaled by 1−α, waits in
-    the input dtype; otherwise the sum shares the attention loop (fewer index loads, more registers).
+    LIN_FIRST the kept blocks' h_j are summed in a loop of their own and O_linear waits in the input dtype
+    (scaled by 1−α unless α is per query); otherwise the sum shares the attention loop (fewer index loads,
+    more registers).
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -168,17 +191,26 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
     acc = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
     idx_row = idx_ptr + (bh * n_q + pid_q).to(tl.int64) * kk
     if LINEAR:
-        dmask2 = dmask[:, None] & dmask[None, :]
-        h_offs = cols[:, None] * D + cols[None, :]
+        rcols = tl.arange(0, R_PAD)
+        rmask = rcols < R
+        hmask = rmask[:, None] & dmask[None, :]
+        h_offs = rcols[:, None] * D + cols[None, :]
         hz_base = (bh * n_k).to(tl.int64)
         a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i)
+        if not LEARNED:
+            fq = q
+        else:
+            fq = tl.load(fq_ptr + b * sf_b + hh * sf_h + _row_tile(rows_q, rcols, sf_n, sf_d, 1),
+                         mask=(rows_q < N)[:, None] & rmask[None, :], other=0.0)
         if LIN_FIRST:
-            h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, cols, dmask, dmask2, D, D_PAD)
-            lin_part = ((1.0 - a) * _linear_out(q, h_kept, z_kept, htot_ptr, ztot_ptr, bh, cols, dmask, h_offs,
-                                                D, FEATURE, PREC)).to(q.dtype)
+            h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R, D,
+                                         R_PAD, D_PAD)
+            lin, den = _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R, D,
+                                   FEATURE, PREC)
+            lin_part = (lin if MIX else (1.0 - a) * lin).to(q.dtype)
         else:  # summed inside the attention loop
-            h_kept = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-            z_kept = tl.zeros([D_PAD], dtype=tl.float32)
+            h_kept = tl.zeros([R_PAD, D_PAD], dtype=tl.float32)
+            z_kept = tl.zeros([R_PAD], dtype=tl.float32)
     for t in range(kk):
         j = tl.load(idx_row + t)
         rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -188,8 +220,8 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
         vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
         if LINEAR and not LIN_FIRST:
             jb = hz_base + j
-            h_kept += tl.load(h_ptr + jb * (D * D) + h_offs, mask=dmask2, other=0.0).to(tl.float32)
-            z_kept += tl.load(z_ptr + jb * D + cols, mask=dmask, other=0.0)
+            h_kept += tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
+            z_kept += tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         s = tl.where(kvalid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -204,10 +236,14 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_pt
         tl.store(os_ptr + row_flat[:, None] * D + cols[None, :], out.to(os_ptr.dtype.element_ty), mask=qmask)
         tl.store(lse_ptr + row_flat, m_i + tl.log2(l_i), mask=rows_q < N)
     if LINEAR:
-        if LIN_FIRST:
-            out = a * out + lin_part.to(tl.float32)
+        if not LIN_FIRST:
+            lin, den = _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R, D,
+                                   FEATURE, PREC)
+            lin_part = lin if MIX else (1.0 - a) * lin
+        if MIX:
+            a_row = _query_alpha(a, tl.load(mix_ptr + hh), m_i + tl.log2(l_i), den)[:, None]
+            out = a_row * out + (1.0 - a_row) * lin_part.to(tl.float32)
         else:
-            out = a * out + (1.0 - a) * _linear_out(q, h_kept, z_kept, htot_ptr, ztot_ptr, bh, cols, dmask, h_offs,
-                                                    D, FEATURE, PREC)
+            out = a * out + lin_part.to(tl.float32)
     tl.store(o_ptr + b * so_b + hh * so_h + _row_tile(rows_q, cols, so_n, so_d, ROW_ALIGN),
              out.to(o_ptr.dtype.element_ty), mask=qmask)

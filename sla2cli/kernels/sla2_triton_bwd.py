@@ -63,7 +63,7 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alp
         dmask2 = dmask[:, None] & dmask[None, :]
         h_offs = cols[:, None] * D + cols[None, :]
         h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, (bh * n_k).to(tl.int64), h_offs, cols, dmask,
-                                     dmask2, D, D_PAD)
+                                     dmask2, D, D, D_PAD, D_PAD)
         h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (D * D) + h_offs, mask=dmask2, other=0.0) - h_kept
         z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * D + cols, mask=dmask, other=0.0) - z_kept
         qf = q.to(tl.float32)

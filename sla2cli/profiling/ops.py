@@ -29,25 +29,29 @@ OP_NAME = "sla2cli::sla2_attention"
 
 def sla2_flops(batch: int, heads: int, tokens: int, head_dim: int, *, topk: float, block_q: int = 64,
                block_k: int = 64, router_projections: bool = True, backend: str = "torch",
-               qat: bool = False) -> dict[str, int]:
+               qat: bool = False, feature_rank: int = 0) -> dict[str, int]:
     """FLOPs one SLA2 forward executes, by part: router, sparse (kept blocks only), linear, and total.
 
     router:  q̄ W_qᵀ and k̄ W_kᵀ on pooled blocks, then the n_q×n_k block scores.
     sparse:  q·kᵀ and P·v over the kk kept key blocks of every query block.
-    linear:  h_j = φ(K_j)ᵀV_j for every key block, φ(Q_i)·[h, z] of the unkept blocks; the torch
-             reference also sums the unkept blocks' statistics as a masked product (n_q×n_k×D(D+1)),
+    linear:  with a learned feature map of rank r, q·W_q and k·W_k (N×D×r each; r = D without one);
+             h_j = φ(K_j)ᵀV_j for every key block, φ(Q_i)·[h, z] of the unkept blocks; the torch
+             reference also sums the unkept blocks' statistics as a masked product (n_q×n_k×r(D+1)),
              where the Triton kernels subtract the kept blocks from totals (additions, not counted).
     """
     B, H, N, D = batch, heads, tokens, head_dim
     n_q, n_k = num_blocks(N, block_q), num_blocks(N, block_k)
     kk = keep_count(topk, n_k)
+    R = feature_rank or D
     router = 2 * B * H * n_q * n_k * D + (2 * B * H * (n_q + n_k) * D * D if router_projections else 0)
     sparse = 4 * B * H * (n_q * block_q) * (kk * block_k) * D
     linear = 0
     if kk < n_k:
-        linear = 2 * B * H * (n_k * block_k) * D * D + 2 * B * H * (n_q * block_q) * D * (D + 1)
+        linear = 2 * B * H * (n_k * block_k) * R * D + 2 * B * H * (n_q * block_q) * R * (D + 1)
+        if feature_rank:
+            linear += 2 * B * H * (n_q * block_q + n_k * block_k) * D * R
         if backend != "triton" or qat:  # QAT runs the reference in every backend
-            linear += 2 * B * H * n_q * n_k * D * (D + 1)
+            linear += 2 * B * H * n_q * n_k * R * (D + 1)
     return {"router": router, "sparse": sparse, "linear": linear, "total": router + sparse + linear,
             "kept_blocks": kk, "key_blocks": n_k}
 
@@ -61,23 +65,28 @@ def dense_attention_flops(batch: int, heads: int, tokens_q: int, tokens_k: int, 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def sla2_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
                       proj_q: Optional[torch.Tensor], proj_k: Optional[torch.Tensor], topk: float, block_q: int,
-                      block_k: int, feature_map: str, qat: bool, backend: str) -> torch.Tensor:
+                      block_k: int, feature_map: str, qat: bool, backend: str,
+                      feature_q: Optional[torch.Tensor] = None, feature_k: Optional[torch.Tensor] = None,
+                      mix_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`sla2_attention` as one opaque op (forward only; use it where no gradient is needed)."""
     return sla2_attention(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q,
-                          proj_k=proj_k, feature_map=feature_map, qat=qat, backend=backend)
+                          proj_k=proj_k, feature_map=feature_map, qat=qat, backend=backend, feature_q=feature_q,
+                          feature_k=feature_k, mix_scale=mix_scale)
 
 
 @sla2_attention_op.register_fake
-def _(q, k, v, alpha, proj_q, proj_k, topk, block_q, block_k, feature_map, qat, backend):
+def _(q, k, v, alpha, proj_q, proj_k, topk, block_q, block_k, feature_map, qat, backend, feature_q=None,
+      feature_k=None, mix_scale=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @register_flop_formula(torch.ops.sla2cli.sla2_attention)
 def _sla2_flop_formula(q_shape, k_shape, v_shape, alpha_shape, proj_q_shape, proj_k_shape, topk, block_q, block_k,
-                       feature_map, qat, backend, *args, out_shape=None, **kwargs) -> int:
+                       feature_map, qat, backend, feature_q_shape=None, *args, out_shape=None, **kwargs) -> int:
     B, H, N, D = q_shape
     return sla2_flops(B, H, N, D, topk=topk, block_q=block_q, block_k=block_k,
-                      router_projections=proj_q_shape is not None, backend=backend, qat=qat)["total"]
+                      router_projections=proj_q_shape is not None, backend=backend, qat=qat,
+                      feature_rank=feature_q_shape[-1] if feature_q_shape is not None else 0)["total"]
 
 
 # Older torch releases count SDPA on CUDA but not its fused CPU kernel; give it the same formula there.
@@ -116,8 +125,9 @@ def _fvcore_sla2(inputs, outputs) -> int:
     B, H, N, D = _fv_shape(inputs[0])
     topk, block_q, block_k, feature_map, qat, backend = (x.toIValue() for x in inputs[6:12])
     has_proj = inputs[4].type().kind() != "NoneType"
+    rank = _fv_shape(inputs[12])[-1] if len(inputs) > 12 and inputs[12].type().kind() != "NoneType" else 0
     return sla2_flops(B, H, N, D, topk=topk, block_q=block_q, block_k=block_k, router_projections=has_proj,
-                      backend=backend, qat=qat)["total"] // 2
+                      backend=backend, qat=qat, feature_rank=rank)["total"] // 2
 
 
 def _fvcore_einsum(inputs, outputs) -> int:

@@ -18,8 +18,11 @@ from .routing import num_blocks
 # α before calibration or fine-tuning: the softmax mass a trained diffusion transformer's top 5-25% of
 # key blocks typically captures. `sla2 convert --calibrate N` measures it instead; finetune learns it.
 ALPHA_INIT = 0.9
-ALPHA_MODES = ("per_head", "per_head_query_block")
+# "per_query" (our extension): each query's α from evidence the kernel already has, its sparse branch's
+# log-sum-exp against the log of its linear branch's mass: α = σ(logit α_h + c_h·(lse_sparse − log den)).
+ALPHA_MODES = ("per_head", "per_head_query_block", "per_query")
 BLOCK_SIZES = (16, 32, 64, 128)
+MAX_FEATURE_RANK = 256
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class SLA2Config(JsonConfig):
     feature_map: str = "softmax"
     qat: bool = False
     alpha_mode: str = "per_head"
+    feature_rank: int = 0  # 0: φ on the head dim (the paper); r: φ(x·W) with a learned D×r W per head (ours)
 
     def __post_init__(self):
         if not (isinstance(self.topk, (int, float)) and 0.0 < self.topk <= 1.0):
@@ -44,6 +48,10 @@ class SLA2Config(JsonConfig):
         if self.feature_map not in FEATURE_MAPS:
             raise InvalidParameter("feature_map", self.feature_map, "unknown feature map {value!r}; choose one of: "
                                    "{choices}", choices=", ".join(FEATURE_MAPS))
+        if not (isinstance(self.feature_rank, int) and not isinstance(self.feature_rank, bool)
+                and 0 <= self.feature_rank <= MAX_FEATURE_RANK):
+            raise InvalidParameter("feature_rank", self.feature_rank, "{name} must be an integer in 0.."
+                                   f"{MAX_FEATURE_RANK} (0: the paper's feature map), got {{value}}")
         if self.alpha_mode not in ALPHA_MODES:
             raise InvalidParameter("alpha_mode", self.alpha_mode, "unknown alpha mode {value!r}; choose one of: "
                                    "{choices}", choices=", ".join(ALPHA_MODES))
@@ -52,11 +60,15 @@ class SLA2Config(JsonConfig):
 def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, alpha: torch.Tensor,
                    block_q: int = 64, block_k: int = 64, proj_q: torch.Tensor | None = None,
                    proj_k: torch.Tensor | None = None, feature_map: str = "softmax", qat: bool = False,
-                   backend: str = "auto", return_stats: bool = False, routing=None):
+                   backend: str = "auto", return_stats: bool = False, routing=None,
+                   feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
+                   mix_scale: torch.Tensor | None = None):
     """SLA2: O = α⊙softmax-attention over the routed key blocks + (1−α)⊙linear attention over the rest.
 
     q, k, v: B×H×N×D after qk-norm and RoPE. alpha: (H,) or (H, n_q) in [0, 1]. proj_q / proj_k: the
-    router's D×D projections (None = identity). With `return_stats` also returns an `SLA2Stats`.
+    router's D×D projections (None = identity). feature_q / feature_k: H×D×r maps the linear branch
+    applies before φ (None: φ of q, k themselves). mix_scale (H,): α per query, σ(logit α + c·(lse_sparse
+    − log den_linear)) (None: α as given). With `return_stats` also returns an `SLA2Stats`.
     `routing` (a `Routing`) replaces the router's own decision (fine-tuning builds it itself).
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -64,8 +76,20 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: f
                          f"{tuple(v.shape)}")
     fn = resolve(backend, q, feature_map=feature_map, qat=qat, return_stats=return_stats).fn
     extra = {} if routing is None else {"routing": routing}
+    extra.update({name: t for name, t in (("feature_q", feature_q), ("feature_k", feature_k),
+                                            ("mix_scale", mix_scale)) if t is not None})
     return fn(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k,
               feature_map=feature_map, qat=qat, return_stats=return_stats, **extra)
+
+
+def initial_features(heads: int, head_dim: int, rank: int) -> torch.Tensor:
+    """H×D×r start of a learned feature map: the identity's first r columns (r = D: the paper's φ exactly);
+    below D, an orthonormal basis from a fixed seed, so every conversion starts alike."""
+    if rank >= head_dim:
+        w = torch.eye(head_dim, rank)
+    else:
+        w = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=torch.Generator().manual_seed(rank)))[0][:, :rank]
+    return w.expand(heads, head_dim, rank).clone()
 
 
 # A torch.library custom op with `sla2_attention`'s maths that `sla2cli.profiling` installs while it counts
@@ -106,6 +130,15 @@ class SLA2Attention(nn.Module):
                 raise UsageError("alpha per query block needs the model's resolution (a JiT config)")
             shape = (num_heads, query_blocks)
         self.alpha_logit = nn.Parameter(torch.full(shape, math.log(alpha_init / (1 - alpha_init))))
+        if config.feature_rank:
+            self.feature_q = nn.Parameter(initial_features(num_heads, head_dim, config.feature_rank))
+            self.feature_k = nn.Parameter(initial_features(num_heads, head_dim, config.feature_rank))
+        if config.alpha_mode == "per_query":
+            self.mix_scale = nn.Parameter(torch.ones(num_heads))
+
+    def learned_parts(self) -> dict[str, torch.Tensor]:
+        """The optional learned tensors `sla2_attention` takes by these names (feature maps, per-query mix)."""
+        return {name: getattr(self, name) for name in ("feature_q", "feature_k", "mix_scale") if hasattr(self, name)}
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -142,20 +175,22 @@ class SLA2Attention(nn.Module):
         if _inference_op is not None and not return_stats and not (
                 torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters()))):
             # A meta twin (FLOP counting) holds the backend `profiling.flops.meta_twin` resolved for the real device.
+            learned = self.learned_parts()
             return self.from_block_order(_inference_op(
                 q, k, v, self.alpha, self.proj_q, self.proj_k, c.topk, c.block_q, c.block_k, c.feature_map, c.qat,
-                self.backend if q.is_meta else self.resolve_backend(q).name))
+                self.backend if q.is_meta else self.resolve_backend(q).name, learned.get("feature_q"),
+                learned.get("feature_k"), learned.get("mix_scale")))
         result = sla2_attention(q, k, v, topk=c.topk, alpha=self.alpha, block_q=c.block_q, block_k=c.block_k,
                                 proj_q=self.proj_q, proj_k=self.proj_k, feature_map=c.feature_map, qat=c.qat,
-                                backend=self.backend, return_stats=return_stats)
+                                backend=self.backend, return_stats=return_stats, **self.learned_parts())
         if return_stats:
             return self.from_block_order(result[0]), result[1]
         return self.from_block_order(result)
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"topk={c.topk}, blocks=({c.block_q},{c.block_k}), phi={c.feature_map}, qat={c.qat}, "
-                f"alpha={c.alpha_mode}, prefix_tokens={self.prefix_tokens}")
+        return (f"topk={c.topk}, blocks=({c.block_q},{c.block_k}), phi={c.feature_map}, "
+                f"feature_rank={c.feature_rank}, qat={c.qat}, alpha={c.alpha_mode}, prefix_tokens={self.prefix_tokens}")
 
 
 def backends_in_use(cores: Iterable[SLA2Attention], device: torch.device, dtype: torch.dtype) -> str:

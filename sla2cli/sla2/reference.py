@@ -27,11 +27,13 @@ class SLA2Stats:
     """What the router kept and how much of the true softmax mass that captures.
 
     kept: B×H×n_q×n_k boolean map; captured_mass: B×H×n_q, the mean over each query block's tokens of
-    the softmax probability that falls on kept keys (1.0 means the sparse branch alone is exact).
+    the softmax probability that falls on kept keys (1.0 means the sparse branch alone is exact);
+    alpha: B×H×n_q, the mean α applied to those tokens (per query with `mix_scale`).
     """
 
     kept: torch.Tensor
     captured_mass: torch.Tensor
+    alpha: torch.Tensor
 
     @property
     def kept_fraction(self) -> float:
@@ -59,6 +61,27 @@ def _alpha_per_block(alpha: torch.Tensor, n_q: int, dtype) -> torch.Tensor:
     return alpha
 
 
+def feature_inputs(q: torch.Tensor, k: torch.Tensor, feature_q: torch.Tensor | None,
+                   feature_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What φ is applied to: q·W_q and k·W_k (B×H×N×r) with learned feature maps, else q and k."""
+    if feature_q is not None:
+        q = torch.einsum("bhnd,hdr->bhnr", q, feature_q.to(q.dtype))
+    if feature_k is not None:
+        k = torch.einsum("bhnd,hdr->bhnr", k, feature_k.to(k.dtype))
+    return q, k
+
+
+def query_alpha(alpha: torch.Tensor, mix_scale: torch.Tensor, lse_sparse: torch.Tensor,
+                den: torch.Tensor) -> torch.Tensor:
+    """α per query: σ(logit α + c·(lse_sparse − log den)); 1 where the linear branch has no mass (den = 0).
+
+    The true share of the kept keys is σ(lse_kept − lse_rest); log den stands in for lse_rest, up to the
+    learned scale c and the bias logit α (both per head)."""
+    ok = den > 0
+    evidence = lse_sparse - torch.log(torch.where(ok, den, 1.0))
+    return torch.where(ok, torch.sigmoid(torch.logit(alpha) + mix_scale * evidence), 1.0)
+
+
 def _gather_blocks(blocks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """blocks B×H×n_k×b×D, indices B×H×c×kk → B×H×c×kk×b×D."""
     B, H, n_k, b, D = blocks.shape
@@ -78,10 +101,13 @@ def _captured_mass(qb: torch.Tensor, k: torch.Tensor, lse_kept: torch.Tensor, q_
 def sla2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, alpha: torch.Tensor,
                    block_q: int = 64, block_k: int = 64, proj_q: torch.Tensor | None = None,
                    proj_k: torch.Tensor | None = None, feature_map: str = "softmax", qat: bool = False,
-                   routing: Routing | None = None, return_stats: bool = False):
+                   routing: Routing | None = None, return_stats: bool = False,
+                   feature_q: torch.Tensor | None = None, feature_k: torch.Tensor | None = None,
+                   mix_scale: torch.Tensor | None = None):
     """O = α⊙O_sparse + (1−α)⊙O_linear for q, k, v of shape B×H×N×D (see the package docs for the math).
 
     `routing` may be passed in (fine-tuning builds it with a soft mask); otherwise the router runs here.
+    feature_q / feature_k (H×D×r) map q, k before φ; `mix_scale` makes α per query (`sla2_attention`).
     """
     B, H, N, D = q.shape
     dtype = compute_dtype(q)
@@ -105,14 +131,18 @@ def sla2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: f
 
     all_kept = kk == n_k
     if not all_kept:
-        phi_k = phi(_blocks(kf, block_k)) * k_valid[..., None]  # padding tokens contribute nothing
-        h = torch.einsum("bhntd,bhnte->bhnde", phi_k, _blocks(vf, block_k)).flatten(-2)  # B×H×n_k×D²
-        z = phi_k.sum(-2)  # B×H×n_k×D
+        fq, fk = feature_inputs(qf, kf, feature_q, feature_k)
+        R = fk.shape[-1]
+        phi_k = phi(_blocks(fk, block_k)) * k_valid[..., None]  # padding tokens contribute nothing
+        h = torch.einsum("bhntr,bhnte->bhnre", phi_k, _blocks(vf, block_k)).flatten(-2)  # B×H×n_k×(R·D)
+        z = phi_k.sum(-2)  # B×H×n_k×R
+        fq_blocks = _blocks(fq, block_q)
 
-    per_block = B * H * max(block_q * kk * block_k, D * D, block_q * N if return_stats else 0)
+    R = D if feature_k is None else feature_k.shape[-1]
+    per_block = B * H * max(block_q * kk * block_k, R * D, block_q * N if return_stats else 0)
     chunk = max(1, CHUNK_ELEMENTS // per_block)
     q_blocks_all = _blocks(qf, block_q)
-    outputs, masses = [], []
+    outputs, masses, alphas = [], [], []
     for i0 in range(0, n_q, chunk):
         i1 = min(n_q, i0 + chunk)
         qb = q_blocks_all[:, :, i0:i1]  # B×H×c×b_q×D
@@ -123,6 +153,8 @@ def sla2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: f
         key_ok = _valid(N, block_k, q.device)[idx].flatten(-2)  # B×H×c×(kk·b_k)
         s = s.masked_fill(~key_ok[..., None, :], float("-inf"))
         p = torch.softmax(s, dim=-1)
+        if mix_scale is not None and not all_kept:
+            lse_sparse = torch.logsumexp(s, dim=-1)  # B×H×c×b_q
         if qat:
             p = quant.fp8_e4m3(p)
         o = torch.einsum("bhcqn,bhcnd->bhcqd", p, vb.flatten(-3, -2))
@@ -133,16 +165,23 @@ def sla2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: f
             masses.append(_captured_mass(qb, kf, lse_kept, q_valid[i0:i1]))
         if not all_kept:
             unkept = (~routing.mask[:, :, i0:i1]).to(dtype)  # B×H×c×n_k
-            h_rest = (unkept @ h).unflatten(-1, (D, D))
+            h_rest = (unkept @ h).unflatten(-1, (R, D))
             z_rest = unkept @ z
-            phi_q = phi(qb)
-            num = torch.einsum("bhcqd,bhcde->bhcqe", phi_q, h_rest)
-            den = torch.einsum("bhcqd,bhcd->bhcq", phi_q, z_rest)[..., None]
+            phi_q = phi(fq_blocks[:, :, i0:i1])
+            num = torch.einsum("bhcqr,bhcre->bhcqe", phi_q, h_rest)
+            den = torch.einsum("bhcqr,bhcr->bhcq", phi_q, z_rest)[..., None]
             o_linear = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
             a = alpha_table[None, :, i0:i1, None, None]
+            if mix_scale is not None:
+                a = query_alpha(a[..., 0], mix_scale.to(dtype)[None, :, None, None], lse_sparse, den[..., 0])[..., None]
             o = a * o + (1 - a) * o_linear
+        else:
+            a = torch.ones_like(o[..., :1])
+        if return_stats:
+            valid = q_valid[i0:i1]
+            alphas.append((a[..., 0] * valid).sum(-1).expand(B, H, -1) / valid.sum(-1))
         outputs.append(o)
     out = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, :N].to(q.dtype)
     if not return_stats:
         return out
-    return out, SLA2Stats(kept=routing.mask, captured_mass=torch.cat(masses, dim=2))
+    return out, SLA2Stats(kept=routing.mask, captured_mass=torch.cat(masses, dim=2), alpha=torch.cat(alphas, dim=2))

@@ -47,7 +47,8 @@ def describe_layers(model: nn.Module) -> list[dict]:
             per_head = alpha if alpha.dim() == 1 else alpha.mean(dim=1)
             record.update({
                 "topk": c.topk, "block_q": c.block_q, "block_k": c.block_k, "feature_map": c.feature_map,
-                "qat": c.qat, "alpha_mode": c.alpha_mode, "kept_blocks": kk, "key_blocks": n_k,
+                "feature_rank": c.feature_rank, "qat": c.qat, "alpha_mode": c.alpha_mode, "kept_blocks": kk,
+                "key_blocks": n_k,
                 "nominal_sparsity": None if n_k is None else 1 - kk / n_k,
                 "alpha_mean": alpha.mean().item(), "alpha_min": alpha.min().item(), "alpha_max": alpha.max().item(),
                 "alpha_per_head": per_head.tolist(), "alpha": alpha.tolist(),
@@ -98,22 +99,36 @@ def measure_layers(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.
         out, stats = core(q, k, v, return_stats=True)
         err = ((out.float() - dense).norm() / dense.norm()).item()
         results.append({"layer": i, "kept_fraction": stats.kept_fraction,
-                        "captured_mass": stats.captured_mass.mean().item(), "relative_error": err,
+                        "captured_mass": stats.captured_mass.mean().item(),
+                        "alpha_applied": stats.alpha.mean().item(),
+                        "relative_error": err,
                         "relative_squared_error": relative_squared_error(out, dense).mean().item()})
     return results
 
 
+PER_QUERY_CALIBRATION_ROUNDS = 4
+
+
 @torch.no_grad()
 def calibrate_alpha(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Set each converted layer's α to the captured softmax mass (per head, or per head and query block)."""
+    """Set each converted layer's α to the captured softmax mass (per head, or per head and query block).
+
+    With α per query the bias logit is moved until the mean α applied equals the mean captured mass
+    (a few fixed-point rounds in logit space: the mean of σ(b + evidence) rises monotonically with b).
+    """
     converted = sla2_layers(model)
     qkv, _ = record_dense_qkv(model, list(converted), z, t, y)
     chosen = {}
     for i, core in converted.items():
         _, stats = core(*qkv[i], return_stats=True)
         mass = stats.captured_mass.mean(dim=0)  # H×n_q
-        alpha = mass.mean(dim=1) if core.alpha_logit.dim() == 1 else mass
-        core.set_alpha(alpha)
+        target = mass.mean(dim=1) if core.alpha_logit.dim() == 1 else mass
+        core.set_alpha(target)
+        if core.config.alpha_mode == "per_query":
+            for _ in range(PER_QUERY_CALIBRATION_ROUNDS):
+                applied = core(*qkv[i], return_stats=True)[1].alpha.mean(dim=(0, 2)).clamp(1e-4, 1 - 1e-4)
+                core.set_alpha(torch.sigmoid(core.alpha_logit + torch.logit(target.clamp(1e-4, 1 - 1e-4))
+                                             - torch.logit(applied)))
         chosen[i] = core.alpha.detach().cpu()
     return chosen
 

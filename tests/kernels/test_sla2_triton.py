@@ -70,6 +70,65 @@ def test_forward_matches_reference(D, block_q, block_k, dtype, layout, feature_m
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
+def learned_parts(H, D, rank, per_query, seed=11):
+    gen = torch.Generator().manual_seed(seed)
+    parts = {}
+    if rank:
+        parts = {name: torch.randn(H, D, rank, generator=gen) / D ** 0.5 for name in ("feature_q", "feature_k")}
+    if per_query:
+        parts["mix_scale"] = torch.rand(H, generator=gen) + 0.5
+    return parts
+
+
+# (D, block_q, block_k, dtype, layout, feature map, feature rank (0: none), α per query, loop order)
+LEARNED_CASES = [
+    (64, 16, 16, torch.float32, "jit", "softmax", 16, True, None),
+    (64, 64, 32, torch.bfloat16, "bhnd", "softmax", 16, True, True),
+    (64, 128, 64, torch.float32, "jit", "softmax", 16, False, False),
+    (64, 64, 64, torch.float32, "bhnd", "softmax", 64, True, False),
+    (80, 64, 64, torch.float16, "jit", "elu", 24, False, True),
+    (72, 128, 64, torch.float32, "bhnd", "softmax", 0, True, None),
+    (128, 64, 128, torch.bfloat16, "jit", "softmax", 32, True, None),
+]
+
+
+@pytest.mark.parametrize("D,block_q,block_k,dtype,layout,feature_map,rank,per_query,linear_first", LEARNED_CASES)
+def test_learned_feature_maps_and_per_query_alpha_match_reference(D, block_q, block_k, dtype, layout, feature_map,
+                                                                  rank, per_query, linear_first, monkeypatch):
+    """The forward of our extensions (φ(x·W) of rank R, α per query from the loop's log-sum-exp), both loop
+    orders, against the reference; a partial last block everywhere."""
+    import sla2cli.kernels.function as function
+
+    if linear_first is not None:
+        monkeypatch.setattr(function, "_linear_first", lambda *_: linear_first)
+    H = 2
+    q, k, v = make_qkv(1, H, D, dtype, layout, seed=12)
+    parts = learned_parts(H, D, rank, per_query)
+    alpha = torch.rand(H, generator=torch.Generator().manual_seed(13)) * 0.8 + 0.1
+    kwargs = dict(topk=0.3, alpha=alpha, block_q=block_q, block_k=block_k, feature_map=feature_map, **parts)
+    out = sla2_triton(q, k, v, **kwargs)
+    ref = sla2_reference(q, k, v, **kwargs)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    plain = sla2_reference(q, k, v, topk=0.3, alpha=alpha, block_q=block_q, block_k=block_k, feature_map=feature_map)
+    assert rel_err(plain, ref) > 10 * TOLERANCE[dtype]  # the learned parts changed the output: they were used
+
+
+def test_learned_parts_train_through_the_reference_with_the_same_forward():
+    """With gradients wanted the learned parts run the reference (no kernel backward for them yet): same output,
+    and gradients reach W_q, W_k and the mix scale."""
+    H, D = 2, 64
+    q, k, v = make_qkv(1, H, D, torch.float32, "jit", seed=14)
+    parts = {n: t.requires_grad_() for n, t in learned_parts(H, D, 16, True).items()}
+    kwargs = dict(topk=0.3, alpha=torch.tensor([0.6, 0.8]), block_q=32, block_k=32, **parts)
+    with torch.no_grad():
+        fast = sla2_triton(q, k, v, **kwargs)
+    trained = sla2_triton(q, k, v, **kwargs)
+    assert rel_err(trained, fast) < 1e-5
+    trained.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in parts.values())
+
+
 @pytest.mark.parametrize("layout", ["bhnd", "jit"])
 @pytest.mark.parametrize("D,block_q,block_k", [(64, 64, 64), (80, 128, 64), (72, 64, 128)])
 def test_router_matches_reference(D, block_q, block_k, layout):
