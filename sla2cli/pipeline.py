@@ -38,6 +38,9 @@ from .sla2.stats import attention_entropy, describe_layers, measure_layers
 
 MANIFEST = "sla2-demo.json"
 DEMO_PRESET = "balanced"
+# What the demo converts with: the balanced preset plus the recipe's learned parts (a rank-16 feature map and α
+# per query, trained by stage 1; bench/RESULTS.md, "Quality recipe").
+DEMO_LEARNED = {"feature_rank": 16, "alpha_mode": "per_query"}
 CALIBRATION_OFFSET = 1_000  # calibration images are indices 1000.. of HELD_OUT_SEED; measurement uses 0..
 
 
@@ -160,7 +163,7 @@ def step_model(demo: Demo) -> dict:
 def step_plan_layers(demo: Demo) -> dict:
     """Layers worth converting: those with enough key blocks for sparsity to pay off (as `sla2 convert` warns)."""
     rows = describe_layers(demo.dense)
-    settings = sla2_settings(DEMO_PRESET)
+    settings = sla2_settings(DEMO_PRESET, **DEMO_LEARNED)
     demo.candidates = [r["layer"] for r in rows
                        if num_blocks(r["tokens"], settings.block_k) >= MIN_KEY_BLOCKS_TO_PAY_OFF]
     demo.layers = list(demo.candidates)
@@ -178,7 +181,7 @@ def step_profile(demo: Demo) -> dict:
     from .profiling import Timer, profile_model
 
     model = copy.deepcopy(demo.dense)
-    apply_sla2(model, demo.candidates, sla2_settings(DEMO_PRESET))
+    apply_sla2(model, demo.candidates, sla2_settings(DEMO_PRESET, **DEMO_LEARNED))
     plan = demo.plan
     dtype = torch.bfloat16 if demo.device.type == "cuda" else torch.float32
     report = profile_model(model, device=demo.device, dtype=dtype, batch_size=1,
@@ -199,7 +202,7 @@ def step_profile(demo: Demo) -> dict:
 
 def step_convert(demo: Demo) -> dict:
     """`sla2 convert --preset balanced`, α calibrated on held-out textures, written to --out."""
-    settings = sla2_settings(DEMO_PRESET)
+    settings = sla2_settings(DEMO_PRESET, **DEMO_LEARNED)
     _, z, t, y = _eval_batch(demo, CALIBRATION_OFFSET)
     demo.converted = copy.deepcopy(demo.dense)
     result = convert_model(demo.converted, layer_spec=demo.layers, settings=settings, calibration=(z, t, y))
@@ -231,6 +234,7 @@ def step_finetune(demo: Demo) -> dict:
     """`sla2 finetune --data FOLDER`: stage 1 (router W_q, W_k and α against dense attention) on textures of
     the training seed, written as the image folder a user would pass."""
     from .finetune import DataSpec, FinetuneConfig, run_finetune
+    from .finetune.config import RECIPE_ROUTER
 
     plan = demo.plan
     src = Path(demo.files["converted"])
@@ -239,7 +243,7 @@ def step_finetune(demo: Demo) -> dict:
     folder = write_textures(demo.out / "train-textures", images, labels)
     model, info = load_model(src)
     config = FinetuneConfig(steps=plan.finetune_steps, batch_size=plan.finetune_batch, lr=plan.finetune_lr,
-                            eval_samples=min(8, plan.train_textures), save_every=0, seed=demo.seed)
+                            eval_samples=min(8, plan.train_textures), save_every=0, seed=demo.seed, **RECIPE_ROUTER)
     result = run_finetune(model, info, source=src, dst=dst, config=config, device=demo.device, force=True,
                           data=DataSpec(folder=folder))
     demo.tuned = model.to(demo.device).eval()

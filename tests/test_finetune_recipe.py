@@ -7,6 +7,7 @@ from conftest import one_json
 from finetune_support import converted_file, one_thread, random_model  # noqa: F401
 from safetensors.torch import load_file
 
+from sla2cli import load_model
 from sla2cli.errors import InvalidParameter
 from sla2cli.finetune import FinetuneConfig
 from sla2cli.finetune.recipe import stage1_path
@@ -37,6 +38,17 @@ def test_recipe_runs_both_stages_reports_and_cleans_up(cli, src, tmp_path):
     assert 0.5 < h["control"]["ratio"] < 1.5
     assert dst.exists() and (tmp_path / "out.control.safetensors").exists()
     assert not stage1_path(dst).exists()  # the intermediate is gone
+    assert doc["stage1"]["options"]["objective"] == "distill"  # stage 1 distils the model's velocity
+
+
+def test_recipe_keeps_stage_1_when_asked(cli, src, tmp_path):
+    dst = tmp_path / "out.safetensors"
+    code, _, err = cli("finetune", src, "-o", dst, *ARGS, "--keep-stage1")
+    assert code == 0, err
+    stage1, _ = load_model(stage1_path(dst))
+    before, _ = load_model(src)
+    dense_before = {k: v for k, v in before.state_dict().items() if ".core." not in k}
+    assert all(torch.equal(stage1.state_dict()[k], v) for k, v in dense_before.items())  # weights untouched
 
 
 def test_resume_skips_a_finished_stage_1(cli, src, tmp_path, monkeypatch):
@@ -75,9 +87,9 @@ def test_distill_objective_with_ema_and_cosine_changes_weights_and_saves_the_ave
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(("proj_q", "proj_k")))
 
 
-@pytest.mark.parametrize("kwargs", [{"objective": "v"}, {"objective": "v+distill"}, {"objective": "layer", "full": True},
-                                    {"objective": "mse", "full": True}, {"ema": 1.0}, {"schedule": "step"},
-                                    {"warmup": 1.5, "full": True}])
+@pytest.mark.parametrize("kwargs", [{"objective": "v"}, {"objective": "v+distill"},
+                                    {"objective": "layer", "full": True}, {"objective": "mse", "full": True},
+                                    {"ema": 1.0}, {"schedule": "step"}, {"warmup": 1.5, "full": True}])
 def test_each_stage_takes_only_its_own_objectives(kwargs):
     with pytest.raises(InvalidParameter):
         FinetuneConfig(**kwargs)
@@ -89,7 +101,8 @@ def test_objective_defaults_by_stage_and_stage_1_takes_a_schedule():
     assert config.stage == "router" and config.lr_schedule.factor(0, 100) < 1
 
 
-@pytest.mark.parametrize("extra, message", [(("--control",), "--recipe"), (("--recipe", "--full"), "--full")])
+@pytest.mark.parametrize("extra, message", [(("--control",), "--recipe"), (("--recipe", "--full"), "--full"),
+                                            (("--keep-stage1",), "--recipe")])
 def test_recipe_option_conflicts(cli, src, tmp_path, extra, message):
     code, _, err = cli("finetune", src, "-o", tmp_path / "x.safetensors", *BASE, *extra)
     assert code == 2 and message in err and not (tmp_path / "x.safetensors").exists()

@@ -3,8 +3,9 @@ from the dense teacher), with the held-out v-loss of the model against its dense
 on request, of a dense control trained by the same stage 2.
 
 Stage 1 writes `DST.stage1.safetensors` next to the output; stage 2 starts from it and it is removed at the
-end unless `keep_stage1` (stage 1 alone is what a user who cannot retrain the weights would ship). A killed run resumes across the boundary: with `resume`, a finished stage 1 (its file there, its state
-gone) is not run again, and each stage continues from its own `.resume.pt`.
+end unless `keep_stage1` (stage 1 alone is what a user who cannot retrain the weights would ship). A killed
+run resumes across the boundary: with `resume`, a finished stage 1 (its file there, its state gone) is not
+run again, and each stage continues from its own `.resume.pt`.
 """
 
 from __future__ import annotations

@@ -53,10 +53,10 @@ class SLA2Convert(pl.Callback):
 
     def __init__(self, layers: str = "all", topk: float = 0.15, block_q: int = 64, block_k: int = 64,
                  feature_map: str = "softmax", qat: bool = False, alpha_mode: str = "per_head",
-                 from_file: str | None = None, freeze_router: bool = False,
+                 feature_rank: int = 0, from_file: str | None = None, freeze_router: bool = False,
                  modules: Sequence[str] = DEFAULT_MODULES):
         self.settings = SLA2Config(topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map, qat=qat,
-                                   alpha_mode=alpha_mode)
+                                   alpha_mode=alpha_mode, feature_rank=feature_rank)
         self.layers, self.from_file, self.freeze, self.modules = layers, from_file, freeze_router, tuple(modules)
         self._done = False
 
