@@ -176,9 +176,12 @@ def reverse_index(indices: torch.Tensor, n_k: int) -> tuple[torch.Tensor, torch.
 
 
 def sla2_backward(grad_out, q, k, v, alpha, indices, stats: LinearStats | None, o_s, lse, *, block_q: int,
-                  block_k: int, feature_map: str):
-    """dq, dk, dv (B×H×N×D) and dα (alpha's shape) of the SLA2 forward on the same routing."""
+                  block_k: int, feature_map: str, fq=None, fk=None, mix_scale=None):
+    """dq, dk, dv (B×H×N×D), dF_Q, dF_K (B×H×N×R, fp32; None without a learned feature map `fq`, `fk`), dα
+    (alpha's shape) and d`mix_scale` (None without it) of the SLA2 forward on the same routing."""
     B, H, N, D = q.shape
+    R = D if fq is None else fq.shape[-1]
+    learned, mix = fq is not None, mix_scale is not None
     n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), indices.shape[-1]
     a = _alpha_table(alpha, H, n_q)
     idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
@@ -187,62 +190,71 @@ def sla2_backward(grad_out, q, k, v, alpha, indices, stats: LinearStats | None, 
     dq, dk, dv = (torch.empty(B, H, N, D, device=dev, dtype=q.dtype) for _ in range(3))
     delta = torch.empty(B * H, N, device=dev, dtype=torch.float32)
     d_alpha = torch.zeros(B * H, n_q, device=dev, dtype=torch.float32)
-    d_h = torch.empty(B * H, n_q, D, D, device=dev, dtype=torch.float32) if linear else delta
-    d_z = torch.empty(B * H, n_q, D, device=dev, dtype=torch.float32) if linear else delta
-    common = dict(D=D, BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), FEATURE=FEATURE_IDS[feature_map],
-                  LINEAR=linear, PREC=_precision(q.dtype), num_warps=8 if _d_pad(D) >= 128 else 4, num_stages=1)
+    d_h = torch.empty(B * H, n_q, R, D, device=dev, dtype=torch.float32) if linear else delta
+    d_z = torch.empty(B * H, n_q, R, device=dev, dtype=torch.float32) if linear else delta
+    d_fq, d_fk = ((torch.zeros(B, H, N, R, device=dev, dtype=torch.float32) for _ in range(2)) if learned
+                  else (delta, delta))
+    d_mix = torch.zeros(B * H, n_q, device=dev, dtype=torch.float32) if mix else delta
+    a_row = torch.empty(B * H, N, device=dev, dtype=torch.float32) if mix else delta
+    c = mix_scale.detach().float().contiguous() if mix else delta
+    fq_, fk_ = (fq, fk) if learned else (q, k)
+    common = dict(D=D, R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
+                  FEATURE=FEATURE_IDS[feature_map], LEARNED=learned, LINEAR=linear, MIX=mix, PREC=_precision(q.dtype),
+                  num_warps=8 if _d_pad(D) >= 128 else 4, num_stages=1)
     scales = (1.0 / math.sqrt(D) * math.log2(math.e), 1.0 / math.sqrt(D))
     stat_args = (stats.h, stats.z, stats.h_total, stats.z_total) if linear else (delta,) * 4
     _bwd_query_kernel[(n_q, B * H)](
-        q, k, v, grad_out, o_s, lse, idx, a, *stat_args, dq, d_h, d_z, d_alpha, delta,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a.stride(), H, N, n_q, n_k, kk, *scales,
-        **common)
+        q, k, v, fq_, grad_out, o_s, lse, idx, a, c, *stat_args, dq, d_fq, d_h, d_z, d_alpha, d_mix, a_row, delta,
+        *q.stride(), *k.stride(), *v.stride(), *fq_.stride(), *grad_out.stride(), *a.stride(), H, N, n_q, n_k, kk,
+        *scales, **common)
     offsets, query_blocks = reverse_index(idx, n_k)
     d_h_total = d_h.sum(1) if linear else delta
     d_z_total = d_z.sum(1) if linear else delta
     _bwd_key_kernel[(n_k, B * H)](
-        q, k, v, grad_out, lse, delta, a, offsets, query_blocks, d_h, d_z, d_h_total, d_z_total, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a.stride(), H, N, n_q, n_k, *scales,
-        **common)
+        q, k, v, fk_, grad_out, lse, delta, a, a_row, offsets, query_blocks, d_h, d_z, d_h_total, d_z_total, dk, dv,
+        d_fk, *q.stride(), *k.stride(), *v.stride(), *fk_.stride(), *grad_out.stride(), *a.stride(), H, N, n_q, n_k,
+        *scales, **common)
     d_alpha = d_alpha.view(B, H, n_q).sum(0)
     if alpha.dim() == 1:
         d_alpha = d_alpha.sum(-1)
-    return dq, dk, dv, d_alpha.to(alpha.dtype)
+    d_mix = d_mix.view(B, H, n_q).sum((0, 2)).to(mix_scale.dtype) if mix else None
+    return dq, dk, dv, (d_fq if learned else None), (d_fk if learned else None), d_alpha.to(alpha.dtype), d_mix
 
 
 class _SLA2Function(torch.autograd.Function):
-    """Triton forward and backward on one routing (no gradient flows through the hard top-k)."""
+    """Triton forward and backward on one routing (no gradient flows through the hard top-k). `fq`, `fk`:
+    a learned feature map's inputs q·W_q, k·W_k (None: φ reads q, k); `mix_scale`: α per query (None)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, indices, stats, block_q, block_k, feature_map):
+    def forward(ctx, q, k, v, fq, fk, alpha, mix_scale, indices, stats, block_q, block_k, feature_map):
         ctx.block_q, ctx.block_k, ctx.feature_map, ctx.stats = block_q, block_k, feature_map, stats
-        if not any(ctx.needs_input_grad[:4]):
-            return sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
-                                feature_map=feature_map)
-        out, o_s, lse = sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
-                                     feature_map=feature_map, save=True)
-        ctx.save_for_backward(q, k, v, alpha, indices, o_s, lse)
+        options = dict(block_q=block_q, block_k=block_k, feature_map=feature_map, fq=fq, mix_scale=mix_scale)
+        if not any(ctx.needs_input_grad[:7]):
+            return sla2_forward(q, k, v, alpha, indices, stats, **options)
+        out, o_s, lse = sla2_forward(q, k, v, alpha, indices, stats, save=True, **options)
+        ctx.save_for_backward(q, k, v, fq, fk, alpha, mix_scale, indices, o_s, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, alpha, indices, o_s, lse = ctx.saved_tensors
-        dq, dk, dv, d_alpha = sla2_backward(grad_out, q, k, v, alpha, indices, ctx.stats, o_s, lse,
-                                            block_q=ctx.block_q, block_k=ctx.block_k, feature_map=ctx.feature_map)
-        grads = (dq, dk, dv, d_alpha if ctx.stats is not None else None)
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])) + (None,) * 5
+        q, k, v, fq, fk, alpha, mix_scale, indices, o_s, lse = ctx.saved_tensors
+        dq, dk, dv, d_fq, d_fk, d_alpha, d_mix = sla2_backward(
+            grad_out, q, k, v, alpha, indices, ctx.stats, o_s, lse, block_q=ctx.block_q, block_k=ctx.block_k,
+            feature_map=ctx.feature_map, fq=fq, fk=fk, mix_scale=mix_scale)
+        linear = ctx.stats is not None
+        grads = (dq, dk, dv, d_fq, d_fk, d_alpha if linear else None, d_mix if linear else None)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:7])) + (None,) * 5
 
 
 def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float, alpha: torch.Tensor,
                 block_q: int = 64, block_k: int = 64, proj_q: torch.Tensor | None = None,
                 proj_k: torch.Tensor | None = None, feature_map: str = "softmax", qat: bool = False,
                 routing: Routing | None = None, return_stats: bool = False, **learned):
-    """`sla2_reference` computed by the Triton kernels. QAT and `return_stats` have no kernel yet, nor has
-    the backward of the learned parts (feature_q, feature_k, mix_scale: their forward runs here): the
-    reference serves those, so the backend stays a drop-in for every call."""
+    """`sla2_reference` computed by the Triton kernels, learned parts (feature_q, feature_k, mix_scale)
+    included. QAT and `return_stats` have no kernel yet: the reference serves them, so the backend stays a
+    drop-in for every call."""
     learned = {name: t for name, t in learned.items() if t is not None}
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, alpha, *learned.values()))
-    if qat or return_stats or (learned and training):
+    if qat or return_stats:
         return sla2_reference(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q,
                               proj_k=proj_k, feature_map=feature_map, qat=qat, routing=routing,
                               return_stats=return_stats, **learned)
@@ -254,9 +266,9 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     n_q, n_k = num_blocks(N, block_q), num_blocks(N, block_k)
     kk = routing.kept_per_query_block if routing is not None else keep_count(topk, n_k)
     stats = None
-    fq, fk = feature_inputs(q, k, learned.get("feature_q"), learned.get("feature_k")) if learned else (None, None)
-    fq = None if fq is q else fq
-    fk = None if fk is k else fk
+    fq = fk = None
+    if "feature_q" in learned or "feature_k" in learned:
+        fq, fk = feature_inputs(q, k, learned.get("feature_q"), learned.get("feature_k"))
     if kk < n_k:
         stats, k_bar = linear_stats(k, v, block_k, feature_map, fk)
     if routing is not None:
@@ -265,7 +277,5 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
         indices = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k)
     else:
         indices = torch.arange(n_k, device=q.device, dtype=torch.int32).expand(B, H, n_q, n_k)
-    if learned:  # forward only (see above)
-        return sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
-                            feature_map=feature_map, fq=fq, mix_scale=learned.get("mix_scale"))
-    return _SLA2Function.apply(q, k, v, alpha, indices, stats, block_q, block_k, feature_map)
+    return _SLA2Function.apply(q, k, v, fq, fk, alpha, learned.get("mix_scale"), indices, stats, block_q, block_k,
+                               feature_map)

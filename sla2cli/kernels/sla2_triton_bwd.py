@@ -9,7 +9,9 @@ keeps both kernels inside the shared memory of one SM at D = 128.
 `_bwd_key_kernel` (per key block) walks the query blocks that kept it (a reverse index built in torch)
 for the flash dk, dv, and gets the block's statistics gradient as total minus those same query
 blocks' dH_i (each key block's h_j feeds exactly the query blocks that did not keep it), then goes back
-through h_j = φ(K_j)ᵀV_j and φ. No atomics: every output element is written by one program.
+through h_j = φ(K_j)ᵀV_j and φ. With a learned feature map the linear branch's gradients go to its inputs
+F_Q = q·W_q and F_K = k·W_k (fp32 buffers; torch's autograd takes them on to q, k and W). No atomics: every
+output element is written by one program.
 """
 
 from __future__ import annotations
@@ -33,14 +35,19 @@ def _phi_backward(x, y, dy, dmask, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, h_ptr, z_ptr, htot_ptr,
-                      ztot_ptr, dq_ptr, dh_ptr, dz_ptr, dalpha_ptr, delta_ptr,
+def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, mix_ptr, h_ptr, z_ptr,
+                      htot_ptr, ztot_ptr, dq_ptr, dfq_ptr, dh_ptr, dz_ptr, dalpha_ptr, dmix_ptr, arow_ptr, delta_ptr,
                       sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                      sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
+                      sf_b, sf_h, sf_n, sf_d, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
                       H, N, n_q, n_k, kk, qk_scale, sm_scale,
-                      D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-                      FEATURE: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr):
-    """One query block: Δ, dα, the linear branch's gradients and dq."""
+                      D: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                      D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr, LEARNED: tl.constexpr,
+                      LINEAR: tl.constexpr, MIX: tl.constexpr, PREC: tl.constexpr):
+    """One query block: Δ, dα, the linear branch's gradients and dq (dF_Q apart with a learned feature map).
+
+    With α per query (MIX) α_t = σ(logit α + c·(lse_t − log den_t)) sends dlogit_t·c into lse_t (which
+    shifts Δ: ds = p·(dp − Δ + dlse)) and −dlogit_t·c/den_t into den_t; each row's α is stored for the
+    key pass, and the block's sums of dlogit/(α(1−α)) and dlogit·evidence give dα and dc."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b, hh = _batch_and_head(bh, H)
@@ -58,34 +65,60 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alp
     idx_row = idx_ptr + (bh * n_q + pid_q).to(tl.int64) * kk
     dq = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
     blk = (bh * n_q + pid_q).to(tl.int64)
+    g_lse = tl.zeros([BLOCK_Q], dtype=tl.float32)
     if LINEAR:
         a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i)
-        dmask2 = dmask[:, None] & dmask[None, :]
-        h_offs = cols[:, None] * D + cols[None, :]
-        h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, (bh * n_k).to(tl.int64), h_offs, cols, dmask,
-                                     dmask2, D, D, D_PAD, D_PAD)
-        h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (D * D) + h_offs, mask=dmask2, other=0.0) - h_kept
-        z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * D + cols, mask=dmask, other=0.0) - z_kept
-        qf = q.to(tl.float32)
-        phiq = tl.where(rvalid[:, None], _phi(qf, dmask, FEATURE), 0.0)
+        rcols = tl.arange(0, R_PAD)
+        rmask = rcols < R
+        hmask = rmask[:, None] & dmask[None, :]
+        h_offs = rcols[:, None] * D + cols[None, :]
+        h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, (bh * n_k).to(tl.int64), h_offs, rcols, rmask,
+                                     hmask, R, D, R_PAD, D_PAD)
+        h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (R * D) + h_offs, mask=hmask, other=0.0) - h_kept
+        z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * R + rcols, mask=rmask, other=0.0) - z_kept
+        if LEARNED:
+            ff = tl.load(fq_ptr + b * sf_b + hh * sf_h + _row_tile(rows_q, rcols, sf_n, sf_d, 1),
+                         mask=rvalid[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+        else:
+            ff = q.to(tl.float32)
+        phiq = tl.where(rvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)
         num = tl.dot(phiq.to(q.dtype), h_rest.to(q.dtype), input_precision=PREC)
         den = tl.sum(phiq * z_rest[None, :], 1)
-        inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+        ok = den > 0
+        inv = tl.where(ok, 1.0 / tl.where(ok, den, 1.0), 0.0)
         o_l = num * inv[:, None]
-        tl.store(dalpha_ptr + blk, tl.sum(tl.sum(g * (o_s - o_l), 1), 0))
-        d_ol = (1.0 - a) * g
+        d_alpha_row = tl.sum(g * (o_s - o_l), 1)
+        if MIX:
+            c = tl.load(mix_ptr + hh)
+            evidence = lse * 0.6931471805599453 - tl.log(tl.where(ok, den, 1.0))
+            a_row = tl.where(ok, 1.0 / (1.0 + tl.exp(-(tl.log(a / (1.0 - a)) + c * evidence))), 1.0)
+            d_logit = tl.where(ok & rvalid, d_alpha_row * a_row * (1.0 - a_row), 0.0)
+            tl.store(dalpha_ptr + blk, tl.sum(d_logit, 0) / (a * (1.0 - a)))
+            tl.store(dmix_ptr + blk, tl.sum(d_logit * evidence, 0))
+            tl.store(arow_ptr + row_flat, a_row, mask=rvalid)
+            g_lse = d_logit * c
+            d_den_mix = -d_logit * c * inv
+        else:
+            a_row = tl.zeros([BLOCK_Q], dtype=tl.float32) + a
+            tl.store(dalpha_ptr + blk, tl.sum(d_alpha_row, 0))
+            d_den_mix = tl.zeros([BLOCK_Q], dtype=tl.float32)
+        d_ol = (1.0 - a_row)[:, None] * g
         d_num = d_ol * inv[:, None]
-        d_den = -tl.sum(d_ol * o_l, 1) * inv
+        d_den = -tl.sum(d_ol * o_l, 1) * inv + d_den_mix
         d_phiq = (tl.dot(d_num.to(q.dtype), tl.trans(h_rest.to(q.dtype)), input_precision=PREC)
                   + d_den[:, None] * z_rest[None, :])
-        dq += _phi_backward(qf, phiq, d_phiq, dmask, FEATURE)
+        d_ff = _phi_backward(ff, phiq, d_phiq, rmask, FEATURE)
+        if LEARNED:
+            tl.store(dfq_ptr + row_flat[:, None] * R + rcols[None, :], d_ff, mask=rvalid[:, None] & rmask[None, :])
+        else:
+            dq += d_ff
         d_h = tl.dot(tl.trans(phiq.to(q.dtype)), d_num.to(q.dtype), input_precision=PREC)
-        tl.store(dh_ptr + blk * (D * D) + h_offs, d_h, mask=dmask2)
-        tl.store(dz_ptr + blk * D + cols, tl.sum(phiq * d_den[:, None], 0), mask=dmask)
-        d_os = a * g
+        tl.store(dh_ptr + blk * (R * D) + h_offs, d_h, mask=hmask)
+        tl.store(dz_ptr + blk * R + rcols, tl.sum(phiq * d_den[:, None], 0), mask=rmask)
+        d_os = a_row[:, None] * g
     else:
         d_os = g
-    delta = tl.sum(d_os * o_s, 1)
+    delta = tl.sum(d_os * o_s, 1) - g_lse
     tl.store(delta_ptr + row_flat, delta, mask=rvalid)
     d_os = d_os.to(q.dtype)
     k_base = k_ptr + b * sk_b + hh * sk_h
@@ -106,14 +139,16 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alp
 
 
 @triton.jit
-def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, rev_off_ptr, rev_q_ptr,
-                    dh_ptr, dz_ptr, dhtot_ptr, dztot_ptr, dk_ptr, dv_ptr,
+def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, arow_ptr, rev_off_ptr,
+                    rev_q_ptr, dh_ptr, dz_ptr, dhtot_ptr, dztot_ptr, dk_ptr, dv_ptr, dfk_ptr,
                     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                    sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
+                    sf_b, sf_h, sf_n, sf_d, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
                     H, N, n_q, n_k, qk_scale, sm_scale,
-                    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-                    FEATURE: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr):
-    """One key block: dk, dv from the query blocks that kept it, plus its linear-statistics gradient."""
+                    D: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                    D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr, LEARNED: tl.constexpr,
+                    LINEAR: tl.constexpr, MIX: tl.constexpr, PREC: tl.constexpr):
+    """One key block: dk, dv from the query blocks that kept it, plus its linear-statistics gradient (into
+    dF_K apart with a learned feature map)."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
     b, hh = _batch_and_head(bh, H)
@@ -139,8 +174,12 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, 
         lse = tl.load(lse_ptr + row_flat, mask=rvalid, other=0.0)
         delta = tl.load(delta_ptr + row_flat, mask=rvalid, other=0.0)
         if LINEAR:
-            a = tl.load(alpha_ptr + hh * sa_h + i * sa_i)
-            d_os = (a * g.to(tl.float32)).to(q.dtype)
+            if MIX:
+                a_row = tl.load(arow_ptr + row_flat, mask=rvalid, other=0.0)
+                d_os = (a_row[:, None] * g.to(tl.float32)).to(q.dtype)
+            else:
+                a = tl.load(alpha_ptr + hh * sa_h + i * sa_i)
+                d_os = (a * g.to(tl.float32)).to(q.dtype)
         else:
             d_os = g.to(q.dtype)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
@@ -150,24 +189,34 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, 
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * sm_scale
+    out = (bh.to(tl.int64) * N + rows_k)[:, None] * D + cols[None, :]
     if LINEAR:
-        # A second pass over the same query blocks, so the D×D sum is not live during the flash loop.
-        dmask2 = dmask[:, None] & dmask[None, :]
-        h_offs = cols[:, None] * D + cols[None, :]
-        dh_kept = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-        dz_kept = tl.zeros([D_PAD], dtype=tl.float32)
+        # A second pass over the same query blocks, so the R×D sum is not live during the flash loop.
+        rcols = tl.arange(0, R_PAD)
+        rmask = rcols < R
+        hmask = rmask[:, None] & dmask[None, :]
+        h_offs = rcols[:, None] * D + cols[None, :]
+        dh_kept = tl.zeros([R_PAD, D_PAD], dtype=tl.float32)
+        dz_kept = tl.zeros([R_PAD], dtype=tl.float32)
         for t in range(start, end):
             blk = (bh * n_q + tl.load(rev_q_ptr + t)).to(tl.int64)
-            dh_kept += tl.load(dh_ptr + blk * (D * D) + h_offs, mask=dmask2, other=0.0)
-            dz_kept += tl.load(dz_ptr + blk * D + cols, mask=dmask, other=0.0)
-        dh = tl.load(dhtot_ptr + bh.to(tl.int64) * (D * D) + h_offs, mask=dmask2, other=0.0) - dh_kept
-        dz = tl.load(dztot_ptr + bh.to(tl.int64) * D + cols, mask=dmask, other=0.0) - dz_kept
-        kf = kt.to(tl.float32)
-        phik = tl.where(kvalid[:, None], _phi(kf, dmask, FEATURE), 0.0)
+            dh_kept += tl.load(dh_ptr + blk * (R * D) + h_offs, mask=hmask, other=0.0)
+            dz_kept += tl.load(dz_ptr + blk * R + rcols, mask=rmask, other=0.0)
+        dh = tl.load(dhtot_ptr + bh.to(tl.int64) * (R * D) + h_offs, mask=hmask, other=0.0) - dh_kept
+        dz = tl.load(dztot_ptr + bh.to(tl.int64) * R + rcols, mask=rmask, other=0.0) - dz_kept
+        if LEARNED:
+            ff = tl.load(fk_ptr + b * sf_b + hh * sf_h + _row_tile(rows_k, rcols, sf_n, sf_d, 1),
+                         mask=kvalid[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+        else:
+            ff = kt.to(tl.float32)
+        phik = tl.where(kvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)
         d_phik = tl.dot(vt, tl.trans(dh.to(vt.dtype)), input_precision=PREC) + dz[None, :]
         dv += tl.dot(phik.to(vt.dtype), dh.to(vt.dtype), input_precision=PREC)
-        dk += _phi_backward(kf, phik, d_phik, dmask, FEATURE)
-    out = (bh.to(tl.int64) * N + rows_k)[:, None] * D + cols[None, :]
+        d_ff = _phi_backward(ff, phik, d_phik, rmask, FEATURE)
+        if LEARNED:
+            rows_out = (bh.to(tl.int64) * N + rows_k)[:, None] * R + rcols[None, :]
+            tl.store(dfk_ptr + rows_out, d_ff, mask=kvalid[:, None] & rmask[None, :])
+        else:
+            dk += d_ff
     tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=kvmask)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kvmask)
-

@@ -64,6 +64,11 @@ def _alpha_per_block(alpha: torch.Tensor, n_q: int, dtype) -> torch.Tensor:
 def feature_inputs(q: torch.Tensor, k: torch.Tensor, feature_q: torch.Tensor | None,
                    feature_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """What φ is applied to: q·W_q and k·W_k (B×H×N×r) with learned feature maps, else q and k."""
+    if (feature_q is None) != (feature_k is None) or (
+            feature_q is not None and feature_q.shape[-1] != feature_k.shape[-1]):
+        raise ValueError("feature_q and feature_k come together, with one rank: got "
+                         f"{None if feature_q is None else tuple(feature_q.shape)} and "
+                         f"{None if feature_k is None else tuple(feature_k.shape)}")
     if feature_q is not None:
         q = torch.einsum("bhnd,hdr->bhnr", q, feature_q.to(q.dtype))
     if feature_k is not None:
