@@ -51,6 +51,18 @@ def _row_tile(rows, cols, s_n, s_d, ROW_ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _feature_tile(f_ptr, b, hh, s_b, s_h, s_n, s_d, rows, rvalid, rcols, rmask, own, LEARNED: tl.constexpr):
+    """What φ reads for these rows: a learned feature map's input (R columns of f), else `own` (the q or k
+    tile already loaded, as it is: no second copy stays live in the forward's loop)."""
+    if LEARNED:
+        tile = tl.load(f_ptr + b * s_b + hh * s_h + _row_tile(rows, rcols, s_n, s_d, 1),
+                       mask=rvalid[:, None] & rmask[None, :], other=0.0)
+    else:
+        tile = own
+    return tile
+
+
+@triton.jit
 def _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R: tl.constexpr, D: tl.constexpr,
                 R_PAD: tl.constexpr, D_PAD: tl.constexpr):
     """Σ h_j (R×D) and Σ z_j (R) over one query block's kept key blocks (fp32)."""
@@ -83,11 +95,7 @@ def _stats_kernel(k_ptr, v_ptr, fk_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n
     kt = tl.load(k_ptr + b * sk_b + hh * sk_h + _row_tile(rows, cols, sk_n, sk_d, ROW_ALIGN), mask=mask, other=0.0)
     vt = tl.load(v_ptr + b * sv_b + hh * sv_h + _row_tile(rows, cols, sv_n, sv_d, ROW_ALIGN), mask=mask, other=0.0)
     kf = kt.to(tl.float32)
-    if not LEARNED:
-        ft = kf  # fk_ptr is k
-    else:
-        ft = tl.load(fk_ptr + b * sf_b + hh * sf_h + _row_tile(rows, rcols, sf_n, sf_d, 1),
-                     mask=rvalid[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+    ft = _feature_tile(fk_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows, rvalid, rcols, rmask, kf, LEARNED).to(tl.float32)
     phik = tl.where(rvalid[:, None], _phi(ft, rmask, FEATURE), 0.0).to(vt.dtype)
     h = tl.dot(tl.trans(phik), vt, input_precision=PREC)
     jb = (bh * n_k + j).to(tl.int64)
@@ -197,11 +205,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         h_offs = rcols[:, None] * D + cols[None, :]
         hz_base = (bh * n_k).to(tl.int64)
         a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i)
-        if not LEARNED:
-            fq = q
-        else:
-            fq = tl.load(fq_ptr + b * sf_b + hh * sf_h + _row_tile(rows_q, rcols, sf_n, sf_d, 1),
-                         mask=(rows_q < N)[:, None] & rmask[None, :], other=0.0)
+        fq = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rows_q < N, rcols, rmask, q, LEARNED)
         if LIN_FIRST:
             h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R, D,
                                          R_PAD, D_PAD)

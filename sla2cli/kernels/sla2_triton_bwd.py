@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sla2_triton import _batch_and_head, _kept_stats, _phi, _row_tile
+from .sla2_triton import _batch_and_head, _feature_tile, _kept_stats, _phi, _row_tile
 
 
 @triton.jit
@@ -76,11 +76,8 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
                                      hmask, R, D, R_PAD, D_PAD)
         h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (R * D) + h_offs, mask=hmask, other=0.0) - h_kept
         z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * R + rcols, mask=rmask, other=0.0) - z_kept
-        if LEARNED:
-            ff = tl.load(fq_ptr + b * sf_b + hh * sf_h + _row_tile(rows_q, rcols, sf_n, sf_d, 1),
-                         mask=rvalid[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-        else:
-            ff = q.to(tl.float32)
+        ff = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rvalid, rcols, rmask, q,
+                           LEARNED).to(tl.float32)
         phiq = tl.where(rvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)
         num = tl.dot(phiq.to(q.dtype), h_rest.to(q.dtype), input_precision=PREC)
         den = tl.sum(phiq * z_rest[None, :], 1)
@@ -204,11 +201,8 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alp
             dz_kept += tl.load(dz_ptr + blk * R + rcols, mask=rmask, other=0.0)
         dh = tl.load(dhtot_ptr + bh.to(tl.int64) * (R * D) + h_offs, mask=hmask, other=0.0) - dh_kept
         dz = tl.load(dztot_ptr + bh.to(tl.int64) * R + rcols, mask=rmask, other=0.0) - dz_kept
-        if LEARNED:
-            ff = tl.load(fk_ptr + b * sf_b + hh * sf_h + _row_tile(rows_k, rcols, sf_n, sf_d, 1),
-                         mask=kvalid[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-        else:
-            ff = kt.to(tl.float32)
+        ff = _feature_tile(fk_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_k, kvalid, rcols, rmask, kt,
+                           LEARNED).to(tl.float32)
         phik = tl.where(kvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)
         d_phik = tl.dot(vt, tl.trans(dh.to(vt.dtype)), input_precision=PREC) + dz[None, :]
         dv += tl.dot(phik.to(vt.dtype), dh.to(vt.dtype), input_precision=PREC)
