@@ -35,7 +35,7 @@ FLAGS: dict[str, str | dict[str, str] | None] = {
     "root": "--data", "folder": "--data", "folder=None": "--data-free", "teacher_samples": "--data-free-samples",
     "sampling_steps": None, "resume": "--resume", "resume=True": "--resume", "dtype='fp32'": "--dtype fp32",
     "schedule": "--schedule", "warmup": "--warmup", "ema": "--ema", "objective": "--objective", "full": "--full",
-    "full=True": "--full", "workers": "--workers",
+    "workers": "--workers",
     # quality
     "samples": "-n/--samples", "dense": "--dense",
 }
