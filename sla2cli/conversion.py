@@ -15,8 +15,8 @@ from . import __version__
 from .checkpoints import LoadInfo, file_sha256, save_model
 from .errors import InvalidParameter
 from .models.jit import JiT
-from .sla2.attention import SLA2Config
-from .sla2.layers import set_sla2_layers
+from .sla2.attention import SLA2Config, initial_features
+from .sla2.layers import set_sla2_layers, sla2_layers
 from .sla2.stats import calibrate_alpha, describe_layers
 
 # Fewer key blocks than this and the kept blocks plus routing cost about as much as dense attention.
@@ -87,7 +87,19 @@ def convert_model(model: JiT, *, layer_spec: str | list[int] | None, settings: S
         calibrated = {i: a.flatten().tolist() for i, a in calibrate_alpha(model, *calibration).items()}
     rows = describe_layers(model)
     return ConversionResult(layers=layers, config=settings, rows=rows,
-                            warnings=short_sequence_warnings(rows, settings.block_k), calibrated_alpha=calibrated)
+                            warnings=short_sequence_warnings(rows, settings.block_k) + untrained_map_warnings(model),
+                            calibrated_alpha=calibrated)
+
+
+def untrained_map_warnings(model: JiT) -> list[str]:
+    """A learned feature map still at its start is no better than the paper's φ (below the head dim it is
+    worse: a fixed random basis) until `sla2 finetune` trains it."""
+    fresh = [i for i, core in sla2_layers(model).items() if core.config.feature_rank and torch.equal(
+        core.feature_q.detach().cpu(), initial_features(*core.feature_q.shape).to(core.feature_q.dtype))]
+    if not fresh:
+        return []
+    return [f"the learned feature maps of layer(s) {', '.join(map(str, fresh))} are untrained; run `sla2 finetune` "
+            "(stage 1 trains them with the model's weights untouched) before using this model"]
 
 
 def provenance_record(**facts) -> dict:

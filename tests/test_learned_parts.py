@@ -81,7 +81,9 @@ def test_learned_parts_survive_a_checkpoint(cli, official_pth, tmp_path):
                          "--block-k", "16", "--feature-rank", "8", "--alpha-mode", "per_query", "--calibrate", "2",
                          *ICS_TINY, "--json")
     assert code == 0, err
-    assert one_json(out)["sla2_config"]["feature_rank"] == 8
+    doc = one_json(out)
+    assert doc["sla2_config"]["feature_rank"] == 8
+    assert any("untrained" in w and "sla2 finetune" in w for w in doc["warnings"])  # converted, not yet trained
     model, info = load_model(dst)
     assert info.sla2_config.feature_rank == 8 and info.sla2_config.alpha_mode == "per_query"
     core = sla2_layers(model)[2]
