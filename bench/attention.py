@@ -5,6 +5,7 @@
     python bench/attention.py --variants      # also time the fused kernel's other loop order
     python bench/attention.py --sla DIR       # also time thu-ml/SLA all in, from a checkout at DIR
     python bench/attention.py --quick         # one small shape, to check the script
+    python bench/attention.py --learned 16    # also: a rank-16 learned feature map + α per query vs the paper's
 
 Every SLA2 output is checked against the PyTorch reference on the same routing before it is timed (rel
 err = ‖out − ref‖ / ‖ref‖), the router against the reference router (share of identical kept blocks), and
@@ -233,6 +234,44 @@ def backward_rows(shapes):
     return rows
 
 
+def learned_rows(shapes, rank):
+    """The paper's form against our extensions (a learned rank-`rank` feature map and α per query) at each
+    shape's first keep and block setting: forward and backward all in, each checked against the reference."""
+    torch.manual_seed(2)
+    rows = []
+    for name, B, H, N, D, keeps, settings in shapes:
+        keep, (block_q, block_k) = keeps[0], settings[0]
+        q, k, v = (t.detach().requires_grad_() for t in jit_layout(B, H, N, D, torch.bfloat16))
+        alpha = (torch.rand(H, device="cuda") * 0.5 + 0.25).requires_grad_()
+        parts = {"feature_q": torch.randn(H, D, rank, device="cuda") / D ** 0.5,
+                 "feature_k": torch.randn(H, D, rank, device="cuda") / D ** 0.5,
+                 "mix_scale": torch.ones(H, device="cuda")}
+        parts = {n: t.requires_grad_() for n, t in parts.items()}
+        grad = torch.randn_like(q)
+        row = dict(name=name, shape=f"{B}x{H}x{N}x{D}", keep=keep, blocks=f"{block_q},{block_k}", rank=rank)
+        for label, extra in (("paper", {}), ("learned", parts)):
+            call = partial(sla2_triton, q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k, **extra)
+            with torch.no_grad():
+                row[f"{label}_fwd"] = ms(call)
+            inputs = (q, k, v, alpha, *extra.values())
+            out = call()
+            row[f"{label}_bwd"] = ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
+            mine = torch.autograd.grad(out, inputs, grad)
+            routing = route(q, k, topk=keep, block_q=block_q, block_k=block_k)
+            ref_out = sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k,
+                                     routing=routing, **extra)
+            ref = torch.autograd.grad(ref_out, inputs, grad)
+            row[f"{label}_err"] = max([rel_err(out, ref_out)] + [rel_err(a, b) for a, b in zip(mine, ref)])
+            out = ref_out = mine = ref = None
+        rows.append(row)
+        print(f"learned rank {rank} {name}: forward {row['paper_fwd']:.3f} → {row['learned_fwd']:.3f} ms, backward "
+              f"{row['paper_bwd']:.3f} → {row['learned_bwd']:.3f} ms; worst rel err {row['learned_err']:.1e}",
+              flush=True)
+        q = k = v = None
+        torch.cuda.empty_cache()
+    return rows
+
+
 def print_tables(fwd, bwd):
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16, "
           "median of do_bench (ms)\n")
@@ -265,6 +304,8 @@ def main():
     parser.add_argument("--shapes", default=None, help="comma-separated names of SHAPES rows to run (default all)")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--backward-only", action="store_true")
+    parser.add_argument("--learned", type=int, metavar="R", help="also time a learned rank-R feature map with α per "
+                        "query against the paper's form")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
@@ -277,6 +318,15 @@ def main():
         except triton.runtime.errors.OutOfResources as exc:
             print(f"backward failed: {exc}", flush=True)
     print_tables(fwd, bwd)
+    if args.learned:
+        rows = learned_rows(shapes, args.learned)
+        print("\n| shape | keep | blocks | rank | forward paper → learned (ms) | backward paper → learned (ms) | "
+              "rel err (worst of out, grads) |")
+        print("| --- " * 7 + "|")
+        for r in rows:
+            print(f"| {r['shape']} | {r['keep']:.0%} | {r['blocks']} | {r['rank']} | {r['paper_fwd']:.3f} → "
+                  f"{r['learned_fwd']:.3f} | {r['paper_bwd']:.3f} → {r['learned_bwd']:.3f} | "
+                  f"{r['paper_err']:.1e} / {r['learned_err']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 # `sla2 quality` of stage 1 alone, the recipe and the control against the dense model: held-out v-loss on 512
 # textures of HELD_OUT_SEED, PSNR/SSIM of 128 paired samples (50 Heun steps, CFG 2.0); `sla2 profile` counts the
 # FLOPs. Usage on a GPU machine: bash bench/quality.sh OUT_DIR [WHEEL_DIR] [STAGE1_STEPS] [STAGE2_STEPS]
-# (a quick smoke run elsewhere: DEVICE=cpu TRAIN_IMAGES=64 EVAL_IMAGES=16 PAIRED=2 bash bench/quality.sh /tmp/q "" 2 2)
+# (a quick smoke run elsewhere: DEVICE=cpu TRAIN_IMAGES=64 EVAL_IMAGES=16 PAIRED=2 bash bench/quality.sh /tmp/q "" 2 2;
+# ROWS="95:0.015:8" runs one row: TAG:TOPK:FEATURE_RANK, 16-token blocks)
 set -euo pipefail
 out=${1:?output folder}
 source "$(dirname "$0")/gpu_env.sh" "${2:-}"
@@ -35,7 +36,7 @@ quality() {  # model tag
     sla2 quality "$1" --dense "$demo" --data "$out/held-out" --eval-samples "$eval" -n "$paired" --steps 50 \
         --cfg 2.0 --device "$dev" --json > "$out/quality-$2.json"
 }
-for row in 90:0.0615:16 95:0.015:8; do
+for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
     IFS=: read -r tag topk rank <<< "$row"
     sla2 convert "$demo" -o "$out/c$tag.safetensors" --layers all --topk "$topk" --block-q 16 --block-k 16 \
         --feature-rank "$rank" --alpha-mode per_query --no-qat --calibrate 16 --device "$dev" --json > "$out/convert$tag.json"
