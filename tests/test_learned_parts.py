@@ -155,3 +155,36 @@ def test_module_exposes_only_the_parts_its_config_asks_for():
     assert core.learned_parts() == {}
     core = SLA2Attention(2, 16, LEARNED)
     assert set(core.learned_parts()) == {"feature_q", "feature_k", "mix_scale"}
+
+
+def test_stage_1_with_learned_parts_cuts_the_demo_models_held_out_error(cli, tmp_path):
+    """The recipe's stage 1 on the shipped model (learned rank-16 maps, α per query, velocity distillation on
+    training textures): 8 steps of 4 lower the held-out v-loss by over 5% (measured 1.359x -> 1.258x dense on
+    16 textures of HELD_OUT_SEED), and only SLA2's own parameters move."""
+    from sla2cli.data.textures import TRAIN_SEED, texture_batch
+    from sla2cli.metrics.quality import held_out_v_loss
+    from sla2cli.models.shipped import DEMO_MODEL_PATH, HELD_OUT_SEED
+    from sla2cli.pipeline import write_textures
+
+    src, dst = tmp_path / "c.safetensors", tmp_path / "f.safetensors"
+    code, _, err = cli("convert", DEMO_MODEL_PATH, "-o", src, "--topk", "0.15", "--feature-rank", "16",
+                       "--alpha-mode", "per_query", "--no-qat", "--calibrate", "4", "--device", "cpu")
+    assert code == 0, err
+    images, labels = texture_batch(torch.arange(64), seed=TRAIN_SEED)
+    data = write_textures(tmp_path / "textures", images, labels)
+    code, out, err = cli("finetune", src, "-o", dst, "--data", data, "--steps", "8", "--batch-size", "4",
+                         "--eval-samples", "4", "--device", "cpu", "--save-every", "0", "--objective", "distill",
+                         "--schedule", "cosine", "--warmup", "0.05", "--json")
+    assert code == 0, err
+    assert one_json(out)["options"]["objective"] == "distill"
+    dense, _ = load_model(DEMO_MODEL_PATH)
+    before, _ = load_model(src)
+    after, _ = load_model(dst)
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
+    assert changed and all(".core." in k for k in changed) and any(k.endswith("feature_q") for k in changed)
+    x, y = texture_batch(torch.arange(16), seed=HELD_OUT_SEED)
+    with torch.no_grad():
+        loss_before, _ = held_out_v_loss(before.eval(), dense.eval(), x, y, seed=0)
+        loss_after, _ = held_out_v_loss(after.eval(), dense, x, y, seed=0)
+    print(f"held-out v-loss {loss_before['ratio']:.3f}x -> {loss_after['ratio']:.3f}x dense")
+    assert loss_after["model"] < 0.95 * loss_before["model"]
