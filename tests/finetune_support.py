@@ -97,3 +97,17 @@ def converted_file(cli, tmp_path: Path, *convert_args: str, name: str = "sla2.sa
                        str(STRUCTURED.in_context_start))
     assert code == 0, err
     return dst
+
+
+def demo_held_out(before, after, count: int = 16) -> tuple[dict, dict]:
+    """Held-out v-loss (`held_out_v_loss` records) of two SLA2 versions of the demo model against it, on
+    `count` textures of HELD_OUT_SEED (never trained on)."""
+    from sla2cli import load_model
+    from sla2cli.data.textures import texture_batch
+    from sla2cli.metrics.quality import held_out_v_loss
+    from sla2cli.models.shipped import HELD_OUT_SEED
+
+    dense, _ = load_model(DEMO)
+    x, y = texture_batch(torch.arange(count), seed=HELD_OUT_SEED)
+    with torch.no_grad():
+        return tuple(held_out_v_loss(m.eval(), dense.eval(), x, y, seed=0)[0] for m in (before, after))

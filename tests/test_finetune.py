@@ -6,15 +6,20 @@ import os
 
 import torch
 from conftest import one_json
-from finetune_support import DEMO, converted_file, one_thread, random_model, structured_images  # noqa: F401
+from finetune_support import (  # noqa: F401
+    DEMO,
+    converted_file,
+    demo_held_out,
+    one_thread,
+    random_model,
+    structured_images,
+)
 from PIL import Image
 from safetensors import safe_open
 
 from sla2cli import load_model
 from sla2cli.data.textures import TRAIN_SEED, texture_batch
 from sla2cli.finetune import TopkSchedule
-from sla2cli.metrics.quality import held_out_v_loss
-from sla2cli.models.shipped import HELD_OUT_SEED
 from sla2cli.pipeline import write_textures
 
 FAST = ("--batch-size", "4", "--eval-samples", "8", "--device", "cpu")
@@ -55,11 +60,7 @@ def test_finetune_cuts_the_demo_models_error_against_dense_attention_at_90_perce
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
     assert changed and all(k.split(".")[-1] in ("proj_q", "proj_k", "alpha_logit") for k in changed)
     # and the model's held-out v-loss went down
-    dense, _ = load_model(DEMO)
-    held_out, held_labels = texture_batch(torch.arange(16), seed=HELD_OUT_SEED)
-    with torch.no_grad():
-        loss_before, _ = held_out_v_loss(before.eval(), dense.eval(), held_out, held_labels, seed=0)
-        loss_after, _ = held_out_v_loss(model.eval(), dense, held_out, held_labels, seed=0)
+    loss_before, loss_after = demo_held_out(before, model)
     print(f"held-out v-loss {loss_before['ratio']:.3f}x -> {loss_after['ratio']:.3f}x dense")
     assert loss_after["model"] < 0.98 * loss_before["model"]
 

@@ -161,9 +161,10 @@ def test_stage_1_with_learned_parts_cuts_the_demo_models_held_out_error(cli, tmp
     """The recipe's stage 1 on the shipped model (learned rank-16 maps, α per query, velocity distillation on
     training textures): 8 steps of 4 lower the held-out v-loss by over 5% (measured 1.359x -> 1.258x dense on
     16 textures of HELD_OUT_SEED), and only SLA2's own parameters move."""
+    from finetune_support import demo_held_out
+
     from sla2cli.data.textures import TRAIN_SEED, texture_batch
-    from sla2cli.metrics.quality import held_out_v_loss
-    from sla2cli.models.shipped import DEMO_MODEL_PATH, HELD_OUT_SEED
+    from sla2cli.models.shipped import DEMO_MODEL_PATH
     from sla2cli.pipeline import write_textures
 
     src, dst = tmp_path / "c.safetensors", tmp_path / "f.safetensors"
@@ -177,14 +178,10 @@ def test_stage_1_with_learned_parts_cuts_the_demo_models_held_out_error(cli, tmp
                          "--schedule", "cosine", "--warmup", "0.05", "--json")
     assert code == 0, err
     assert one_json(out)["options"]["objective"] == "distill"
-    dense, _ = load_model(DEMO_MODEL_PATH)
     before, _ = load_model(src)
     after, _ = load_model(dst)
     changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
     assert changed and all(".core." in k for k in changed) and any(k.endswith("feature_q") for k in changed)
-    x, y = texture_batch(torch.arange(16), seed=HELD_OUT_SEED)
-    with torch.no_grad():
-        loss_before, _ = held_out_v_loss(before.eval(), dense.eval(), x, y, seed=0)
-        loss_after, _ = held_out_v_loss(after.eval(), dense, x, y, seed=0)
+    loss_before, loss_after = demo_held_out(before, after)
     print(f"held-out v-loss {loss_before['ratio']:.3f}x -> {loss_after['ratio']:.3f}x dense")
     assert loss_after["model"] < 0.95 * loss_before["model"]
