@@ -41,6 +41,11 @@ DEMO_PRESET = "balanced"
 # What the demo converts with: the balanced preset plus the recipe's learned parts (a rank-16 feature map and α
 # per query, trained by stage 1; bench/RESULTS.md, "Quality recipe").
 DEMO_LEARNED = {"feature_rank": 16, "alpha_mode": "per_query"}
+
+
+def demo_settings():
+    """The demo's SLA2 settings: DEMO_PRESET with DEMO_LEARNED on top."""
+    return sla2_settings(DEMO_PRESET, **DEMO_LEARNED)
 CALIBRATION_OFFSET = 1_000  # calibration images are indices 1000.. of HELD_OUT_SEED; measurement uses 0..
 
 
@@ -163,7 +168,7 @@ def step_model(demo: Demo) -> dict:
 def step_plan_layers(demo: Demo) -> dict:
     """Layers worth converting: those with enough key blocks for sparsity to pay off (as `sla2 convert` warns)."""
     rows = describe_layers(demo.dense)
-    settings = sla2_settings(DEMO_PRESET, **DEMO_LEARNED)
+    settings = demo_settings()
     demo.candidates = [r["layer"] for r in rows
                        if num_blocks(r["tokens"], settings.block_k) >= MIN_KEY_BLOCKS_TO_PAY_OFF]
     demo.layers = list(demo.candidates)
@@ -181,7 +186,7 @@ def step_profile(demo: Demo) -> dict:
     from .profiling import Timer, profile_model
 
     model = copy.deepcopy(demo.dense)
-    apply_sla2(model, demo.candidates, sla2_settings(DEMO_PRESET, **DEMO_LEARNED))
+    apply_sla2(model, demo.candidates, demo_settings())
     plan = demo.plan
     dtype = torch.bfloat16 if demo.device.type == "cuda" else torch.float32
     report = profile_model(model, device=demo.device, dtype=dtype, batch_size=1,
@@ -202,7 +207,7 @@ def step_profile(demo: Demo) -> dict:
 
 def step_convert(demo: Demo) -> dict:
     """`sla2 convert --preset balanced`, α calibrated on held-out textures, written to --out."""
-    settings = sla2_settings(DEMO_PRESET, **DEMO_LEARNED)
+    settings = demo_settings()
     _, z, t, y = _eval_batch(demo, CALIBRATION_OFFSET)
     demo.converted = copy.deepcopy(demo.dense)
     result = convert_model(demo.converted, layer_spec=demo.layers, settings=settings, calibration=(z, t, y))

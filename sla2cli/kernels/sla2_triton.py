@@ -157,12 +157,15 @@ def _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask,
 
 
 @triton.jit
-def _query_alpha(a, c, lse2, den):
-    """α per query (`sla2.reference.query_alpha`): σ(logit a + c·(lse − log den)), 1 where den = 0; lse2 in
-    log2 units."""
-    evidence = lse2 * 0.6931471805599453 - tl.log(tl.where(den > 0, den, 1.0))
-    logit = tl.log(a / (1.0 - a)) + c * evidence
-    return tl.where(den > 0, 1.0 / (1.0 + tl.exp(-logit)), 1.0)
+def _mix_evidence(lse2, den):
+    """lse − log den per query row (`sla2.reference.query_alpha`'s evidence); lse2 in log2 units."""
+    return lse2 * 0.6931471805599453 - tl.log(tl.where(den > 0, den, 1.0))
+
+
+@triton.jit
+def _query_alpha(a, c, evidence, den):
+    """α per query (`sla2.reference.query_alpha`): σ(logit a + c·evidence), 1 where den = 0."""
+    return tl.where(den > 0, 1.0 / (1.0 + tl.exp(-(tl.log(a / (1.0 - a)) + c * evidence))), 1.0)
 
 
 @triton.jit
@@ -245,7 +248,8 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
                                    FEATURE, PREC)
             lin_part = lin if MIX else (1.0 - a) * lin
         if MIX:
-            a_row = _query_alpha(a, tl.load(mix_ptr + hh), m_i + tl.log2(l_i), den)[:, None]
+            evidence = _mix_evidence(m_i + tl.log2(l_i), den)
+            a_row = _query_alpha(a, tl.load(mix_ptr + hh), evidence, den)[:, None]
             out = a_row * out + (1.0 - a_row) * lin_part.to(tl.float32)
         else:
             out = a * out + lin_part.to(tl.float32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sla2_triton import _batch_and_head, _feature_tile, _kept_stats, _phi, _row_tile
+from .sla2_triton import _batch_and_head, _feature_tile, _kept_stats, _mix_evidence, _phi, _query_alpha, _row_tile
 
 
 @triton.jit
@@ -87,8 +87,8 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
         d_alpha_row = tl.sum(g * (o_s - o_l), 1)
         if MIX:
             c = tl.load(mix_ptr + hh)
-            evidence = lse * 0.6931471805599453 - tl.log(tl.where(ok, den, 1.0))
-            a_row = tl.where(ok, 1.0 / (1.0 + tl.exp(-(tl.log(a / (1.0 - a)) + c * evidence))), 1.0)
+            evidence = _mix_evidence(lse, den)
+            a_row = _query_alpha(a, c, evidence, den)
             d_logit = tl.where(ok & rvalid, d_alpha_row * a_row * (1.0 - a_row), 0.0)
             tl.store(dalpha_ptr + blk, tl.sum(d_logit, 0) / (a * (1.0 - a)))
             tl.store(dmix_ptr + blk, tl.sum(d_logit * evidence, 0))
