@@ -7,7 +7,9 @@
 # textures of HELD_OUT_SEED, PSNR/SSIM of 128 paired samples (50 Heun steps, CFG 2.0); `sla2 profile` counts the
 # FLOPs. Usage on a GPU machine: bash bench/quality.sh OUT_DIR [WHEEL_DIR] [STAGE1_STEPS] [STAGE2_STEPS]
 # (a quick smoke run elsewhere: DEVICE=cpu TRAIN_IMAGES=64 EVAL_IMAGES=16 PAIRED=2 bash bench/quality.sh /tmp/q "" 2 2;
-# ROWS="95:0.015:8" runs one row: TAG:TOPK:FEATURE_RANK, 16-token blocks)
+# ROWS="95:0.015:8" runs one row: TAG:TOPK:FEATURE_RANK, 16-token blocks; DATA="--data-free ..." trains on the
+# dense model's samples or sampling trajectories instead of the training textures; CONTROL=TAG: the row that
+# also trains the dense control, 90 by default)
 set -euo pipefail
 out=${1:?output folder}
 source "$(dirname "$0")/gpu_env.sh" "${2:-}"
@@ -19,6 +21,8 @@ train=${TRAIN_IMAGES:-16384}
 eval=${EVAL_IMAGES:-512}
 paired=${PAIRED:-128}
 mkdir -p "$out"
+read -r -a data <<< "${DATA:---data $out/train}"
+[ -n "${DATA:-}" ] && train=0
 python3 - "$out" "$train" "$eval" <<'PY'
 import sys
 from pathlib import Path
@@ -27,8 +31,9 @@ from sla2cli.data.textures import TRAIN_SEED, texture_batch
 from sla2cli.models.shipped import HELD_OUT_SEED
 from sla2cli.pipeline import write_textures
 out = Path(sys.argv[1])
-x, y = texture_batch(torch.arange(int(sys.argv[2])), seed=TRAIN_SEED)
-write_textures(out / "train", x, y)
+if int(sys.argv[2]):
+    x, y = texture_batch(torch.arange(int(sys.argv[2])), seed=TRAIN_SEED)
+    write_textures(out / "train", x, y)
 x, y = texture_batch(torch.arange(int(sys.argv[3])), seed=HELD_OUT_SEED)
 write_textures(out / "held-out", x, y)
 PY
@@ -41,13 +46,13 @@ for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
     sla2 convert "$demo" -o "$out/c$tag.safetensors" --layers all --topk "$topk" --block-q 16 --block-k 16 \
         --feature-rank "$rank" --alpha-mode per_query --no-qat --calibrate 16 --device "$dev" --json > "$out/convert$tag.json"
     sla2 profile "$out/c$tag.safetensors" --device "$dev" --json > "$out/profile$tag.json"
-    extra=(); [ "$tag" = 90 ] && extra=(--control)
+    extra=(); [ "$tag" = "${CONTROL:-90}" ] && extra=(--control)
     sla2 finetune "$out/c$tag.safetensors" -o "$out/f$tag.safetensors" --recipe --keep-stage1 "${extra[@]}" \
-        --data "$out/train" --eval-samples 128 --batch-size 32 --dtype bf16 --device "$dev" --save-every 0 \
+        "${data[@]}" --eval-samples 128 --batch-size 32 --dtype bf16 --device "$dev" --save-every 0 \
         --router-steps "$router_steps" --steps "$steps" --json > "$out/recipe$tag.json"
     quality "$out/f$tag.safetensors.stage1.safetensors" "stage1-$tag"
     quality "$out/f$tag.safetensors" "recipe-$tag"
-    [ "$tag" = 90 ] && quality "$out/f$tag.control.safetensors" "control-$tag"
+    [ "$tag" = "${CONTROL:-90}" ] && quality "$out/f$tag.control.safetensors" "control-$tag"
     python3 - "$out" "$tag" <<'PY'
 import json, sys
 from pathlib import Path

@@ -110,10 +110,11 @@ def test_folder_source_batches_are_deterministic(tmp_path):
     folder = ImageFolder.open(tmp_path, 8)
     source = FolderSource(folder, seed=0, eval_samples=2)
     steps = [range(0, 4), range(4, 8)]
-    (a, ya), (a2, _) = source.train_batches(steps)
-    (b, yb), (b2, _) = FolderSource(folder, seed=0, eval_samples=2, workers=2).train_batches(steps)
+    (a, za, ta, ya), (a2, *_) = source.train_batches(steps, "cpu")
+    (b, zb, tb, yb), (b2, *_) = FolderSource(folder, seed=0, eval_samples=2, workers=2).train_batches(steps, "cpu")
     assert torch.equal(a, b) and torch.equal(ya, yb) and torch.equal(a2, b2) and a.shape == (4, 3, 8, 8)
-    (resumed, _), = source.train_batches(steps[1:])  # a resumed run reads the same images for the same positions
+    assert torch.equal(za, zb) and torch.equal(ta, tb)  # the noise follows the positions too
+    (resumed, *_), = source.train_batches(steps[1:], "cpu")  # a resumed run reads the same images at the same positions
     assert torch.equal(resumed, a2)
     assert source.describe() == {"source": "folder", "path": str(tmp_path), "images": 6, "classes": 2,
                                  "resolution": 8}
@@ -129,3 +130,58 @@ def test_a_fifo_named_like_an_image_is_one_line_not_a_hang(tmp_path):
     with pytest.raises(SLA2Error) as exc:
         within(30, lambda: next(iter(image_loader(folder, [[0, 1]]))), tmp_path / "c" / "b.png")
     assert "b.png is a FIFO, not a file" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_trajectory_states_are_the_inputs_the_guided_sampler_fed_the_network():
+    """Recording changes nothing in the samples; each trajectory holds, in order, the (z, t, y) of every
+    network evaluation: both passes where guidance is on, one where it is off, starting from the noise."""
+    from contextlib import nullcontext
+
+    from finetune_support import random_model
+
+    from sla2cli.distributed import ProcessGroup
+    from sla2cli.finetune.sources import teacher_samples
+    from sla2cli.seeding import TEACHER_POOL, generator
+
+    model = random_model().eval()
+    common = dict(steps=4, seed=3, device=torch.device("cpu"), batch_size=2, group=ProcessGroup(),
+                  autocast=nullcontext, cfg=2.0)
+    x, y = teacher_samples(model, 3, **common)
+    x2, y2, z, t, labels = teacher_samples(model, 3, **common, record=True)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    # linspace(0, 1, 5): Heun at 0 (guidance off: t = 0 is outside (0.1, 1)), 0.25; 0.25, 0.5; 0.5, 0.75;
+    # Euler at 0.75 -> 7 evaluations, 6 of them guided (two inputs each): 13 inputs per trajectory
+    assert z.shape == (3, 13, *x.shape[1:]) and t.shape == labels.shape == (3, 13)
+    expected_t = [0.0, 0.25, 0.25, 0.25, 0.25, 0.5, 0.5, 0.5, 0.5, 0.75, 0.75, 0.75, 0.75]
+    assert torch.allclose(t, torch.tensor(expected_t).expand(3, 13))
+    null = model.config.num_classes
+    assert torch.equal(labels[:, 0], y) and torch.equal(labels[:, 1], y) and (labels[:, 2] == null).all()
+    assert torch.equal(z[:, 1], z[:, 2])  # the guided pass feeds one state to both labels
+    for i in range(3):  # each trajectory starts at its own keyed noise
+        g = generator(3, TEACHER_POOL, i)
+        torch.randint(0, null, (), generator=g)
+        assert torch.equal(z[i, 0], torch.randn(*x.shape[1:], generator=g) * model.config.noise_scale)
+
+
+def test_a_trajectory_source_draws_states_by_position_and_evaluates_on_held_out_trajectories():
+    from contextlib import nullcontext
+
+    from finetune_support import random_model
+
+    from sla2cli.distributed import ProcessGroup
+    from sla2cli.finetune.config import DataSpec
+    from sla2cli.finetune.sources import build_source
+
+    model = random_model().eval()
+    spec = DataSpec(teacher_samples=2, sampling_steps=3, cfg=1.5, states="trajectory")
+    src = build_source(model, spec, seed=0, eval_samples=4, device=torch.device("cpu"), batch_size=2,
+                       group=ProcessGroup(), autocast=nullcontext)
+    assert spec.kind == "trajectory" and src.describe()["states"] == len(src.z) == 2 * 9
+    z_eval, t_eval, y_eval = src.eval_states("cpu")
+    assert z_eval.shape[0] == t_eval.shape[0] == y_eval.shape[0] == 4
+    assert not any(torch.equal(e, s) for e in z_eval for s in src.z)  # held-out trajectories only
+    steps = [range(0, 4), range(4, 8)]
+    (x, z, t, y), second = src.train_batches(steps, "cpu")
+    (_, z2, t2, y2), = src.train_batches(steps[1:], "cpu")
+    assert x is None and z.shape == (4, *z_eval.shape[1:])
+    assert torch.equal(second[1], z2) and torch.equal(second[2], t2) and torch.equal(second[3], y2)

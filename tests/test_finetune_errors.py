@@ -79,6 +79,13 @@ CASES = [
     (("--device", "cuda:7"), 2, "--device"),
     (("--steps", "many"), 2, "--steps"),
     (("--backend", "cuda"), 2, "--backend 'cuda' is not one of"),
+    (("--data-free-steps", "1"), 2, "--data-free-steps must be >= 2"),
+    (("--data-free-cfg", "0"), 2, "--data-free-cfg must be a finite number > 0"),
+    (("--data-free-cfg", "inf"), 2, "'--data-free-cfg': inf is not a finite number"),
+    (("--data-free-states", "images"), 2, "--data-free-states must be one of noised, trajectory"),
+    (("--data-free-states", "trajectory", "--full", "--objective", "v"), 2,
+     "--objective 'v' needs clean images; the sampler's trajectory --data-free-states has none: use --objective "
+     "distill"),
 ]
 
 
@@ -124,6 +131,8 @@ def test_data_source_must_be_chosen_once(cli, setup):
     _check(cli, tmp_path, src, RUN, 2, "choose the training images: --data DIR")
     data = _images(tmp_path / "imgs" / "c")
     _check(cli, tmp_path, src, ("--data", data.parent, "--data-free", *RUN), 2, "exclude each other")
+    _check(cli, tmp_path, src, ("--data", data.parent, "--data-free-states", "trajectory", *RUN), 2,
+           "they need --data-free")
 
 
 def test_outputs_and_inputs(cli, setup):

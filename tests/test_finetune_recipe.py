@@ -106,3 +106,22 @@ def test_objective_defaults_by_stage_and_stage_1_takes_a_schedule():
 def test_recipe_option_conflicts(cli, src, tmp_path, extra, message):
     code, _, err = cli("finetune", src, "-o", tmp_path / "x.safetensors", *BASE, *extra)
     assert code == 2 and message in err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_recipe_trains_both_stages_on_the_samplers_own_trajectory(cli, src, tmp_path):
+    """--data-free-states trajectory: both stages distil on the inputs the guided teacher's sampler saw; the
+    record says so, and stage 1 moves only SLA2's parameters."""
+    dst = tmp_path / "out.safetensors"
+    code, out, err = cli("finetune", src, "-o", dst, *ARGS, "--keep-stage1", "--data-free-states", "trajectory",
+                         "--data-free-steps", "3", "--data-free-cfg", "2.0")
+    assert code == 0, err
+    doc = one_json(out)
+    for stage in ("stage1", "stage2"):
+        data = doc[stage]["data"]
+        assert data["source"] == "trajectory" and data["cfg"] == 2.0 and data["sampling_steps"] == 3
+        assert data["samples"] == 4 and data["states"] == 4 * 9  # 3 steps at CFG 2: 1 + 4 * 2 inputs each
+        assert doc[stage]["options"]["data"]["source"] == "trajectory"
+    assert doc["stage1"]["options"]["objective"] == "distill"
+    dense, stage1 = load_file(src), load_file(stage1_path(dst))
+    moved = {k for k in dense if not torch.equal(dense[k], stage1[k])}
+    assert moved and all(".attn.core." in k for k in moved), moved

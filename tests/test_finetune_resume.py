@@ -13,6 +13,7 @@ from conftest import one_json
 from finetune_support import converted_file, one_thread, random_model  # noqa: F401
 from safetensors.torch import load_file
 
+import sla2cli.finetune.sources as sources
 import sla2cli.finetune.trainer as trainer
 
 ARGS = ("--data-free", "--data-free-samples", "6", "--batch-size", "2", "--eval-samples", "2", "--device", "cpu",
@@ -55,7 +56,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(cli, src, tmp_path, monkey
         _interrupt_at(monkeypatch, 6)
     else:  # stage 2 has no teacher pass: interrupt its sixth batch instead
         calls = {"n": 0}
-        original = trainer.noised
+        original = sources.noised
 
         def failing(*args, **kwargs):
             calls["n"] += 1
@@ -63,7 +64,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(cli, src, tmp_path, monkey
                 raise KeyboardInterrupt
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(trainer, "noised", failing)
+        monkeypatch.setattr(sources, "noised", failing)
     code, out, err = cli("finetune", src, "-o", parts, "--steps", "7", *stage, *ARGS)
     assert code == 130 and "interrupted" in err and out == ""
     state = tmp_path / "parts.safetensors.resume.pt"

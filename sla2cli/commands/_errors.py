@@ -12,7 +12,8 @@ from ..errors import ParameterError
 # None: a library-only parameter no flag sets; a message naming it keeps the Python name.
 FLAGS: dict[str, str | dict[str, str] | None] = {
     # sampling and eval-fid
-    "sampler": "--sampler", "steps": "--steps", "cfg": "--cfg", "cfg_interval": "--cfg-interval",
+    "sampler": "--sampler", "steps": "--steps", "cfg": {"finetune": "--data-free-cfg", "*": "--cfg"},
+    "cfg_interval": "--cfg-interval",
     "time_shift": "--time-shift", "seed": "--seed", "method": None,
     "num_samples": "-n/--num-samples", "ref": "--ref", "path": None, "inception_weights": "--inception-weights",
     "compare_to": "--compare-to", "out": "--out", "batch_size": "--batch-size", "dtype": "--dtype",
@@ -33,8 +34,10 @@ FLAGS: dict[str, str | dict[str, str] | None] = {
     "lr": "--lr", "tau": "--tau", "e2e_weight": "--e2e-weight", "save_every": "--save-every",
     "eval_samples": "--eval-samples", "topk_schedule": "--topk-schedule", "class_index": "--class-index",
     "root": "--data", "folder": "--data", "folder=None": "--data-free", "teacher_samples": "--data-free-samples",
-    "sampling_steps": None, "resume": "--resume", "resume=True": "--resume", "dtype='fp32'": "--dtype fp32",
+    "sampling_steps": "--data-free-steps", "states": "--data-free-states", "resume": "--resume",
+    "resume=True": "--resume", "dtype='fp32'": "--dtype fp32",
     "schedule": "--schedule", "warmup": "--warmup", "ema": "--ema", "objective": "--objective", "full": "--full",
+    "objective='distill'": "--objective distill",
     "workers": "--workers",
     # quality
     "samples": "-n/--samples", "dense": "--dense",

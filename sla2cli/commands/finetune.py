@@ -56,6 +56,16 @@ def command(
                                          "(0: the training process).")] = 4,
     data_free_samples: Annotated[int, typer.Option("--data-free-samples", help="Size of the pool of teacher "
                                                    "samples --data-free draws once and re-noises every step.")] = 64,
+    data_free_steps: Annotated[Optional[int], typer.Option("--data-free-steps", help="Heun steps of the teacher's "
+                                                           "sampling for --data-free [default: 8].")] = None,
+    data_free_cfg: Annotated[Optional[float], typer.Option("--data-free-cfg", help="Guidance scale of the "
+                                                           "teacher's sampling for --data-free [default: 1].",
+                                                           parser=finite)] = None,
+    data_free_states: Annotated[Optional[str], typer.Option("--data-free-states", help="noised (the teacher's "
+                                                            "samples, noised by JiT's t distribution) or "
+                                                            "trajectory (the inputs its sampler fed the network: "
+                                                            "train where sampling happens; distillation only) "
+                                                            "[default: noised].")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (split across torchrun "
                                             "processes).")] = 8,
@@ -124,6 +134,11 @@ def command(
                          "the dense model itself)")
     if data is not None and data_free:
         raise UsageError("--data and --data-free exclude each other; choose one")
+    teacher = {"sampling_steps": data_free_steps, "cfg": data_free_cfg, "states": data_free_states}
+    teacher = {k: v for k, v in teacher.items() if v is not None}
+    if teacher and not data_free:
+        raise UsageError("--data-free-steps, --data-free-cfg and --data-free-states set the teacher's sampling; "
+                         "they need --data-free")
     check_name(backend)
     schedule = TopkSchedule.parse(topk_schedule) if topk_schedule is not None else None
     if control and not recipe:
@@ -138,7 +153,8 @@ def command(
                   save_every=save_every, eval_samples=eval_samples, seed=seed, dtype=dtype)
     config = FinetuneConfig(steps=steps, full=full or recipe, **common, **stage2)
     router_config = FinetuneConfig(steps=router_steps, **common, **RECIPE_ROUTER) if recipe else None
-    spec = DataSpec(folder=data, class_index=class_index, teacher_samples=data_free_samples, workers=workers)
+    spec = DataSpec(folder=data, class_index=class_index, teacher_samples=data_free_samples, workers=workers,
+                    **teacher)
     written = recipe_outputs(output, control) if recipe else [output, state_path(output)]
     check_output(output, force, (model_path,), derived=written)  # fail before any slow work
     if plot is not None:
@@ -154,7 +170,8 @@ def command(
         def started(summary: dict) -> None:
             if not group.is_main:
                 return
-            source = f"--data {data}" if data is not None else f"--data-free ({data_free_samples} teacher samples)"
+            source = (f"--data {data}" if data is not None else f"--data-free ({data_free_samples} teacher samples"
+                      + (", their sampling trajectories)" if spec.kind == "trajectory" else ")"))
             resumed = f", resuming at step {summary['resume_step']}" if summary["resume_step"] is not None else ""
             out.log(f"finetune ({config.stage}): {len(summary['layers'])} SLA2 layers, {steps} steps of {batch_size} "
                     f"on {dev}{f' x{group.world_size} processes' if group.distributed else ''}, {source}{resumed}")
@@ -242,7 +259,10 @@ def _render(console, model_path: Path, result: FinetuneResult) -> None:
     console.print(_table(result, f"{model_path.name} → {result.output.name}: {result.stage} finetune"))
     d = result.data
     source = (f"image folder {d['path']} ({d['images']} images, {d['classes']} classes)" if d["source"] == "folder"
-              else f"{d['samples']} samples of the dense model ({d['sampling_steps']} Heun steps, random labels)")
+              else f"{d['samples']} samples of the dense model ({d['sampling_steps']} Heun steps, CFG {d['cfg']:g}, "
+                   f"random labels)")
+    if d["source"] == "trajectory":
+        source += f": the {d['states']} inputs their sampler fed the network"
     console.print(f"data: {source}")
     rate = f"{result.steps_per_second:.2f} steps/s" if result.steps_per_second else "no steps run"
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from is not None else ""

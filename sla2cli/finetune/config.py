@@ -51,16 +51,24 @@ class TopkSchedule:
         return f"{self.start:g}:{self.end:g}"
 
 
+STATES = ("noised", "trajectory")
+
+
 @dataclass(frozen=True)
 class DataSpec:
-    """Where clean images come from: an image folder, or the dense teacher's own samples (`folder=None`).
-    `workers`: processes that decode the folder's images ahead of each step (0: the training process)."""
+    """Where training inputs come from: an image folder, or the dense teacher's own samples (`folder=None`),
+    drawn with `sampling_steps` Heun steps at guidance `cfg`. `states` "noised": clean images noised by JiT's
+    t distribution; "trajectory" (teacher only): the inputs the teacher's sampler fed its network, so stage 1
+    trains where sampling happens. `workers`: processes that decode the folder's images ahead of each step
+    (0: the training process)."""
 
     folder: Path | None = None
     class_index: int | None = None
     teacher_samples: int = 64
     sampling_steps: int = 8
     workers: int = 4
+    cfg: float = 1.0
+    states: str = "noised"
 
     def __post_init__(self):
         if self.folder is None and self.class_index is not None:
@@ -74,10 +82,18 @@ class DataSpec:
         if self.sampling_steps < 2:
             raise InvalidParameter("sampling_steps", self.sampling_steps, "{name} must be >= 2 (the teacher's "
                                    "sampler), got {value}")
+        if not (math.isfinite(self.cfg) and self.cfg > 0):
+            raise InvalidParameter("cfg", self.cfg, "{name} must be a finite number > 0, got {value}")
+        if self.states not in STATES:
+            raise InvalidParameter("states", self.states, "{name} must be one of " + ", ".join(STATES)
+                                   + ", got {value!r}")
+        if self.states == "trajectory" and self.folder is not None:
+            raise InvalidParameter("states", self.states, "{name} {value!r} records the dense model's own sampling; "
+                                   "it needs {teacher}, not an image folder", teacher=Param("folder=None"))
 
     @property
     def kind(self) -> str:
-        return "teacher" if self.folder is None else "folder"
+        return "folder" if self.folder is not None else "trajectory" if self.states == "trajectory" else "teacher"
 
 
 @dataclass(frozen=True)

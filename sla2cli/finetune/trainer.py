@@ -25,11 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoints import LoadInfo, check_output, file_sha256, save_model
 from ..conversion import provenance_record
 from ..data.images import ImageFolder
-from ..diffusion import noised
 from ..distributed import ProcessGroup, barrier
 from ..errors import InvalidParameter, Param, ParameterError, UsageError
 from ..models.jit import JiT
-from ..seeding import EVAL_NOISE, TRAIN_NOISE
 from ..sla2.attention import backends_in_use
 from ..sla2.backends import kernels_unavailable
 from ..sla2.layers import remove_sla2, sla2_layers
@@ -120,7 +118,8 @@ def _diverged(what: str, value: float, step: int, lr: float, saved: int | None, 
 def _data_options(spec: DataSpec) -> dict:
     if spec.kind == "folder":
         return {"source": "folder", "path": str(Path(spec.folder).resolve()), "class_index": spec.class_index}
-    return {"source": "teacher", "samples": spec.teacher_samples, "sampling_steps": spec.sampling_steps}
+    return {"source": spec.kind, "samples": spec.teacher_samples, "sampling_steps": spec.sampling_steps,
+            "cfg": spec.cfg}
 
 
 def _kernel_warnings(device: torch.device) -> list[str]:
@@ -214,6 +213,10 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
         raise InvalidParameter("resume", resume, "{path} holds the state of an interrupted finetune; pass {resume} "
                                "to continue it, or {force} to start over", path=spath, resume=Param("resume=True"),
                                force=Param("force=True"))
+    if data.kind == "trajectory" and config.full and config.objective != "distill":
+        raise InvalidParameter("objective", config.objective, "{name} {value!r} needs clean images; the sampler's "
+                               "trajectory {states} has none: use {distill}", states=Param("states"),
+                               distill=Param("objective='distill'"))
     folder = None
     if data.kind == "folder":
         folder = ImageFolder.open(data.folder, model.config.input_size, class_index=data.class_index,
@@ -254,10 +257,7 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
     per_rank = config.batch_size // group.world_size
     src = build_source(model, data, seed=config.seed, eval_samples=config.eval_samples, device=device,
                        batch_size=per_rank, group=group, autocast=autocast, folder=folder)
-    noise_scale = model.config.noise_scale
-    x_eval, y_eval = src.eval_batch(device)
-    z_eval, t_eval, _ = noised(x_eval, range(config.eval_samples), seed=config.seed, stream=EVAL_NOISE,
-                               noise_scale=noise_scale)
+    z_eval, t_eval, y_eval = src.eval_states(device)
 
     start, history, before = 0, [], None
     if state is not None:
@@ -286,13 +286,11 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
     # this rank's slice of each global batch, by position; the source reads them ahead of the steps
     slices = [range(k * config.batch_size + group.rank * per_rank, k * config.batch_size + (group.rank + 1) * per_rank)
               for k in range(start, config.steps)]
-    batches = src.train_batches(slices)
+    batches = src.train_batches(slices, device)
     try:
         for step in range(start, config.steps):
             topk = {i: config.topk_at(step, target[i]) for i in layers}
-            positions = slices[step - start]
-            x, y = (v.to(device) for v in next(batches))
-            z, t, _ = noised(x, positions, seed=config.seed, stream=TRAIN_NOISE, noise_scale=noise_scale)
+            x, z, t, y = next(batches)
             if config.full:
                 _set_topk(cores, topk)
                 loss, parts, e2e = runner(x, z, t, y, config.e2e_weight, autocast)

@@ -48,7 +48,7 @@ def evaluation_images(root, config, count: int, *, seed: int, class_index: int |
         raise InvalidParameter("eval_samples", count, "{name} must be >= 1, got {value}")
     folder = ImageFolder.open(root, config.input_size, class_index=class_index, num_classes=config.num_classes)
     source = FolderSource(folder, seed, min(count, len(folder)))
-    x, y = source.eval_batch("cpu")
+    x, y = source.eval_images()
     return x, y, {**source.describe(), "used": len(x)}
 
 
