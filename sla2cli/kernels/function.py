@@ -1,12 +1,14 @@
 """The Triton SLA2 backend: router, forward launch and the autograd Function, behind `sla2_triton`.
 
 `sla2_triton` has `sla2_reference`'s signature. The forward is three Triton launches (statistics, router,
-fused attention) and a torch sum of the statistics into totals; the backward is two
+which also sums the statistics into totals, fused attention; a fourth, the linear branch alone, where
+`_split` measured faster) and no torch op between them on the inference path; the backward is two
 (per query block, per key block) plus a torch-built reverse index of the routing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -15,7 +17,7 @@ import triton
 
 from ..sla2.reference import feature_inputs, sla2_reference
 from ..sla2.routing import Routing, keep_count, num_blocks
-from .sla2_triton import FEATURE_IDS, _route_kernel, _sla2_fwd_kernel, _stats_kernel
+from .sla2_triton import FEATURE_IDS, _linear_kernel, _route_kernel, _sla2_fwd_kernel, _stats_kernel, _totals_kernel
 from .sla2_triton_bwd import _bwd_key_kernel, _bwd_query_kernel
 
 ROUTE_CHUNK = 64  # key blocks scored per step by the router
@@ -26,13 +28,15 @@ class LinearStats:
     """Per-key-block statistics of the linear branch and their totals (sums of the stored values).
 
     h: B·H×n_k×R×D in the input's dtype, z: B·H×n_k×R fp32; h_total: B·H×R×D and z_total: B·H×R, fp32;
-    R = D, or a learned feature map's rank.
+    R = D, or a learned feature map's rank. Until `finished` the totals are still to be summed: the router
+    does that in its own launch (`route_pooled(stats=...)`), or `finish_totals`.
     """
 
     h: torch.Tensor
     z: torch.Tensor
     h_total: torch.Tensor
     z_total: torch.Tensor
+    finished: bool = True
 
 
 def _d_pad(d: int) -> int:
@@ -52,49 +56,92 @@ def _row_align(*tensors: torch.Tensor) -> int:
     return align
 
 
+def _stats_warps(block_k: int, d_pad: int) -> int:
+    """Warps of the statistics kernel. Measured on an H200 (bench/RESULTS.md): fewer warps leave room for
+    two programs per multiprocessor; 2 for tiles up to 64×128, 4 above (8 was 1.3-1.5x slower)."""
+    return 2 if block_k * d_pad <= 64 * 128 else 4
+
+
+def _span(size: int, n_prog: int) -> int:
+    return min(512, max(16, triton.next_power_of_2(triton.cdiv(size, n_prog))))
+
+
+def _parts(n_parts: int, span: int) -> int:
+    """Key blocks per load of the totals: about 4096 elements a load, so the loop over blocks is short."""
+    return max(1, min(triton.next_power_of_2(n_parts), 4096 // span))
+
+
 def linear_stats(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: str,
-                 fk: torch.Tensor | None = None) -> tuple[LinearStats, torch.Tensor]:
+                 fk: torch.Tensor | None = None, *, totals: bool = True,
+                 num_warps: int | None = None) -> tuple[LinearStats, torch.Tensor]:
     """One pass over K and V: the linear branch's statistics and the block means of k (B·H×n_k×D, fp32).
-    `fk` (B×H×N×R): what φ reads instead of k (a learned feature map's k·W_k)."""
+    `fk` (B×H×N×R): what φ reads instead of k (a learned feature map's k·W_k). `totals` False leaves the
+    totals to the router's launch (no launch or torch op of their own)."""
     B, H, N, D = k.shape
     R = D if fk is None else fk.shape[-1]
     n_k = num_blocks(N, block_k)
-    h = torch.empty(B * H, n_k, R, D, device=k.device, dtype=k.dtype)
-    z = torch.empty(B * H, n_k, R, device=k.device, dtype=torch.float32)
-    k_bar = torch.empty(B * H, n_k, D, device=k.device, dtype=torch.float32)
     d_pad = _d_pad(D)
+    dev = k.device
+    h = torch.empty(B * H, n_k, R, D, device=dev, dtype=k.dtype)
+    z = torch.empty(B * H, n_k, R, device=dev, dtype=torch.float32)
+    k_bar = torch.empty(B * H, n_k, D, device=dev, dtype=torch.float32)
+    h_total = torch.empty(B * H, R, D, device=dev, dtype=torch.float32)
+    z_total = torch.empty(B * H, R, device=dev, dtype=torch.float32)
     f = k if fk is None else fk
     _stats_kernel[(n_k, B * H)](
         k, v, f, h, z, k_bar, *k.stride(), *v.stride(), *f.stride(), H, N, n_k, D=D, R=R, ROW_ALIGN=_row_align(k, v),
         BLOCK_K=block_k, D_PAD=d_pad, R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map], LEARNED=fk is not None,
-        PREC=_precision(k.dtype), num_warps=8 if d_pad >= 128 else 4)
-    return LinearStats(h, z, h.sum(1, dtype=torch.float32), z.sum(1)), k_bar
+        PREC=_precision(k.dtype), num_warps=num_warps or _stats_warps(block_k, max(d_pad, _d_pad(R))))
+    stats = LinearStats(h, z, h_total, z_total, finished=False)
+    if totals:
+        finish_totals(stats)
+    return stats, k_bar
+
+
+def finish_totals(stats: LinearStats, n_prog: int = 64) -> None:
+    """Sum the stored statistics into the totals in a launch of their own (when no router runs)."""
+    BH, n_k, R = stats.z.shape
+    D = stats.h.shape[-1]
+    span = _span(R * D, n_prog)
+    _totals_kernel[(n_prog, BH)](stats.h, stats.z, stats.h_total, stats.z_total, n_k, R=R, D=D, SPAN=span,
+                                 PARTS=_parts(n_k, span), num_warps=4)
+    stats.finished = True
 
 
 def route_pooled(q: torch.Tensor, k_bar: torch.Tensor, *, topk: float, block_q: int, block_k: int,
-                 proj_q: torch.Tensor | None, proj_k: torch.Tensor | None) -> torch.Tensor:
+                 proj_q: torch.Tensor | None, proj_k: torch.Tensor | None,
+                 stats: LinearStats | None = None) -> torch.Tensor:
     """The reference router's kept blocks (B×H×n_q×kk, ascending, int32) from `linear_stats`' key-block
     means, in one Triton launch.
 
     (q̄ W_qᵀ)·(k̄_j W_kᵀ) = q̄·(k̄_j W_kᵀ W_q), so the projections meet in one D×D matrix applied to the n_k
     key-block means (no torch op at all without projections), and 1/√D is applied in-kernel. k is not
     centred: that shifts each query block's scores by one constant and changes no decision (the scores the
-    kernel writes to scratch differ from the reference's by a constant per row).
+    kernel writes to scratch differ from the reference's by a constant per row). Unfinished `stats` get
+    their totals in the same launch.
     """
     B, H, N, D = q.shape
     n_q, n_k = num_blocks(N, block_q), k_bar.shape[1]
     kk = keep_count(topk, n_k)
     if proj_q is not None or proj_k is not None:
-        with torch.autocast(q.device.type, enabled=False):  # the routing decisions in fp32, also under autocast
+        autocast = torch.is_autocast_enabled(q.device.type)  # the routing decisions in fp32, also under autocast
+        with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
             m = proj_k.detach().float().T if proj_k is not None else None
             if proj_q is not None:
                 m = proj_q.detach().float() if m is None else m @ proj_q.detach().float()
             k_bar = k_bar @ m
     scores = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.float32)
     indices = torch.empty(B, H, n_q, kk, device=q.device, dtype=torch.int32)
+    totals = stats is not None and not stats.finished
+    parts = (stats.h, stats.z, stats.h_total, stats.z_total) if totals else (scores,) * 4
+    R = stats.z.shape[-1] if totals else D
+    span = _span(R * D, n_q)
     _route_kernel[(n_q, B * H)](
-        q, k_bar, scores, indices, *q.stride(), H, N, n_q, n_k, kk, 1.0 / math.sqrt(D), D=D, ROW_ALIGN=_row_align(q),
-        BLOCK_Q=block_q, D_PAD=_d_pad(D), NK_PAD=triton.next_power_of_2(n_k), CHUNK=ROUTE_CHUNK, num_warps=2)
+        q, k_bar, scores, indices, *parts, *q.stride(), H, N, n_q, n_k, kk, n_k, 1.0 / math.sqrt(D), D=D, R=R,
+        ROW_ALIGN=_row_align(q), BLOCK_Q=block_q, D_PAD=_d_pad(D), NK_PAD=triton.next_power_of_2(n_k),
+        CHUNK=ROUTE_CHUNK, TOTALS=totals, SPAN=span, PARTS=_parts(n_k, span), num_warps=2)
+    if totals:
+        stats.finished = True
     return indices
 
 
@@ -129,37 +176,64 @@ def _alloc_like_layout(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
 
 
+def _alpha_strides(alpha: torch.Tensor, H: int, n_q: int) -> tuple[int, int]:
+    """α's strides over heads and query blocks as the fused kernel reads it (0: one α per head)."""
+    if alpha.dim() == 1 and alpha.shape[0] == H:
+        return alpha.stride(0), 0
+    if alpha.shape != (H, n_q):
+        raise ValueError(f"alpha must have shape ({H},) or ({H}, {n_q}), got {tuple(alpha.shape)}")
+    return alpha.stride(0), alpha.stride(1)
+
+
+def _split(block_q: int, block_k: int, d: int) -> bool:
+    """The linear branch in a launch of its own (`_linear_kernel`) before the fused kernel? Measured on an
+    H200 (bench/RESULTS.md): faster only for 128-row query blocks over 64-row key blocks at D = 64 (0.216
+    vs 0.239 ms fused at 1×12×16416×64), slower at D = 80/128, for (128, 128) and for 64-row query blocks."""
+    return block_q >= 128 and block_k < block_q and d == _d_pad(d) <= 64
+
+
 def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q: int, block_k: int,
                  feature_map: str, save: bool = False, num_warps: int | None = None,
                  num_stages: int | None = None, linear_first: bool | None = None, fq: torch.Tensor | None = None,
-                 mix_scale: torch.Tensor | None = None):
+                 mix_scale: torch.Tensor | None = None, split: bool | None = None):
     """Launch the fused kernel; `stats` None means every key block is kept (output = O_sparse).
 
     Returns O, or with `save` (O, O_sparse, lse) for the backward: B·H×N×D and B·H×N (log2 units).
-    `linear_first` picks the loop order (None: `_linear_first`'s choice). `fq` (B×H×N×R): what φ reads
-    instead of q (a learned feature map's q·W_q); `mix_scale` (H,): α per query.
+    `linear_first` picks the loop order (None: `_linear_first`'s choice), `split` whether the linear branch
+    runs in a launch of its own (None: `_split`'s choice; never with α per query). `fq` (B×H×N×R): what φ
+    reads instead of q (a learned feature map's q·W_q); `mix_scale` (H,): α per query. α and the mix scale
+    are read as they are (any float dtype, through their strides): no torch op before the launch.
     """
     B, H, N, D = q.shape
     R = D if fq is None else fq.shape[-1]
     f = q if fq is None else fq
-    mix = alpha if mix_scale is None else mix_scale.detach().float().contiguous()
+    mix = alpha if mix_scale is None else mix_scale
     n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), indices.shape[-1]
     out = _alloc_like_layout(q)
-    a = _alpha_table(alpha, H, n_q)
     idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
     linear = stats is not None
     o_s = torch.empty(B * H, N, D, device=q.device, dtype=q.dtype) if save else out
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32) if save else out
     extra = {} if num_stages is None else {"num_stages": num_stages}
+    if linear and not stats.finished:
+        finish_totals(stats)
+    split = linear and mix_scale is None and (_split(block_q, block_k, D) if split is None else split)
+    if split:
+        _linear_kernel[(n_q, B * H)](
+            q, f, out, idx, alpha, stats.h, stats.z, stats.h_total, stats.z_total, *q.stride(), *f.stride(),
+            *out.stride(), *_alpha_strides(alpha, H, n_q), H, N, n_q, n_k, kk, D=D, R=R,
+            ROW_ALIGN=_row_align(q, out), BLOCK_Q=block_q, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
+            FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None, PREC=_precision(q.dtype),
+            num_warps=num_warps or _num_warps(block_q))
     _sla2_fwd_kernel[(n_q, B * H)](
-        q, k, v, f, out, idx, a, mix, *((stats.h, stats.z, stats.h_total, stats.z_total) if linear else (out,) * 4),
-        o_s, lse, *q.stride(), *k.stride(), *v.stride(), *f.stride(), *out.stride(), *a.stride(),
-        H, N, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R, ROW_ALIGN=_row_align(q, k, v, out),
-        BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map],
-        LEARNED=fq is not None, LINEAR=linear, MIX=mix_scale is not None, PREC=_precision(q.dtype), SAVE=save,
+        q, k, v, f, out, idx, alpha, mix, *((stats.h, stats.z, stats.h_total, stats.z_total) if linear else (out,) * 4),
+        o_s, lse, *q.stride(), *k.stride(), *v.stride(), *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q),
+        mix.stride(0), H, N, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R,
+        ROW_ALIGN=_row_align(q, k, v, out), BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
+        FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None, LINEAR=linear, MIX=mix_scale is not None,
+        PREC=_precision(q.dtype), SAVE=save,
         LIN_FIRST=_linear_first(block_q, D) if linear_first is None else linear_first,
-        num_warps=num_warps or _num_warps(block_q),
-        **extra)
+        LIN_SPLIT=split, num_warps=num_warps or _num_warps(block_q), **extra)
     return (out, o_s, lse) if save else out
 
 
@@ -270,12 +344,17 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     if "feature_q" in learned or "feature_k" in learned:
         fq, fk = feature_inputs(q, k, learned.get("feature_q"), learned.get("feature_k"))
     if kk < n_k:
-        stats, k_bar = linear_stats(k, v, block_k, feature_map, fk)
+        stats, k_bar = linear_stats(k, v, block_k, feature_map, fk, totals=routing is not None)
     if routing is not None:
         indices = routing.indices
     elif stats is not None:
-        indices = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k)
+        indices = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k,
+                               stats=stats)
     else:
         indices = torch.arange(n_k, device=q.device, dtype=torch.int32).expand(B, H, n_q, n_k)
-    return _SLA2Function.apply(q, k, v, fq, fk, alpha, learned.get("mix_scale"), indices, stats, block_q, block_k,
-                               feature_map)
+    mix_scale = learned.get("mix_scale")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, fq, fk, alpha,
+                                                                                        mix_scale))):
+        return sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k, feature_map=feature_map,
+                            fq=fq, mix_scale=mix_scale)  # inference: no autograd Function to set up
+    return _SLA2Function.apply(q, k, v, fq, fk, alpha, mix_scale, indices, stats, block_q, block_k, feature_map)

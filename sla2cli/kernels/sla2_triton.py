@@ -2,13 +2,15 @@
 
 Three launches per call. `_stats_kernel`: one pass over K and V giving the key-block means the router
 needs and the linear branch's per-key-block statistics h_j = φ(K_j)ᵀV_j (in the input's dtype) and
-z_j = Σφ(K_j); torch sums the stored h_j, z_j into totals, so "totals minus kept" subtracts exactly the
-values it added; with a learned feature map φ reads k·W_k (R columns), so h_j is R×D.
+z_j = Σφ(K_j); with a learned feature map φ reads k·W_k (R columns), so h_j is R×D.
 `_route_kernel`: per query block, the pooled query's scores against every (projected) key block and the
-top kk as an ascending index table. `_sla2_fwd_kernel`: per query block, online-softmax attention over the
-kept key blocks only, the kept blocks' h_j, z_j summed (one R×D read and add per kept block) so that the
-linear branch over the other blocks is totals minus kept, then the α mix (per head, or per query from
-the loop's log-sum-exp) and one store.
+top kk as an ascending index table; its programs also sum the stored h_j, z_j into the totals (`_totals`;
+`_totals_kernel` alone when the routing is given), so "totals minus kept" subtracts exactly the values it
+added and no torch op sits between the launches. `_sla2_fwd_kernel`: per query block, online-softmax
+attention over the kept key blocks only, the kept blocks' h_j, z_j summed (one R×D read and add per kept
+block) so that the linear branch over the other blocks is totals minus kept, then the α mix (per head, or
+per query from the loop's log-sum-exp) and one store. `_linear_kernel`: that linear branch alone, written
+first (the fused kernel then adds the sparse part) where it measured faster.
 Every tensor is read through explicit strides, so the B×N×3×H×D views JiT makes need no copy.
 Head dims that are not powers of two are padded in registers only (masked loads, nothing written padded);
 the head dim is a compile-time constant and ROW_ALIGN states what the token strides are multiples of, so
@@ -29,7 +31,7 @@ def _phi(x, dmask, FEATURE: tl.constexpr):
     if FEATURE == 0:
         x = tl.where(dmask[None, :], x, float("-inf"))
         e = tl.exp(x - tl.max(x, 1)[:, None])
-        y = e / tl.sum(e, 1)[:, None]
+        y = e * (1.0 / tl.sum(e, 1))[:, None]
     elif FEATURE == 1:
         y = tl.where(dmask[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
     else:
@@ -107,16 +109,57 @@ def _stats_kernel(k_ptr, v_ptr, fk_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n
 
 
 @triton.jit
-def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, sq_b, sq_h, sq_n, sq_d, H, N, n_q, n_k, kk, scale,
-                  D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr,
-                  NK_PAD: tl.constexpr, CHUNK: tl.constexpr):
+def _sum_parts(src_ptr, dst_ptr, bh, n_parts, size, lo, hi, SPAN: tl.constexpr, PARTS: tl.constexpr):
+    """dst[bh, lo:hi] = Σ_p src[bh, p, lo:hi] in fp32, PARTS parts a load, in a fixed order (deterministic);
+    src is B·H×n_parts×size (h or z), dst B·H×size."""
+    src = src_ptr + bh.to(tl.int64) * n_parts * size
+    p = tl.arange(0, PARTS)
+    for s in range(lo, hi, SPAN):
+        offs = s + tl.arange(0, SPAN)
+        m = offs < hi
+        total = tl.zeros([SPAN], dtype=tl.float32)
+        for p0 in range(0, n_parts, PARTS):
+            pv = p0 + p < n_parts
+            x = tl.load(src + (p0 + p)[:, None].to(tl.int64) * size + offs[None, :], mask=pv[:, None] & m[None, :],
+                        other=0.0)
+            total += tl.sum(x.to(tl.float32), 0)
+        tl.store(dst_ptr + bh.to(tl.int64) * size + offs, total, mask=m)
+
+
+@triton.jit
+def _totals(h_ptr, z_ptr, htot_ptr, ztot_ptr, i, n_prog, bh, n_parts, R: tl.constexpr, D: tl.constexpr,
+            SPAN: tl.constexpr, PARTS: tl.constexpr):
+    """Program i of n_prog (per batch·head) sums its slice of the totals H = Σ h_j and Z = Σ z_j over the
+    n_parts stored key blocks (the stored h_j: "totals minus kept" subtracts what was added)."""
+    per_h = tl.cdiv(R * D, n_prog)
+    _sum_parts(h_ptr, htot_ptr, bh, n_parts, R * D, i * per_h, tl.minimum(i * per_h + per_h, R * D), SPAN, PARTS)
+    per_z = tl.cdiv(R, n_prog)
+    _sum_parts(z_ptr, ztot_ptr, bh, n_parts, R, i * per_z, tl.minimum(i * per_z + per_z, R), SPAN, PARTS)
+
+
+@triton.jit
+def _totals_kernel(h_ptr, z_ptr, htot_ptr, ztot_ptr, n_parts, R: tl.constexpr, D: tl.constexpr,
+                   SPAN: tl.constexpr, PARTS: tl.constexpr):
+    """The totals alone (when no router runs: the routing was given)."""
+    _totals(h_ptr, z_ptr, htot_ptr, ztot_ptr, tl.program_id(0), tl.num_programs(0), tl.program_id(1), n_parts,
+            R, D, SPAN, PARTS)
+
+
+@triton.jit
+def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, h_ptr, z_ptr, htot_ptr, ztot_ptr, sq_b, sq_h, sq_n, sq_d,
+                  H, N, n_q, n_k, kk, n_parts, scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr, NK_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                  TOTALS: tl.constexpr, SPAN: tl.constexpr, PARTS: tl.constexpr):
     """Scores of one pooled query block against all key blocks, then its top kk as ascending indices.
 
     `kbar` holds the key blocks already mapped so that scale·q̄·kbar_j is the score (see `route_pooled`).
-    Ties go to the lower block index.
+    Ties go to the lower block index. With TOTALS the n_q programs of a head also sum the statistics'
+    parts into the totals (`_totals`), so no launch or torch op sits between statistics and router.
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
+    if TOTALS:
+        _totals(h_ptr, z_ptr, htot_ptr, ztot_ptr, pid_q, n_q, bh, n_parts, R, D, SPAN, PARTS)
     b, hh = _batch_and_head(bh, H)
     cols = tl.arange(0, D_PAD)
     dmask = cols < D
@@ -172,20 +215,21 @@ def _query_alpha(a, c, evidence, den):
 def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix_ptr, h_ptr, z_ptr, htot_ptr,
                      ztot_ptr, os_ptr, lse_ptr,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                     sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i,
+                     sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i, sm_h,
                      H, N, n_q, n_k, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                      FEATURE: tl.constexpr, LEARNED: tl.constexpr, LINEAR: tl.constexpr, MIX: tl.constexpr,
-                     PREC: tl.constexpr,
-                     SAVE: tl.constexpr, LIN_FIRST: tl.constexpr):
+                     PREC: tl.constexpr, SAVE: tl.constexpr, LIN_FIRST: tl.constexpr, LIN_SPLIT: tl.constexpr):
     """One query block of one head: sparse softmax over its kk kept key blocks, linear over the rest, mixed.
 
     The linear branch reads φ's input from fq (q itself, or q·W_q of a learned feature map: R columns).
-    With MIX, α is per query (`_query_alpha`, scale c from mix_ptr) from the loop's log-sum-exp.
+    α is read in its own dtype through strides sa_h, sa_i (sa_i = 0: one α per head). With MIX, α is per
+    query (`_query_alpha`, scale c read from mix_ptr at stride sm_h) from the loop's log-sum-exp.
     With SAVE (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N). With
     LIN_FIRST the kept blocks' h_j are summed in a loop of their own and O_linear waits in the input dtype
     (scaled by 1−α unless α is per query); otherwise the sum shares the attention loop (fewer index loads,
-    more registers).
+    more registers). With LIN_SPLIT
+    `_linear_kernel` has already written (1−α)·O_linear to o: this kernel adds α·O_sparse to it.
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -201,13 +245,16 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
     idx_row = idx_ptr + (bh * n_q + pid_q).to(tl.int64) * kk
-    if LINEAR:
+    o_offs = b * so_b + hh * so_h + _row_tile(rows_q, cols, so_n, so_d, ROW_ALIGN)
+    if LINEAR and LIN_SPLIT:
+        a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
+    elif LINEAR:
         rcols = tl.arange(0, R_PAD)
         rmask = rcols < R
         hmask = rmask[:, None] & dmask[None, :]
         h_offs = rcols[:, None] * D + cols[None, :]
         hz_base = (bh * n_k).to(tl.int64)
-        a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i)
+        a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
         fq = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rows_q < N, rcols, rmask, q, LEARNED)
         if LIN_FIRST:
             h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R, D,
@@ -225,7 +272,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         kvmask = kvalid[:, None] & dmask[None, :]
         kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask, other=0.0)
         vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
-        if LINEAR and not LIN_FIRST:
+        if LINEAR and not LIN_FIRST and not LIN_SPLIT:
             jb = hz_base + j
             h_kept += tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
             z_kept += tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
@@ -242,16 +289,51 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         row_flat = bh.to(tl.int64) * N + rows_q
         tl.store(os_ptr + row_flat[:, None] * D + cols[None, :], out.to(os_ptr.dtype.element_ty), mask=qmask)
         tl.store(lse_ptr + row_flat, m_i + tl.log2(l_i), mask=rows_q < N)
-    if LINEAR:
+    if LINEAR and LIN_SPLIT:
+        out = a * out + tl.load(o_ptr + o_offs, mask=qmask, other=0.0).to(tl.float32)
+    elif LINEAR:
         if not LIN_FIRST:
             lin, den = _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R, D,
                                    FEATURE, PREC)
             lin_part = lin if MIX else (1.0 - a) * lin
         if MIX:
             evidence = _mix_evidence(m_i + tl.log2(l_i), den)
-            a_row = _query_alpha(a, tl.load(mix_ptr + hh), evidence, den)[:, None]
+            a_row = _query_alpha(a, tl.load(mix_ptr + hh * sm_h).to(tl.float32), evidence, den)[:, None]
             out = a_row * out + (1.0 - a_row) * lin_part.to(tl.float32)
         else:
             out = a * out + lin_part.to(tl.float32)
+    tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _linear_kernel(q_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_ptr, htot_ptr, ztot_ptr,
+                   sq_b, sq_h, sq_n, sq_d, sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i,
+                   H, N, n_q, n_k, kk, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                   BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr,
+                   LEARNED: tl.constexpr, PREC: tl.constexpr):
+    """(1−α)·O_linear of one query block, written to o in o's dtype: the linear branch in a launch of its own,
+    so the fused kernel (LIN_SPLIT) keeps no R×D sum in its registers."""
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, hh = _batch_and_head(bh, H)
+    cols = tl.arange(0, D_PAD)
+    dmask = cols < D
+    rows_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = (rows_q < N)[:, None] & dmask[None, :]
+    rcols = tl.arange(0, R_PAD)
+    rmask = rcols < R
+    hmask = rmask[:, None] & dmask[None, :]
+    h_offs = rcols[:, None] * D + cols[None, :]
+    if LEARNED:
+        q = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
+    else:
+        q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows_q, cols, sq_n, sq_d, ROW_ALIGN), mask=qmask,
+                    other=0.0)
+    fq = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rows_q < N, rcols, rmask, q, LEARNED)
+    h_kept, z_kept = _kept_stats(idx_ptr + (bh * n_q + pid_q).to(tl.int64) * kk, kk, h_ptr, z_ptr,
+                                 (bh * n_k).to(tl.int64), h_offs, rcols, rmask, hmask, R, D, R_PAD, D_PAD)
+    lin, den = _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R, D, FEATURE,
+                           PREC)
+    a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
     tl.store(o_ptr + b * so_b + hh * so_h + _row_tile(rows_q, cols, so_n, so_d, ROW_ALIGN),
-             out.to(o_ptr.dtype.element_ty), mask=qmask)
+             ((1.0 - a) * lin).to(o_ptr.dtype.element_ty), mask=qmask)

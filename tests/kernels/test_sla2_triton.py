@@ -222,3 +222,51 @@ def test_registered_as_triton_backend_for_cuda_only():
     fn = backends.get("triton").fn
     assert fn is sla2_triton
     assert BACKEND.problem(torch.zeros(1, 1, 4, 64), feature_map="softmax", qat=False, return_stats=False)
+
+
+@pytest.mark.parametrize("D,block_k,dtype", [(64, 64, torch.bfloat16), (80, 32, torch.float32),
+                                             (128, 64, torch.float16)])
+def test_totals_summed_by_the_router_or_alone_equal_the_stored_statistics_sums(D, block_k, dtype):
+    """The totals (in the router's launch, or in `finish_totals`' own) are the sums of the stored h_j, z_j."""
+    from sla2cli.kernels.function import finish_totals
+
+    q, k, v = make_qkv(2, 2, D, dtype, "jit", seed=19)
+    stats, k_bar = linear_stats(k, v, block_k, "softmax", totals=False)
+    assert not stats.finished
+    route_pooled(q, k_bar, topk=0.3, block_q=64, block_k=block_k, proj_q=None, proj_k=None, stats=stats)
+    assert stats.finished
+    h_sum, z_sum = stats.h.float().sum(1), stats.z.sum(1)
+    assert torch.allclose(stats.h_total, h_sum, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(stats.z_total, z_sum, rtol=1e-5, atol=1e-5)
+    alone, _ = linear_stats(k, v, block_k, "softmax")
+    assert alone.finished and torch.equal(alone.h, stats.h)
+    assert torch.allclose(alone.h_total, h_sum, rtol=1e-5, atol=1e-5)
+    alone.h_total.zero_()
+    finish_totals(alone)
+    assert torch.allclose(alone.h_total, h_sum, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("D,block_q,block_k,dtype,alpha_per_block", [
+    (64, 128, 64, torch.float32, False), (72, 64, 32, torch.bfloat16, True), (64, 32, 16, torch.float32, True)])
+@pytest.mark.parametrize("split", [True, False])
+def test_linear_branch_in_its_own_launch_matches_reference(D, block_q, block_k, dtype, alpha_per_block, split,
+                                                           monkeypatch):
+    """`_linear_kernel` writing (1−α)·O_linear before the fused kernel adds α·O_sparse: forward and backward."""
+    import sla2cli.kernels.function as function
+
+    monkeypatch.setattr(function, "_split", lambda *_: split)
+    H = 2
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv(1, H, D, dtype, "bhnd", seed=20))
+    alpha_shape = (H, num_blocks(N, block_q)) if alpha_per_block else (H,)
+    alpha = torch.rand(alpha_shape, generator=torch.Generator().manual_seed(21)).requires_grad_()
+    routing = route(q, k, topk=0.3, block_q=block_q, block_k=block_k)
+    kwargs = dict(topk=0.3, alpha=alpha, block_q=block_q, block_k=block_k, routing=routing)
+    with torch.no_grad():  # the inference path (no autograd Function)
+        out = sla2_triton(q, k, v, **kwargs)
+    ref = sla2_reference(q, k, v, **kwargs)
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(22)).to(dtype)
+    mine = torch.autograd.grad(sla2_triton(q, k, v, **kwargs), (q, k, v, alpha), grad)
+    theirs = torch.autograd.grad(ref, (q, k, v, alpha), grad)
+    for name, a, b in zip("q k v alpha".split(), mine, theirs):
+        assert rel_err(a, b) < 5 * TOLERANCE[dtype], name
