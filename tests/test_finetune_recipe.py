@@ -125,3 +125,29 @@ def test_recipe_trains_both_stages_on_the_samplers_own_trajectory(cli, src, tmp_
     dense, stage1 = load_file(src), load_file(stage1_path(dst))
     moved = {k for k in dense if not torch.equal(dense[k], stage1[k])}
     assert moved and all(".attn.core." in k for k in moved), moved
+
+
+def test_stage_1_distillation_reports_the_layers_errors_every_tenth_step_and_the_last(src, tmp_path, monkeypatch):
+    """The layers' errors are not the distillation's loss: measured only every 10th step and at the end, they
+    change nothing that trains (the same losses and the same model as measuring every step)."""
+    import sla2cli.finetune.trainer as trainer
+    from sla2cli.finetune import DataSpec, FinetuneConfig, run_finetune
+
+    def run(dst, every):
+        monkeypatch.setattr(trainer, "MEASURE_EVERY", every)
+        reported = []
+        model, info = load_model(src)
+        result = run_finetune(model, info, source=src, dst=dst, data=DataSpec(teacher_samples=4),
+                              config=FinetuneConfig(steps=12, batch_size=2, eval_samples=2, save_every=0,
+                                                    objective="distill"),
+                              device=torch.device("cpu"), progress=lambda s: reported.append((s.step, s.per_layer)))
+        return result, reported
+
+    sparse, reported = run(tmp_path / "a.safetensors", 10)
+    every, all_steps = run(tmp_path / "b.safetensors", 1)
+    assert [step for step, layers in reported if layers] == [10, 12]
+    assert all(len(layers) == len(sparse.layers) for _, layers in all_steps)
+    assert dict(reported)[10] == dict(all_steps)[10] and dict(reported)[12] == dict(all_steps)[12]
+    assert sparse.loss_history == every.loss_history
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -124,6 +124,9 @@ def test_stage_1_distillation_trains_the_learned_parts_against_the_teachers_velo
     with torch.no_grad():
         expected = v_loss(model(z, t, y), teacher, z, t).mean()
     assert torch.allclose(loss, expected, rtol=1e-5) and per_layer.shape == (2,) and not per_layer.requires_grad
+    unmeasured, nothing, _ = module(qkv, {2: 0.3, 3: 0.3}, tau=0.1, z=z, t=t, y=y, teacher_out=teacher,
+                                    autocast=lambda: torch.autocast("cpu", enabled=False), measure=False)
+    assert torch.equal(unmeasured, loss) and nothing.shape == (0,)  # measuring the layers is only a report
     loss.backward()
     for core in cores.values():
         for name in ("feature_q", "feature_k", "mix_scale", "alpha_logit", "proj_q"):

@@ -184,7 +184,8 @@ def command(
             def report(info_: StepInfo, stage: str = "finetuning") -> None:
                 if not group.is_main:
                     return
-                curves.setdefault(stage, {})[info_.step] = info_.per_layer
+                if info_.per_layer:
+                    curves.setdefault(stage, {})[info_.step] = info_.per_layer
                 progress.update(task, completed=info_.step,
                                 description=f"{stage}: loss {info_.loss:.4f} topk {info_.topk:.3f}")
                 if not out.stderr.is_terminal and (info_.step % every == 0 or info_.step == info_.steps):

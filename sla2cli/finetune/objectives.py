@@ -57,8 +57,9 @@ class RouterDistillation(nn.Module):
     forward(qkv, topk, ...) → (loss, per-layer losses, end-to-end loss). `objective` "layer": the mean over
     layers of the relative squared error of SLA2 against dense attention on the teacher's q, k, v; "distill":
     the squared error of the whole model's velocity against the dense teacher's on the same input (the
-    per-layer errors are then only measured). Plus `e2e_weight` × the relative squared error of the whole
-    model's output against the dense teacher's.
+    per-layer errors are then only measured, and only when `measure`: they cost a second pass through every
+    layer's attention). Plus `e2e_weight` × the relative squared error of the whole model's output against the
+    dense teacher's.
     """
 
     def __init__(self, model: nn.Module, cores: dict[int, SLA2Attention], objective: str = "layer"):
@@ -69,16 +70,16 @@ class RouterDistillation(nn.Module):
         self._model = (model,)  # not a submodule: its frozen weights are no part of what trains
 
     def forward(self, qkv: dict, topk: dict[int, float], tau: float, e2e_weight: float = 0.0, z=None, t=None,
-                y=None, teacher_out=None, autocast=None):
+                y=None, teacher_out=None, autocast=None, measure: bool = True):
         per_layer = []
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.objective == "layer"):
-            for i in self.layers:
+            for i in self.layers if measure or self.objective == "layer" else ():
                 q, k, v = qkv[i]
                 target = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
                 out = soft_topk_attention(self.cores[str(i)], q, k, v, topk=topk[i], tau=tau)
                 per_layer.append(relative_squared_error(out, target).mean())
-        per_layer = torch.stack(per_layer)
         loss = _touch(self.parameters())
+        per_layer = torch.stack(per_layer) if per_layer else loss.new_zeros(0)
         pred = None
         if self.objective == "distill" or e2e_weight > 0:
             model = self._model[0]

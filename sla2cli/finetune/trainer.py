@@ -51,11 +51,13 @@ from .state import (
 ROUTER_PARAMS = ("proj_q", "proj_k")
 ALPHA_LR_SCALE = 10.0
 MIX_PARAMS = ("alpha_logit", "mix_scale")  # what learns at ALPHA_LR_SCALE in stage 1
+MEASURE_EVERY = 10  # stage 1's "distill" measures the layers' errors (not its loss) every 10th step and the last
 
 
 @dataclass
 class StepInfo:
-    """What the loop reports after each step (global values, averaged over ranks)."""
+    """What the loop reports after each step (global values, averaged over ranks). `per_layer`: the loss's
+    parts (stage 1: each layer's error against dense attention; empty on a step that did not measure them)."""
 
     step: int
     steps: int
@@ -297,7 +299,9 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
             else:
                 with autocast():
                     qkv, teacher_out = record_dense_qkv(model, layers, z, t, y)
-                loss, parts, e2e = runner(qkv, topk, config.tau, config.e2e_weight, z, t, y, teacher_out, autocast)
+                measure = (step + 1) % MEASURE_EVERY == 0 or step + 1 == config.steps
+                loss, parts, e2e = runner(qkv, topk, config.tau, config.e2e_weight, z, t, y, teacher_out, autocast,
+                                          measure)
             report = torch.cat([loss.detach().float()[None], parts.float(), e2e.float()[None]])
             if group.distributed:
                 dist.all_reduce(report)
