@@ -143,7 +143,7 @@ def test_flops_count_the_feature_maps_by_hand():
     B, H, N, D, R, b = 1, 3, 1032, 64, 16, 16
     n = math.ceil(N / b)  # 65 blocks, the last padded to whole
     got = sla2_flops(B, H, N, D, topk=4 / 65, block_q=b, block_k=b, backend="triton", feature_rank=R)
-    router = 2 * H * n * n * D + 2 * H * 2 * n * D * D
+    router = 2 * H * n * n * D + 2 * H * D ** 3 + 2 * H * n * D * D  # Triton: one W_kᵀW_q on the key means
     sparse = 4 * H * n * b * 4 * b * D
     linear = 2 * H * n * b * R * D + 2 * H * n * b * R * (D + 1) + 2 * H * 2 * n * b * D * R
     assert (got["router"], got["sparse"], got["linear"]) == (router, sparse, linear)

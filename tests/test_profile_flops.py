@@ -32,7 +32,8 @@ def test_dense_attention_flops_are_4BHN2D(name, resolution):
 
 def kept_block_formula(B, H, N, D, kk, n, block=64, reference=True):
     """The issue's kept-block count written out: router, sparse over kept blocks, linear branch."""
-    router = 2 * B * H * n * n * D + 2 * B * H * 2 * n * D * D
+    projections = 2 * B * H * 2 * n * D * D if reference else 2 * H * D ** 3 + 2 * B * H * n * D * D  # W_kᵀW_q
+    router = 2 * B * H * n * n * D + projections
     sparse = 2 * (2 * B * H * (n * block) * (kk * block) * D)
     if kk == n:
         return router + sparse

@@ -32,7 +32,8 @@ def sla2_flops(batch: int, heads: int, tokens: int, head_dim: int, *, topk: floa
                qat: bool = False, feature_rank: int = 0) -> dict[str, int]:
     """FLOPs one SLA2 forward executes, by part: router, sparse (kept blocks only), linear, and total.
 
-    router:  q̄ W_qᵀ and k̄ W_kᵀ on pooled blocks, then the n_q×n_k block scores.
+    router:  q̄ W_qᵀ and k̄ W_kᵀ on pooled blocks, then the n_q×n_k block scores; the Triton kernels fold the
+             projections into one D×D matrix W_kᵀW_q per head applied to the n_k key-block means only.
     sparse:  q·kᵀ and P·v over the kk kept key blocks of every query block.
     linear:  with a learned feature map of rank r, q·W_q and k·W_k (N×D×r each; r = D without one);
              h_j = φ(K_j)ᵀV_j for every key block, φ(Q_i)·[h, z] of the unkept blocks; the torch
@@ -43,14 +44,17 @@ def sla2_flops(batch: int, heads: int, tokens: int, head_dim: int, *, topk: floa
     n_q, n_k = num_blocks(N, block_q), num_blocks(N, block_k)
     kk = keep_count(topk, n_k)
     R = feature_rank or D
-    router = 2 * B * H * n_q * n_k * D + (2 * B * H * (n_q + n_k) * D * D if router_projections else 0)
+    reference = backend != "triton" or qat  # QAT runs the reference in every backend
+    router = 2 * B * H * n_q * n_k * D
+    if router_projections:
+        router += 2 * B * H * (n_q + n_k) * D * D if reference else 2 * H * D ** 3 + 2 * B * H * n_k * D * D
     sparse = 4 * B * H * (n_q * block_q) * (kk * block_k) * D
     linear = 0
     if kk < n_k:
         linear = 2 * B * H * (n_k * block_k) * R * D + 2 * B * H * (n_q * block_q) * R * (D + 1)
         if feature_rank:
             linear += 2 * B * H * (n_q * block_q + n_k * block_k) * D * R
-        if backend != "triton" or qat:  # QAT runs the reference in every backend
+        if reference:
             linear += 2 * B * H * n_q * n_k * R * (D + 1)
     return {"router": router, "sparse": sparse, "linear": linear, "total": router + sparse + linear,
             "kept_blocks": kk, "key_blocks": n_k}
