@@ -184,7 +184,7 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
                                              feature_map="softmax", linear_first=first)
                             t = ms(lambda: sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
                                                         block_k=block_k, feature_map="softmax", linear_first=first))
-                            chosen = " (chosen)" if first == _linear_first(block_q, D) else ""
+                            chosen = " (chosen)" if first == _linear_first(block_q, block_k, D) else ""
                             notes.append(f"linear_first={first}{chosen} {t:.3f} (err {rel_err(o, ref):.1e})")
                     ref = full = mask = None
                 kk = indices.shape[-1]

@@ -1,8 +1,8 @@
 """The Triton SLA2 backend: router, forward launch and the autograd Function, behind `sla2_triton`.
 
-`sla2_triton` has `sla2_reference`'s signature. The forward is three Triton launches (statistics, router,
-which also sums the statistics into totals, fused attention; a fourth, the linear branch alone, where
-`_split` measured faster) and no torch op between them on the inference path; the backward is two
+`sla2_triton` has `sla2_reference`'s signature. The forward is three Triton launches (statistics; router,
+which also sums the statistics into totals; fused attention) and no torch op between them on the
+inference path; the backward is two
 (per query block, per key block) plus a torch-built reverse index of the routing.
 """
 
@@ -17,10 +17,11 @@ import triton
 
 from ..sla2.reference import feature_inputs, sla2_reference
 from ..sla2.routing import Routing, keep_count, num_blocks
-from .sla2_triton import FEATURE_IDS, _linear_kernel, _route_kernel, _sla2_fwd_kernel, _stats_kernel, _totals_kernel
+from .sla2_triton import FEATURE_IDS, _route_kernel, _sla2_fwd_kernel, _stats_kernel, _totals_kernel
 from .sla2_triton_bwd import _bwd_key_kernel, _bwd_query_kernel
 
 ROUTE_CHUNK = 64  # key blocks scored per step by the router
+LINEAR_UNROLL = 4  # kept blocks' h_j read per step of the fused kernel's separate linear loop
 
 
 @dataclass
@@ -154,13 +155,14 @@ def _alpha_table(alpha: torch.Tensor, H: int, n_q: int) -> torch.Tensor:
     return alpha
 
 
-def _linear_first(block_q: int, d: int) -> bool:
+def _linear_first(block_q: int, block_k: int, d: int) -> bool:
     """Sum the kept blocks' h_j in a loop of its own before the attention loop (instead of inside it)?
 
-    Measured on an H100 (bench/RESULTS.md): a separate loop wins where registers are tight (64-row query
-    blocks on 4 warps; head dims padded to 128) and loses a little for 128-row blocks at D = 64.
+    Measured on an H200 (bench/RESULTS.md) with that loop reading LINEAR_UNROLL blocks a step: faster
+    everywhere (e.g. 1.30 -> 1.26 ms at 1×12×32768×128, 128/128; 0.239 -> 0.207 at 1×12×16416×64, 128/64;
+    0.633 -> 0.591 at D = 80) except 128/128 blocks at D = 64 (0.161 -> 0.169).
     """
-    return block_q < 128 or d != _d_pad(d)
+    return not (block_q >= 128 and block_k >= 128 and d == _d_pad(d) <= 64)
 
 
 def _num_warps(block_q: int) -> int:
@@ -185,24 +187,17 @@ def _alpha_strides(alpha: torch.Tensor, H: int, n_q: int) -> tuple[int, int]:
     return alpha.stride(0), alpha.stride(1)
 
 
-def _split(block_q: int, block_k: int, d: int) -> bool:
-    """The linear branch in a launch of its own (`_linear_kernel`) before the fused kernel? Measured on an
-    H200 (bench/RESULTS.md): faster only for 128-row query blocks over 64-row key blocks at D = 64 (0.216
-    vs 0.239 ms fused at 1×12×16416×64), slower at D = 80/128, for (128, 128) and for 64-row query blocks."""
-    return block_q >= 128 and block_k < block_q and d == _d_pad(d) <= 64
-
-
 def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q: int, block_k: int,
                  feature_map: str, save: bool = False, num_warps: int | None = None,
                  num_stages: int | None = None, linear_first: bool | None = None, fq: torch.Tensor | None = None,
-                 mix_scale: torch.Tensor | None = None, split: bool | None = None):
+                 mix_scale: torch.Tensor | None = None, unroll: int | None = None):
     """Launch the fused kernel; `stats` None means every key block is kept (output = O_sparse).
 
     Returns O, or with `save` (O, O_sparse, lse) for the backward: B·H×N×D and B·H×N (log2 units).
-    `linear_first` picks the loop order (None: `_linear_first`'s choice), `split` whether the linear branch
-    runs in a launch of its own (None: `_split`'s choice; never with α per query). `fq` (B×H×N×R): what φ
-    reads instead of q (a learned feature map's q·W_q); `mix_scale` (H,): α per query. α and the mix scale
-    are read as they are (any float dtype, through their strides): no torch op before the launch.
+    `linear_first` picks the loop order (None: `_linear_first`'s choice), `unroll` the kept blocks a step of
+    its separate loop reads (None: `LINEAR_UNROLL`). `fq` (B×H×N×R): what φ reads instead of q (a learned
+    feature map's q·W_q); `mix_scale` (H,): α per query. α and the mix scale are read as they are (any
+    float dtype, through their strides): no torch op before the launch.
     """
     B, H, N, D = q.shape
     R = D if fq is None else fq.shape[-1]
@@ -217,14 +212,6 @@ def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q:
     extra = {} if num_stages is None else {"num_stages": num_stages}
     if linear and not stats.finished:
         finish_totals(stats)
-    split = linear and mix_scale is None and (_split(block_q, block_k, D) if split is None else split)
-    if split:
-        _linear_kernel[(n_q, B * H)](
-            q, f, out, idx, alpha, stats.h, stats.z, stats.h_total, stats.z_total, *q.stride(), *f.stride(),
-            *out.stride(), *_alpha_strides(alpha, H, n_q), H, N, n_q, n_k, kk, D=D, R=R,
-            ROW_ALIGN=_row_align(q, out), BLOCK_Q=block_q, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
-            FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None, PREC=_precision(q.dtype),
-            num_warps=num_warps or _num_warps(block_q))
     _sla2_fwd_kernel[(n_q, B * H)](
         q, k, v, f, out, idx, alpha, mix, *((stats.h, stats.z, stats.h_total, stats.z_total) if linear else (out,) * 4),
         o_s, lse, *q.stride(), *k.stride(), *v.stride(), *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q),
@@ -232,8 +219,8 @@ def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q:
         ROW_ALIGN=_row_align(q, k, v, out), BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
         FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None, LINEAR=linear, MIX=mix_scale is not None,
         PREC=_precision(q.dtype), SAVE=save,
-        LIN_FIRST=_linear_first(block_q, D) if linear_first is None else linear_first,
-        LIN_SPLIT=split, num_warps=num_warps or _num_warps(block_q), **extra)
+        LIN_FIRST=_linear_first(block_q, block_k, D) if linear_first is None else linear_first,
+        UNROLL=unroll or LINEAR_UNROLL, num_warps=num_warps or _num_warps(block_q), **extra)
     return (out, o_s, lse) if save else out
 
 

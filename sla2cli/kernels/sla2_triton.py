@@ -9,8 +9,7 @@ top kk as an ascending index table; its programs also sum the stored h_j, z_j in
 added and no torch op sits between the launches. `_sla2_fwd_kernel`: per query block, online-softmax
 attention over the kept key blocks only, the kept blocks' h_j, z_j summed (one R×D read and add per kept
 block) so that the linear branch over the other blocks is totals minus kept, then the α mix (per head, or
-per query from the loop's log-sum-exp) and one store. `_linear_kernel`: that linear branch alone, written
-first (the fused kernel then adds the sparse part) where it measured faster.
+per query from the loop's log-sum-exp) and one store.
 Every tensor is read through explicit strides, so the B×N×3×H×D views JiT makes need no copy.
 Head dims that are not powers of two are padded in registers only (masked loads, nothing written padded);
 the head dim is a compile-time constant and ROW_ALIGN states what the token strides are multiples of, so
@@ -66,11 +65,17 @@ def _feature_tile(f_ptr, b, hh, s_b, s_h, s_n, s_d, rows, rvalid, rcols, rmask, 
 
 @triton.jit
 def _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R: tl.constexpr, D: tl.constexpr,
-                R_PAD: tl.constexpr, D_PAD: tl.constexpr):
-    """Σ h_j (R×D) and Σ z_j (R) over one query block's kept key blocks (fp32)."""
+                R_PAD: tl.constexpr, D_PAD: tl.constexpr, UNROLL: tl.constexpr):
+    """Σ h_j (R×D) and Σ z_j (R) over one query block's kept key blocks (fp32), UNROLL blocks a step (their
+    index and h_j reads independent of each other, so they can be in flight together)."""
     h_kept = tl.zeros([R_PAD, D_PAD], dtype=tl.float32)
     z_kept = tl.zeros([R_PAD], dtype=tl.float32)
-    for t in range(kk):
+    for t0 in range(0, kk - UNROLL + 1, UNROLL):
+        for u in tl.static_range(UNROLL):
+            jb = hz_base + tl.load(idx_row + t0 + u)
+            h_kept += tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
+            z_kept += tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
+    for t in range(kk - kk % UNROLL, kk):
         jb = hz_base + tl.load(idx_row + t)
         h_kept += tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
         z_kept += tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
@@ -97,15 +102,17 @@ def _stats_kernel(k_ptr, v_ptr, fk_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n
     kt = tl.load(k_ptr + b * sk_b + hh * sk_h + _row_tile(rows, cols, sk_n, sk_d, ROW_ALIGN), mask=mask, other=0.0)
     vt = tl.load(v_ptr + b * sv_b + hh * sv_h + _row_tile(rows, cols, sv_n, sv_d, ROW_ALIGN), mask=mask, other=0.0)
     kf = kt.to(tl.float32)
+    k_sum = tl.sum(kf, 0)  # the column sums before the product, so no fp32 tile stays live across it (spills)
     ft = _feature_tile(fk_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows, rvalid, rcols, rmask, kf, LEARNED).to(tl.float32)
     phik = tl.where(rvalid[:, None], _phi(ft, rmask, FEATURE), 0.0).to(vt.dtype)
+    z_j = tl.sum(phik.to(tl.float32), 0)
     h = tl.dot(tl.trans(phik), vt, input_precision=PREC)
     jb = (bh * n_k + j).to(tl.int64)
     tl.store(h_ptr + jb * (R * D) + rcols[:, None] * D + cols[None, :], h.to(h_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
-    tl.store(z_ptr + jb * R + rcols, tl.sum(phik.to(tl.float32), 0), mask=rmask)
+    tl.store(z_ptr + jb * R + rcols, z_j, mask=rmask)
     count = tl.minimum(N - j * BLOCK_K, BLOCK_K).to(tl.float32)
-    tl.store(kbar_ptr + jb * D + cols, tl.sum(kf, 0) / count, mask=dmask)
+    tl.store(kbar_ptr + jb * D + cols, k_sum / count, mask=dmask)
 
 
 @triton.jit
@@ -219,7 +226,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
                      H, N, n_q, n_k, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                      FEATURE: tl.constexpr, LEARNED: tl.constexpr, LINEAR: tl.constexpr, MIX: tl.constexpr,
-                     PREC: tl.constexpr, SAVE: tl.constexpr, LIN_FIRST: tl.constexpr, LIN_SPLIT: tl.constexpr):
+                     PREC: tl.constexpr, SAVE: tl.constexpr, LIN_FIRST: tl.constexpr, UNROLL: tl.constexpr):
     """One query block of one head: sparse softmax over its kk kept key blocks, linear over the rest, mixed.
 
     The linear branch reads φ's input from fq (q itself, or q·W_q of a learned feature map: R columns).
@@ -228,8 +235,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     With SAVE (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N). With
     LIN_FIRST the kept blocks' h_j are summed in a loop of their own and O_linear waits in the input dtype
     (scaled by 1−α unless α is per query); otherwise the sum shares the attention loop (fewer index loads,
-    more registers). With LIN_SPLIT
-    `_linear_kernel` has already written (1−α)·O_linear to o: this kernel adds α·O_sparse to it.
+    more registers); that loop reads UNROLL kept blocks a step (`_kept_stats`).
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -245,10 +251,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
     idx_row = idx_ptr + (bh * n_q + pid_q).to(tl.int64) * kk
-    o_offs = b * so_b + hh * so_h + _row_tile(rows_q, cols, so_n, so_d, ROW_ALIGN)
-    if LINEAR and LIN_SPLIT:
-        a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
-    elif LINEAR:
+    if LINEAR:
         rcols = tl.arange(0, R_PAD)
         rmask = rcols < R
         hmask = rmask[:, None] & dmask[None, :]
@@ -258,7 +261,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         fq = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rows_q < N, rcols, rmask, q, LEARNED)
         if LIN_FIRST:
             h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R, D,
-                                         R_PAD, D_PAD)
+                                         R_PAD, D_PAD, UNROLL)
             lin, den = _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R, D,
                                    FEATURE, PREC)
             lin_part = (lin if MIX else (1.0 - a) * lin).to(q.dtype)
@@ -272,7 +275,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         kvmask = kvalid[:, None] & dmask[None, :]
         kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask, other=0.0)
         vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
-        if LINEAR and not LIN_FIRST and not LIN_SPLIT:
+        if LINEAR and not LIN_FIRST:
             jb = hz_base + j
             h_kept += tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
             z_kept += tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
@@ -289,9 +292,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         row_flat = bh.to(tl.int64) * N + rows_q
         tl.store(os_ptr + row_flat[:, None] * D + cols[None, :], out.to(os_ptr.dtype.element_ty), mask=qmask)
         tl.store(lse_ptr + row_flat, m_i + tl.log2(l_i), mask=rows_q < N)
-    if LINEAR and LIN_SPLIT:
-        out = a * out + tl.load(o_ptr + o_offs, mask=qmask, other=0.0).to(tl.float32)
-    elif LINEAR:
+    if LINEAR:
         if not LIN_FIRST:
             lin, den = _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R, D,
                                    FEATURE, PREC)
@@ -302,38 +303,6 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
             out = a_row * out + (1.0 - a_row) * lin_part.to(tl.float32)
         else:
             out = a * out + lin_part.to(tl.float32)
-    tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=qmask)
-
-
-@triton.jit
-def _linear_kernel(q_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, h_ptr, z_ptr, htot_ptr, ztot_ptr,
-                   sq_b, sq_h, sq_n, sq_d, sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i,
-                   H, N, n_q, n_k, kk, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
-                   BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr,
-                   LEARNED: tl.constexpr, PREC: tl.constexpr):
-    """(1−α)·O_linear of one query block, written to o in o's dtype: the linear branch in a launch of its own,
-    so the fused kernel (LIN_SPLIT) keeps no R×D sum in its registers."""
-    pid_q = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, hh = _batch_and_head(bh, H)
-    cols = tl.arange(0, D_PAD)
-    dmask = cols < D
-    rows_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = (rows_q < N)[:, None] & dmask[None, :]
-    rcols = tl.arange(0, R_PAD)
-    rmask = rcols < R
-    hmask = rmask[:, None] & dmask[None, :]
-    h_offs = rcols[:, None] * D + cols[None, :]
-    if LEARNED:
-        q = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
-    else:
-        q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows_q, cols, sq_n, sq_d, ROW_ALIGN), mask=qmask,
-                    other=0.0)
-    fq = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rows_q < N, rcols, rmask, q, LEARNED)
-    h_kept, z_kept = _kept_stats(idx_ptr + (bh * n_q + pid_q).to(tl.int64) * kk, kk, h_ptr, z_ptr,
-                                 (bh * n_k).to(tl.int64), h_offs, rcols, rmask, hmask, R, D, R_PAD, D_PAD)
-    lin, den = _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R, D, FEATURE,
-                           PREC)
-    a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
     tl.store(o_ptr + b * so_b + hh * so_h + _row_tile(rows_q, cols, so_n, so_d, ROW_ALIGN),
-             ((1.0 - a) * lin).to(o_ptr.dtype.element_ty), mask=qmask)
+             out.to(o_ptr.dtype.element_ty), mask=qmask)
+

@@ -73,7 +73,7 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
         hmask = rmask[:, None] & dmask[None, :]
         h_offs = rcols[:, None] * D + cols[None, :]
         h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, (bh * n_k).to(tl.int64), h_offs, rcols, rmask,
-                                     hmask, R, D, R_PAD, D_PAD)
+                                     hmask, R, D, R_PAD, D_PAD, 1)
         h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (R * D) + h_offs, mask=hmask, other=0.0) - h_kept
         z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * R + rcols, mask=rmask, other=0.0) - z_kept
         ff = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rvalid, rcols, rmask, q,

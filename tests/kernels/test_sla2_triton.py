@@ -248,20 +248,22 @@ def test_totals_summed_by_the_router_or_alone_equal_the_stored_statistics_sums(D
 
 @pytest.mark.parametrize("D,block_q,block_k,dtype,alpha_per_block", [
     (64, 128, 64, torch.float32, False), (72, 64, 32, torch.bfloat16, True), (64, 32, 16, torch.float32, True)])
-@pytest.mark.parametrize("split", [True, False])
-def test_linear_branch_in_its_own_launch_matches_reference(D, block_q, block_k, dtype, alpha_per_block, split,
-                                                           monkeypatch):
-    """`_linear_kernel` writing (1−α)·O_linear before the fused kernel adds α·O_sparse: forward and backward."""
+@pytest.mark.parametrize("linear_first,unroll", [(True, 4), (True, 3), (False, 4)])
+def test_linear_loop_orders_and_unrolled_kept_sums_match_reference(D, block_q, block_k, dtype, alpha_per_block,
+                                                                   linear_first, unroll, monkeypatch):
+    """Both loop orders, the separate linear loop reading `unroll` kept blocks a step (kept counts that are
+    and are not multiples of it), on the inference path (no autograd Function) and through the backward."""
     import sla2cli.kernels.function as function
 
-    monkeypatch.setattr(function, "_split", lambda *_: split)
+    monkeypatch.setattr(function, "_linear_first", lambda *_: linear_first)
+    monkeypatch.setattr(function, "LINEAR_UNROLL", unroll)
     H = 2
     q, k, v = (t.detach().requires_grad_() for t in make_qkv(1, H, D, dtype, "bhnd", seed=20))
     alpha_shape = (H, num_blocks(N, block_q)) if alpha_per_block else (H,)
     alpha = torch.rand(alpha_shape, generator=torch.Generator().manual_seed(21)).requires_grad_()
     routing = route(q, k, topk=0.3, block_q=block_q, block_k=block_k)
     kwargs = dict(topk=0.3, alpha=alpha, block_q=block_q, block_k=block_k, routing=routing)
-    with torch.no_grad():  # the inference path (no autograd Function)
+    with torch.no_grad():  # the inference path
         out = sla2_triton(q, k, v, **kwargs)
     ref = sla2_reference(q, k, v, **kwargs)
     assert rel_err(out, ref) < TOLERANCE[dtype]
