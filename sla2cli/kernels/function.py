@@ -146,15 +146,6 @@ def route_pooled(q: torch.Tensor, k_bar: torch.Tensor, *, topk: float, block_q: 
     return indices
 
 
-def _alpha_table(alpha: torch.Tensor, H: int, n_q: int) -> torch.Tensor:
-    alpha = alpha.detach().float()
-    if alpha.dim() == 1:
-        return alpha[:, None].expand(H, n_q)
-    if alpha.shape != (H, n_q):
-        raise ValueError(f"alpha must have shape ({H},) or ({H}, {n_q}), got {tuple(alpha.shape)}")
-    return alpha
-
-
 def _linear_first(block_q: int, block_k: int, d: int) -> bool:
     """Sum the kept blocks' h_j in a loop of its own before the attention loop (instead of inside it)?
 
@@ -179,7 +170,7 @@ def _alloc_like_layout(q: torch.Tensor) -> torch.Tensor:
 
 
 def _alpha_strides(alpha: torch.Tensor, H: int, n_q: int) -> tuple[int, int]:
-    """α's strides over heads and query blocks as the fused kernel reads it (0: one α per head)."""
+    """α's strides over heads and query blocks as the kernels read it, in its own dtype (0: one α per head)."""
     if alpha.dim() == 1 and alpha.shape[0] == H:
         return alpha.stride(0), 0
     if alpha.shape != (H, n_q):
@@ -244,7 +235,7 @@ def sla2_backward(grad_out, q, k, v, alpha, indices, stats: LinearStats | None, 
     R = D if fq is None else fq.shape[-1]
     learned, mix = fq is not None, mix_scale is not None
     n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), indices.shape[-1]
-    a = _alpha_table(alpha, H, n_q)
+    a, a_strides = alpha.detach(), _alpha_strides(alpha, H, n_q)
     idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
     linear = stats is not None
     dev = q.device
@@ -257,7 +248,7 @@ def sla2_backward(grad_out, q, k, v, alpha, indices, stats: LinearStats | None, 
                   else (delta, delta))
     d_mix = torch.zeros(B * H, n_q, device=dev, dtype=torch.float32) if mix else delta
     a_row = torch.empty(B * H, N, device=dev, dtype=torch.float32) if mix else delta
-    c = mix_scale.detach().float().contiguous() if mix else delta
+    c = mix_scale.detach() if mix else delta
     fq_, fk_ = (fq, fk) if learned else (q, k)
     common = dict(D=D, R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
                   FEATURE=FEATURE_IDS[feature_map], LEARNED=learned, LINEAR=linear, MIX=mix, PREC=_precision(q.dtype),
@@ -266,14 +257,14 @@ def sla2_backward(grad_out, q, k, v, alpha, indices, stats: LinearStats | None, 
     stat_args = (stats.h, stats.z, stats.h_total, stats.z_total) if linear else (delta,) * 4
     _bwd_query_kernel[(n_q, B * H)](
         q, k, v, fq_, grad_out, o_s, lse, idx, a, c, *stat_args, dq, d_fq, d_h, d_z, d_alpha, d_mix, a_row, delta,
-        *q.stride(), *k.stride(), *v.stride(), *fq_.stride(), *grad_out.stride(), *a.stride(), H, N, n_q, n_k, kk,
-        *scales, **common)
+        *q.stride(), *k.stride(), *v.stride(), *fq_.stride(), *grad_out.stride(), *a_strides, c.stride(0), H, N, n_q,
+        n_k, kk, *scales, **common)
     offsets, query_blocks = reverse_index(idx, n_k)
     d_h_total = d_h.sum(1) if linear else delta
     d_z_total = d_z.sum(1) if linear else delta
     _bwd_key_kernel[(n_k, B * H)](
         q, k, v, fk_, grad_out, lse, delta, a, a_row, offsets, query_blocks, d_h, d_z, d_h_total, d_z_total, dk, dv,
-        d_fk, *q.stride(), *k.stride(), *v.stride(), *fk_.stride(), *grad_out.stride(), *a.stride(), H, N, n_q, n_k,
+        d_fk, *q.stride(), *k.stride(), *v.stride(), *fk_.stride(), *grad_out.stride(), *a_strides, H, N, n_q, n_k,
         *scales, **common)
     d_alpha = d_alpha.view(B, H, n_q).sum(0)
     if alpha.dim() == 1:

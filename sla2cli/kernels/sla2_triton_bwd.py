@@ -38,7 +38,7 @@ def _phi_backward(x, y, dy, dmask, FEATURE: tl.constexpr):
 def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, mix_ptr, h_ptr, z_ptr,
                       htot_ptr, ztot_ptr, dq_ptr, dfq_ptr, dh_ptr, dz_ptr, dalpha_ptr, dmix_ptr, arow_ptr, delta_ptr,
                       sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                      sf_b, sf_h, sf_n, sf_d, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
+                      sf_b, sf_h, sf_n, sf_d, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i, sm_h,
                       H, N, n_q, n_k, kk, qk_scale, sm_scale,
                       D: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                       D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr, LEARNED: tl.constexpr,
@@ -67,7 +67,7 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
     blk = (bh * n_q + pid_q).to(tl.int64)
     g_lse = tl.zeros([BLOCK_Q], dtype=tl.float32)
     if LINEAR:
-        a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i)
+        a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
         rcols = tl.arange(0, R_PAD)
         rmask = rcols < R
         hmask = rmask[:, None] & dmask[None, :]
@@ -86,7 +86,7 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
         o_l = num * inv[:, None]
         d_alpha_row = tl.sum(g * (o_s - o_l), 1)
         if MIX:
-            c = tl.load(mix_ptr + hh)
+            c = tl.load(mix_ptr + hh * sm_h).to(tl.float32)
             evidence = _mix_evidence(lse, den)
             a_row = _query_alpha(a, c, evidence, den)
             d_logit = tl.where(ok & rvalid, d_alpha_row * a_row * (1.0 - a_row), 0.0)
@@ -175,7 +175,7 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alp
                 a_row = tl.load(arow_ptr + row_flat, mask=rvalid, other=0.0)
                 d_os = (a_row[:, None] * g.to(tl.float32)).to(q.dtype)
             else:
-                a = tl.load(alpha_ptr + hh * sa_h + i * sa_i)
+                a = tl.load(alpha_ptr + hh * sa_h + i * sa_i).to(tl.float32)
                 d_os = (a * g.to(tl.float32)).to(q.dtype)
         else:
             d_os = g.to(q.dtype)
