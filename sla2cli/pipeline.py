@@ -73,10 +73,11 @@ class DemoPlan:
 def plan_for(fast: bool, device: torch.device) -> DemoPlan:
     """The demo's budget: under 3 minutes on a 2-core CPU (`--fast`: under one), 30 s on a GPU.
 
-    The finetune is stage 1 of the recipe (router and α) on textures of the training distribution, which
-    lowers the held-out v-loss within a few steps where stage 2 (every weight) first makes it worse: 16
-    steps of batch 4 on a CPU took the demo's conversion from 0.1364 to 0.1329 on 16 held-out textures,
-    where 16 stage-2 steps at lr 1e-4 raised it to 0.175 (bench/RESULTS.md, "Quality recipe").
+    The finetune is stage 1 of the recipe (router, α and learned feature maps against the dense velocity) on
+    textures of the training distribution, which lowers the held-out v-loss within a few steps where stage 2
+    (every weight) first makes it worse (bench/RESULTS.md, "Quality recipe"): on a CPU 12 steps of batch 4 take
+    the conversion from 1.215x to 1.161x dense on 12 held-out textures (16 steps: 1.154x, 19 s more; about
+    half of a step is the router's SoftTop-k gradient).
     """
     if device.type == "cuda":
         return DemoPlan(fast=fast, eval_images=16, samples=8, sample_steps=10 if fast else 20,
@@ -88,7 +89,7 @@ def plan_for(fast: bool, device: torch.device) -> DemoPlan:
                         finetune_steps=2, finetune_batch=2, finetune_lr=1e-3, train_textures=8,
                         profile_ms=1.0, fid_samples=4)
     return DemoPlan(fast=False, eval_images=12, samples=4, sample_steps=5, sample_before_finetune=True,
-                    finetune_steps=16, finetune_batch=4, finetune_lr=1e-3, train_textures=64,
+                    finetune_steps=12, finetune_batch=4, finetune_lr=1e-3, train_textures=64,
                     profile_ms=10.0, fid_samples=8)
 
 
@@ -248,7 +249,7 @@ def step_finetune(demo: Demo) -> dict:
     folder = write_textures(demo.out / "train-textures", images, labels)
     model, info = load_model(src)
     config = FinetuneConfig(steps=plan.finetune_steps, batch_size=plan.finetune_batch, lr=plan.finetune_lr,
-                            eval_samples=min(8, plan.train_textures), save_every=0, seed=demo.seed, **RECIPE_ROUTER)
+                            eval_samples=min(4, plan.train_textures), save_every=0, seed=demo.seed, **RECIPE_ROUTER)
     result = run_finetune(model, info, source=src, dst=dst, config=config, device=demo.device, force=True,
                           data=DataSpec(folder=folder))
     demo.tuned = model.to(demo.device).eval()

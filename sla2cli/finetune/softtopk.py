@@ -105,10 +105,13 @@ def routing_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: t
         qb, gb, kept_c = q_blocks[:, :, i0:i1], g_blocks[:, :, i0:i1], kept[:, :, i0:i1]
 
         kept_keys = kept_c[..., key_block][..., None, :]  # B×H×c×1×N
-        s = torch.einsum("bhcqd,bhnd->bhcqn", qb, kf) * scale
-        lse = torch.logsumexp(s.masked_fill(~kept_keys, float("-inf")), dim=-1, keepdim=True)
-        p = torch.exp(s - lse)
-        o_s = torch.einsum("bhcqn,bhnd->bhcqd", p * kept_keys, vf)
+        # the score-sized (c·b_q×N) temporaries dominate this function's time: each is made once, then reused
+        s = torch.einsum("bhcqd,bhnd->bhcqn", qb * scale, kf)
+        masked = s.masked_fill(~kept_keys, float("-inf"))
+        lse = torch.logsumexp(masked, dim=-1, keepdim=True)
+        p = s.sub_(lse).exp_()
+        o_s = torch.einsum("bhcqn,bhnd->bhcqd", masked.sub_(lse).exp_(), vf)
+        masked = s = None
 
         unkept = (~kept_c).to(dtype)
         h_rest = torch.einsum("bhcn,bhnre->bhcre", unkept, h)
@@ -124,8 +127,9 @@ def routing_gradient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: t
             c = mix_scale.detach().to(dtype)[None, :, None, None]
             a = query_alpha(a, c, lse[..., 0], den)
         g_s, g_l = gb * a[..., None], gb * (1 - a[..., None])
-        ds = p * (torch.einsum("bhcqd,bhnd->bhcqn", g_s, vf) - (g_s * o_s).sum(-1, keepdim=True))
+        ds = torch.einsum("bhcqd,bhnd->bhcqn", g_s, vf).sub_((g_s * o_s).sum(-1, keepdim=True)).mul_(p)
         sparse = to_blocks(ds.sum(-2))  # B×H×c×n_k
+        ds = None
 
         g_scaled = g_l * inv[..., None]
         outer = torch.einsum("bhcqr,bhcqe->bhcre", phi_q, g_scaled)
