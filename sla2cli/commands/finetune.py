@@ -57,15 +57,15 @@ def command(
     data_free_samples: Annotated[int, typer.Option("--data-free-samples", help="Size of the pool of teacher "
                                                    "samples --data-free draws once and re-noises every step.")] = 64,
     data_free_steps: Annotated[Optional[int], typer.Option("--data-free-steps", help="Heun steps of the teacher's "
-                                                           "sampling for --data-free [default: 8].")] = None,
+                                                           "sampling for --data-free (default 8).")] = None,
     data_free_cfg: Annotated[Optional[float], typer.Option("--data-free-cfg", help="Guidance scale of the "
-                                                           "teacher's sampling for --data-free [default: 1].",
+                                                           "teacher's sampling for --data-free (default 1).",
                                                            parser=finite)] = None,
     data_free_states: Annotated[Optional[str], typer.Option("--data-free-states", help="noised (the teacher's "
                                                             "samples, noised by JiT's t distribution) or "
                                                             "trajectory (the inputs its sampler fed the network: "
-                                                            "train where sampling happens; distillation only) "
-                                                            "[default: noised].")] = None,
+                                                            "train where sampling happens; distillation only); "
+                                                            "default noised.")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (split across torchrun "
                                             "processes).")] = 8,
