@@ -41,12 +41,12 @@ DEMO_PRESET = "balanced"
 # What the demo converts with: the balanced preset plus the recipe's learned parts (a rank-16 feature map and α
 # per query, trained by stage 1; bench/RESULTS.md, "Quality recipe").
 DEMO_LEARNED = {"feature_rank": 16, "alpha_mode": "per_query"}
+CALIBRATION_OFFSET = 1_000  # calibration images are indices 1000.. of HELD_OUT_SEED; measurement uses 0..
 
 
 def demo_settings():
     """The demo's SLA2 settings: DEMO_PRESET with DEMO_LEARNED on top."""
     return sla2_settings(DEMO_PRESET, **DEMO_LEARNED)
-CALIBRATION_OFFSET = 1_000  # calibration images are indices 1000.. of HELD_OUT_SEED; measurement uses 0..
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,9 @@ class RouterDistillation(nn.Module):
     def forward(self, qkv: dict, topk: dict[int, float], tau: float, e2e_weight: float = 0.0, z=None, t=None,
                 y=None, teacher_out=None, autocast=None, measure: bool = True):
         per_layer = []
+        measured = self.layers if measure or self.objective == "layer" else []  # "layer": they are the loss
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.objective == "layer"):
-            for i in self.layers if measure or self.objective == "layer" else ():
+            for i in measured:
                 q, k, v = qkv[i]
                 target = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
                 out = soft_topk_attention(self.cores[str(i)], q, k, v, topk=topk[i], tau=tau)

@@ -187,18 +187,18 @@ def teacher_samples(model, count: int, *, steps: int, seed: int, device: torch.d
     Sample i's label and noise depend on (seed, i) only. Under torchrun each rank draws a contiguous
     share and the shares are gathered, so every rank holds the same pool.
     """
-    cfg_ = model.config
+    config = model.config
     share = math.ceil(count / group.world_size)
     mine = range(group.rank * share, min(count, (group.rank + 1) * share))
-    images = torch.zeros(share, cfg_.in_channels, cfg_.input_size, cfg_.input_size, device=device)
+    images = torch.zeros(share, config.in_channels, config.input_size, config.input_size, device=device)
     labels = torch.zeros(share, dtype=torch.long, device=device)
     recorded = []
     for i0 in range(0, share, batch_size):
         chunk = range(mine.start + i0, mine.start + min(share, i0 + batch_size))  # a rank's padding re-draws its last
         gens = [generator(seed, TEACHER_POOL, min(i, count - 1), device=device) for i in chunk]
-        y = torch.stack([torch.randint(0, cfg_.num_classes, (), generator=g, device=device) for g in gens])
-        noise = torch.stack([torch.randn(cfg_.in_channels, cfg_.input_size, cfg_.input_size, generator=g,
-                                         device=device) for g in gens]) * cfg_.noise_scale
+        y = torch.stack([torch.randint(0, config.num_classes, (), generator=g, device=device) for g in gens])
+        noise = torch.stack([torch.randn(config.in_channels, config.input_size, config.input_size, generator=g,
+                                         device=device) for g in gens]) * config.noise_scale
         inputs = _Inputs(len(chunk))
         hook = model.register_forward_pre_hook(inputs) if record else None
         try:

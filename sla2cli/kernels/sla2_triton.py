@@ -64,6 +64,14 @@ def _feature_tile(f_ptr, b, hh, s_b, s_h, s_n, s_d, rows, rvalid, rcols, rmask, 
 
 
 @triton.jit
+def _kept_block(t, idx_row, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R: tl.constexpr, D: tl.constexpr):
+    """h_j (R×D, fp32) and z_j (R) of the t-th kept key block in the index row."""
+    jb = hz_base + tl.load(idx_row + t)
+    h = tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
+    return h, tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
+
+
+@triton.jit
 def _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R: tl.constexpr, D: tl.constexpr,
                 R_PAD: tl.constexpr, D_PAD: tl.constexpr, UNROLL: tl.constexpr):
     """Σ h_j (R×D) and Σ z_j (R) over one query block's kept key blocks (fp32), UNROLL blocks a step (their
@@ -72,13 +80,13 @@ def _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask,
     z_kept = tl.zeros([R_PAD], dtype=tl.float32)
     for t0 in range(0, kk - UNROLL + 1, UNROLL):
         for u in tl.static_range(UNROLL):
-            jb = hz_base + tl.load(idx_row + t0 + u)
-            h_kept += tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
-            z_kept += tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
+            h, z = _kept_block(t0 + u, idx_row, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R, D)
+            h_kept += h
+            z_kept += z
     for t in range(kk - kk % UNROLL, kk):
-        jb = hz_base + tl.load(idx_row + t)
-        h_kept += tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
-        z_kept += tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
+        h, z = _kept_block(t, idx_row, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R, D)
+        h_kept += h
+        z_kept += z
     return h_kept, z_kept
 
 
@@ -305,4 +313,3 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
             out = a * out + lin_part.to(tl.float32)
     tl.store(o_ptr + b * so_b + hh * so_h + _row_tile(rows_q, cols, so_n, so_d, ROW_ALIGN),
              out.to(o_ptr.dtype.element_ty), mask=qmask)
-
