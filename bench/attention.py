@@ -2,7 +2,7 @@
 (sparse part only) and sla2cli's Triton SLA2 all in (router + sparse + linear + mix), forward and backward.
 
     python bench/attention.py                 # the table (bf16, medians of do_bench)
-    python bench/attention.py --variants      # also time the fused kernel's other loop order
+    python bench/attention.py --variants      # also time the fused kernel at other warps / pipeline stages
     python bench/attention.py --sla DIR       # also time thu-ml/SLA all in, from a checkout at DIR
     python bench/attention.py --quick         # one small shape, to check the script
     python bench/attention.py --learned 16    # also: a rank-16 learned feature map + α per query vs the paper's
@@ -26,7 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sla2cli.kernels.function import _linear_first, linear_stats, route_pooled, sla2_forward, sla2_triton  # noqa: E402
+from sla2cli.kernels import function  # noqa: E402
+from sla2cli.kernels.function import _num_warps, linear_stats, route_pooled, sla2_forward, sla2_triton, unkept_sums  # noqa: E402,E501
 from sla2cli.sla2.reference import sla2_reference  # noqa: E402
 from sla2cli.sla2.routing import Routing, num_blocks, route  # noqa: E402
 
@@ -147,12 +148,11 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
                               proj_q=proj_q, proj_k=proj_k)
                 with torch.no_grad():
                     out = run()
-                    stats, k_bar = linear_stats(k, v, block_k, "softmax", totals=False)
-                    indices = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k,
-                                           proj_q=proj_q, proj_k=proj_k, stats=stats)
-                    mask = torch.zeros(B, H, num_blocks(N, block_q), num_blocks(N, block_k), dtype=torch.bool,
-                                       device="cuda").scatter_(-1, indices.long(), True)
-                    full = Routing(mask.float(), indices.long(), mask)
+                    stats, k_bar = linear_stats(k, v, block_k, "softmax")
+                    routing = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=proj_q,
+                                           proj_k=proj_k)
+                    indices = routing.indices
+                    full = Routing(routing.mask.float(), indices.long(), routing.mask)
                     ref = sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k,
                                          routing=full)
                     err = rel_err(out, ref)
@@ -160,17 +160,13 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
                     agree = router_agreement(q, k, keep, block_q, block_k, proj_q, proj_k, indices)
                     t_all = ms(run)
                     t_graph = graph_ms(run)
-                    t_stats = ms(lambda: linear_stats(k, v, block_k, "softmax", totals=False))
-
-                    def router():  # as sla2_triton runs it: the router's launch also sums the totals
-                        stats.finished = False
-                        return route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=proj_q,
-                                            proj_k=proj_k, stats=stats)
-
-                    t_route = ms(router)
-                    t_main = ms(lambda: sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
+                    t_stats = ms(lambda: linear_stats(k, v, block_k, "softmax"))
+                    t_route = ms(lambda: route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k,
+                                                      proj_q=proj_q, proj_k=proj_k))
+                    t_unkept = ms(lambda: unkept_sums(stats, routing.mask))
+                    t_main = ms(lambda: sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q,
                                                      block_k=block_k, feature_map="softmax"))
-                    t_sparse = ms(lambda: sla2_forward(q, k, v, alpha, indices, None, block_q=block_q,
+                    t_sparse = ms(lambda: sla2_forward(q, k, v, alpha, routing, None, block_q=block_q,
                                                        block_k=block_k, feature_map="softmax"))
                     try:
                         t_flex = ms(flex_runner(q, k, v, indices, block_q, block_k))
@@ -179,24 +175,39 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
                         t_flex = float("nan")
                     notes = []
                     if variants and keep == 0.05:
-                        for first in (False, True):
-                            o = sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k,
-                                             feature_map="softmax", linear_first=first)
-                            t = ms(lambda: sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q,
-                                                        block_k=block_k, feature_map="softmax", linear_first=first))
-                            chosen = " (chosen)" if first == _linear_first(block_q, block_k, D) else ""
-                            notes.append(f"linear_first={first}{chosen} {t:.3f} (err {rel_err(o, ref):.1e})")
-                    ref = full = mask = None
+                        for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4)):
+                            def fused(with_linear=True):
+                                return sla2_forward(q, k, v, alpha, routing, stats if with_linear else None,
+                                                    block_q=block_q, block_k=block_k, feature_map="softmax",
+                                                    num_warps=warps, num_stages=stages)
+                            try:
+                                o = fused()
+                                t, t_s = ms(fused), ms(lambda: fused(False))
+                            except triton.runtime.errors.OutOfResources:
+                                notes.append(f"warps {warps} stages {stages}: out of resources")
+                                continue
+                            chosen = " (default warps)" if warps == _num_warps(block_q, D) else ""
+                            notes.append(f"warps {warps} stages {stages}{chosen}: fused {t:.3f} (sparse part "
+                                         f"{t_s:.3f}; err {rel_err(o, ref):.1e})")
+                        kept_tiles = function.UNKEPT_TILES
+                        for tiles in ((32, 128, 64), (64, 128, 64), (128, 128, 64), (64, 256, 32), (128, 64, 64)):
+                            function.UNKEPT_TILES = tiles
+                            t = ms(lambda: unkept_sums(stats, routing.mask))
+                            notes.append(f"unkept sums tiles {tiles}: {t:.3f}")
+                        function.UNKEPT_TILES = kept_tiles
+                    ref = full = None
                 kk = indices.shape[-1]
                 n_k = num_blocks(N, block_k)
                 row = dict(name=name, shape=f"{B}x{H}x{N}x{D}", keep=keep, blocks=f"{block_q},{block_k}",
                            kept=f"{kk}/{n_k}", cudnn=t_cudnn, flash=t_flash, flex=t_flex, sla=t_sla, sla2=t_all,
-                           graph=t_graph, stats=t_stats, route=t_route, main=t_main, sparse=t_sparse, err=err,
+                           graph=t_graph, stats=t_stats, route=t_route, unkept=t_unkept, main=t_main,
+                           sparse=t_sparse, err=err,
                            agree=agree, det=same)
                 rows.append(row)
                 print(f"  keep {keep:.2f} blocks ({block_q},{block_k}) kk {kk}/{n_k}: sla2 {t_all:.3f} ms "
                       f"({t_cudnn / t_all:.1f}x; graph {t_graph:.3f}) = stats {t_stats:.3f} + router {t_route:.3f} "
-                      f"+ fused {t_main:.3f} (its sparse part alone {t_sparse:.3f}); flex {t_flex:.3f}; "
+                      f"+ fused {t_main:.3f} (unkept sums {t_unkept:.3f}; sparse part alone {t_sparse:.3f}); "
+                      f"flex {t_flex:.3f}; "
                       f"thu-ml/SLA {t_sla:.3f}; rel err {err:.2e}; router agreement {agree:.4f}; "
                       f"deterministic {same}" + ("".join(f"\n    {n}" for n in notes)), flush=True)
         q = k = v = None  # free the inputs before the next shape
@@ -221,11 +232,9 @@ def backward_rows(shapes):
         mine = torch.autograd.grad(out, (q, k, v, alpha), grad)
         with torch.no_grad():
             _, k_bar = linear_stats(k, v, block_k, "softmax")
-            indices = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=None, proj_k=None)
-        mask = torch.zeros(B, H, num_blocks(N, block_q), num_blocks(N, block_k), dtype=torch.bool,
-                           device="cuda").scatter_(-1, indices.long(), True)
+            routing = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=None, proj_k=None)
         ref_out = sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k,
-                                 routing=Routing(mask.float(), indices.long(), mask))
+                                 routing=Routing(routing.mask.float(), routing.indices.long(), routing.mask))
         ref = torch.autograd.grad(ref_out, (q, k, v, alpha), grad)
         errs = {f"d{n}": rel_err(a, b) for n, a, b in zip(("q", "k", "v", "alpha"), mine, ref)}
         ref_out = ref = mine = out = None
@@ -281,14 +290,14 @@ def print_tables(fwd, bwd):
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16, "
           "median of do_bench (ms)\n")
     print("| shape BxHxNxD | keep | blocks | kept | cuDNN | flex (sparse only) | thu-ml/SLA | sla2 all in (graph) | "
-          "= stats + router (with totals) + fused (sparse part) | router share | flex x | SLA x | **sla2 x** (graph) | "
+          "= stats + router + fused (unkept sums; sparse part) | router share | flex x | SLA x | **sla2 x** (graph) | "
           "rel err | router agree | det |")
     print("| --- " * 16 + "|")
     for r in fwd:
         x = r["cudnn"]
         print(f"| {r['shape']} | {r['keep']:.0%} | {r['blocks']} | {r['kept']} | {x:.3f} | {r['flex']:.3f} | "
               f"{r['sla']:.3f} | {r['sla2']:.3f} ({r['graph']:.3f}) | "
-              f"{r['stats']:.3f} + {r['route']:.3f} + {r['main']:.3f} ({r['sparse']:.3f}) | "
+              f"{r['stats']:.3f} + {r['route']:.3f} + {r['main']:.3f} ({r['unkept']:.3f}; {r['sparse']:.3f}) | "
               f"{r['route'] / r['sla2']:.0%} | {x / r['flex']:.1f}x | {x / r['sla']:.1f}x | "
               f"**{x / r['sla2']:.1f}x** ({x / r['graph']:.1f}x) | {r['err']:.1e} | "
               f"{r['agree']:.3f} | {'yes' if r['det'] else 'NO'} |")

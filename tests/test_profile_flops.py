@@ -38,7 +38,7 @@ def kept_block_formula(B, H, N, D, kk, n, block=64, reference=True):
     if kk == n:
         return router + sparse
     linear = 2 * B * H * (n * block) * D * D + 2 * B * H * (n * block) * D * (D + 1)
-    gather = 2 * B * H * n * n * D * (D + 1) if reference else 0
+    gather = 2 * B * H * n * n * D * (D + 1)  # the unkept blocks' statistics, one masked product
     return router + sparse + linear + gather
 
 
@@ -57,7 +57,7 @@ def test_sla2_flops_equal_the_kept_block_formula():
     # every block kept: no linear branch; at 1024 px (4128 tokens, 65 blocks) topk 0.05 keeps 3
     assert sla2_flops(1, 12, 288, 64, topk=1.0)["total"] == kept_block_formula(1, 12, 288, 64, kk=5, n=5)
     assert sla2_flops(1, 12, 4128, 64, topk=0.05)["total"] == kept_block_formula(1, 12, 4128, 64, kk=3, n=65)
-    # the Triton kernels subtract kept blocks from totals instead of a masked product of the rest
+    # the Triton kernels fold the router's projections into one D×D matrix applied to the key means only
     assert sla2_flops(1, 12, 4128, 64, topk=0.05, backend="triton")["total"] == \
         kept_block_formula(1, 12, 4128, 64, kk=3, n=65, reference=False)
 

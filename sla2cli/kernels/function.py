@@ -1,43 +1,26 @@
 """The Triton SLA2 backend: router, forward launch and the autograd Function, behind `sla2_triton`.
 
-`sla2_triton` has `sla2_reference`'s signature. The forward is three Triton launches (statistics; router,
-which also sums the statistics into totals; fused attention) and no torch op between them on the
-inference path; the backward is two
-(per query block, per key block) plus a torch-built reverse index of the routing.
+`sla2_triton` has `sla2_reference`'s signature. The forward is four Triton launches (statistics; router;
+the unkept sums; fused attention) and no torch op between them on the inference path; the backward is
+three (per query block; the unkept sums of its statistics gradients; per key block) plus the unkept sums
+of the forward again and a torch-built reverse index of the routing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 
 from ..sla2.reference import feature_inputs, sla2_reference
 from ..sla2.routing import Routing, keep_count, num_blocks
-from .sla2_triton import FEATURE_IDS, _route_kernel, _sla2_fwd_kernel, _stats_kernel, _totals_kernel
+from .sla2_triton import FEATURE_IDS, _route_kernel, _sla2_fwd_kernel, _stats_kernel, _unkept_sum_kernel
 from .sla2_triton_bwd import _bwd_key_kernel, _bwd_query_kernel
 
 ROUTE_CHUNK = 64  # key blocks scored per step by the router
-LINEAR_UNROLL = 4  # kept blocks' h_j read per step of the fused kernel's separate linear loop
-
-
-@dataclass
-class LinearStats:
-    """Per-key-block statistics of the linear branch and their totals (sums of the stored values).
-
-    h: B·H×n_k×R×D in the input's dtype, z: B·H×n_k×R fp32; h_total: B·H×R×D and z_total: B·H×R, fp32;
-    R = D, or a learned feature map's rank. Until `finished` the totals are still to be summed: the router
-    does that in its own launch (`route_pooled(stats=...)`), or `finish_totals`.
-    """
-
-    h: torch.Tensor
-    z: torch.Tensor
-    h_total: torch.Tensor
-    z_total: torch.Tensor
-    finished: bool = True
+UNKEPT_TILES = (64, 256, 32)  # rows (blocks), statistics columns, blocks summed per step of `unkept_sums`
 
 
 def _d_pad(d: int) -> int:
@@ -63,63 +46,64 @@ def _stats_warps(block_k: int, d_pad: int) -> int:
     return 2 if block_k * d_pad <= 64 * 128 else 4
 
 
-def _span(size: int, n_prog: int) -> int:
-    return min(512, max(16, triton.next_power_of_2(triton.cdiv(size, n_prog))))
-
-
-def _parts(n_parts: int, span: int) -> int:
-    """Key blocks per load of the totals: about 4096 elements a load, so the loop over blocks is short."""
-    return max(1, min(triton.next_power_of_2(n_parts), 4096 // span))
-
-
 def linear_stats(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: str,
-                 fk: torch.Tensor | None = None, *, totals: bool = True,
-                 num_warps: int | None = None) -> tuple[LinearStats, torch.Tensor]:
-    """One pass over K and V: the linear branch's statistics and the block means of k (B·H×n_k×D, fp32).
-    `fk` (B×H×N×R): what φ reads instead of k (a learned feature map's k·W_k). `totals` False leaves the
-    totals to the router's launch (no launch or torch op of their own)."""
+                 fk: torch.Tensor | None = None, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over K and V: the linear branch's statistics s_j = [h_j, z_j] per key block (B·H×n_k×(R·D + R)
+    in k's dtype; R = D, or a learned feature map's rank) and the block means of k (B·H×n_k×D, fp32).
+    `fk` (B×H×N×R): what φ reads instead of k (a learned feature map's k·W_k)."""
     B, H, N, D = k.shape
     R = D if fk is None else fk.shape[-1]
     n_k = num_blocks(N, block_k)
     d_pad = _d_pad(D)
-    dev = k.device
-    h = torch.empty(B * H, n_k, R, D, device=dev, dtype=k.dtype)
-    z = torch.empty(B * H, n_k, R, device=dev, dtype=torch.float32)
-    k_bar = torch.empty(B * H, n_k, D, device=dev, dtype=torch.float32)
-    h_total = torch.empty(B * H, R, D, device=dev, dtype=torch.float32)
-    z_total = torch.empty(B * H, R, device=dev, dtype=torch.float32)
+    stats = torch.empty(B * H, n_k, R * D + R, device=k.device, dtype=k.dtype)
+    k_bar = torch.empty(B * H, n_k, D, device=k.device, dtype=torch.float32)
     f = k if fk is None else fk
     _stats_kernel[(n_k, B * H)](
-        k, v, f, h, z, k_bar, *k.stride(), *v.stride(), *f.stride(), H, N, n_k, D=D, R=R, ROW_ALIGN=_row_align(k, v),
-        BLOCK_K=block_k, D_PAD=d_pad, R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map], LEARNED=fk is not None,
-        PREC=_precision(k.dtype), num_warps=num_warps or _stats_warps(block_k, max(d_pad, _d_pad(R))))
-    stats = LinearStats(h, z, h_total, z_total, finished=False)
-    if totals:
-        finish_totals(stats)
+        k, v, f, stats, k_bar, *k.stride(), *v.stride(), *f.stride(), H, N, n_k, D=D, R=R,
+        ROW_ALIGN=_row_align(k, v), BLOCK_K=block_k, D_PAD=d_pad, R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map],
+        LEARNED=fk is not None, PREC=_precision(k.dtype),
+        num_warps=num_warps or _stats_warps(block_k, max(d_pad, _d_pad(R))))
     return stats, k_bar
 
 
-def finish_totals(stats: LinearStats, n_prog: int = 64) -> None:
-    """Sum the stored statistics into the totals in a launch of their own (when no router runs)."""
-    BH, n_k, R = stats.z.shape
-    D = stats.h.shape[-1]
-    span = _span(R * D, n_prog)
-    _totals_kernel[(n_prog, BH)](stats.h, stats.z, stats.h_total, stats.z_total, n_k, R=R, D=D, SPAN=span,
-                                 PARTS=_parts(n_k, span), num_warps=4)
-    stats.finished = True
+def sums_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The unkept sums and the per-query-block statistics gradients: bf16 for bf16 inputs (accumulated in
+    fp32, rounded once: what the fused kernels' 16-bit products take), fp32 otherwise (fp16's range could
+    overflow a sum of thousands of blocks, or lose small gradients)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def unkept_sums(stats: torch.Tensor, kept: torch.Tensor, *, per_key_block: bool = False,
+                precision: str | None = None) -> torch.Tensor:
+    """Σ over the blocks a routing did not keep, as one product with the complement of `kept`, accumulated
+    in fp32 and returned in `sums_dtype(stats.dtype)`.
+
+    `stats`: B·H×n_k×C per key block (the forward's s_j), or with `per_key_block` B·H×n_q×C per query block
+    (the backward's ds_i); `kept`: the routing's B×H×n_q×n_k mask. Returns per query block Σ_{j not kept}
+    s_j (B·H×n_q×C), or with `per_key_block` per key block Σ_{i that did not keep it} ds_i (B·H×n_k×C).
+    """
+    B, H, n_q, n_k = kept.shape
+    flags = kept.view(torch.uint8).flatten(0, 1)
+    s_bh, s_q, s_k = flags.stride()
+    rows, red, s_row, s_red = (n_k, n_q, s_k, s_q) if per_key_block else (n_q, n_k, s_q, s_k)
+    C = stats.shape[-1]
+    out = torch.empty(B * H, rows, C, device=stats.device, dtype=sums_dtype(stats.dtype))
+    tile_m, tile_n, tile_k = UNKEPT_TILES
+    _unkept_sum_kernel[(triton.cdiv(rows, tile_m), triton.cdiv(C, tile_n), B * H)](
+        flags, stats.contiguous(), out, s_bh, s_row, s_red, rows, red, C, TILE_M=tile_m, TILE_N=tile_n, TILE_K=tile_k,
+        PREC=precision or _precision(stats.dtype), num_warps=4)
+    return out
 
 
 def route_pooled(q: torch.Tensor, k_bar: torch.Tensor, *, topk: float, block_q: int, block_k: int,
-                 proj_q: torch.Tensor | None, proj_k: torch.Tensor | None,
-                 stats: LinearStats | None = None) -> torch.Tensor:
-    """The reference router's kept blocks (B×H×n_q×kk, ascending, int32) from `linear_stats`' key-block
-    means, in one Triton launch.
+                 proj_q: torch.Tensor | None, proj_k: torch.Tensor | None) -> Routing:
+    """The reference router's kept blocks (indices B×H×n_q×kk, ascending, int32, and the kept mask) from
+    `linear_stats`' key-block means, in one Triton launch.
 
     (q̄ W_qᵀ)·(k̄_j W_kᵀ) = q̄·(k̄_j W_kᵀ W_q), so the projections meet in one D×D matrix applied to the n_k
     key-block means (no torch op at all without projections), and 1/√D is applied in-kernel. k is not
-    centred: that shifts each query block's scores by one constant and changes no decision (the scores the
-    kernel writes to scratch differ from the reference's by a constant per row). Unfinished `stats` get
-    their totals in the same launch.
+    centred: that shifts each query block's scores by one constant and changes no decision, so the
+    returned scores differ from the reference router's by a constant per row.
     """
     B, H, N, D = q.shape
     n_q, n_k = num_blocks(N, block_q), k_bar.shape[1]
@@ -133,32 +117,18 @@ def route_pooled(q: torch.Tensor, k_bar: torch.Tensor, *, topk: float, block_q: 
             k_bar = k_bar @ m
     scores = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.float32)
     indices = torch.empty(B, H, n_q, kk, device=q.device, dtype=torch.int32)
-    totals = stats is not None and not stats.finished
-    parts = (stats.h, stats.z, stats.h_total, stats.z_total) if totals else (scores,) * 4
-    R = stats.z.shape[-1] if totals else D
-    span = _span(R * D, n_q)
+    kept = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.bool)
     _route_kernel[(n_q, B * H)](
-        q, k_bar, scores, indices, *parts, *q.stride(), H, N, n_q, n_k, kk, n_k, 1.0 / math.sqrt(D), D=D, R=R,
+        q, k_bar, scores, indices, kept.view(torch.uint8), *q.stride(), H, N, n_q, n_k, kk, 1.0 / math.sqrt(D), D=D,
         ROW_ALIGN=_row_align(q), BLOCK_Q=block_q, D_PAD=_d_pad(D), NK_PAD=triton.next_power_of_2(n_k),
-        CHUNK=ROUTE_CHUNK, TOTALS=totals, SPAN=span, PARTS=_parts(n_k, span), num_warps=2)
-    if totals:
-        stats.finished = True
-    return indices
+        CHUNK=ROUTE_CHUNK, num_warps=2)
+    return Routing(scores=scores, indices=indices, mask=kept)
 
 
-def _linear_first(block_q: int, block_k: int, d: int) -> bool:
-    """Sum the kept blocks' h_j in a loop of its own before the attention loop (instead of inside it)?
-
-    Measured on an H200 (bench/RESULTS.md) with that loop reading LINEAR_UNROLL blocks a step: faster
-    everywhere (e.g. 1.30 -> 1.26 ms at 1×12×32768×128, 128/128; 0.239 -> 0.207 at 1×12×16416×64, 128/64;
-    0.633 -> 0.591 at D = 80) except 128/128 blocks at D = 64 (0.161 -> 0.169).
-    """
-    return not (block_q >= 128 and block_k >= 128 and d == _d_pad(d) <= 64)
-
-
-def _num_warps(block_q: int) -> int:
-    """Measured on an H100 (bench/RESULTS.md): 8 warps for 128-row query blocks, 4 for 64-row ones."""
-    return 8 if block_q >= 128 else 4
+def _num_warps(block_q: int, d: int) -> int:
+    """Warps of the fused kernel. Measured on an H200 (bench/RESULTS.md): 8 for 128-row query blocks of
+    padded head dim 128 (4 is twice as slow there), 4 elsewhere (8 is 10-25% slower at D = 64)."""
+    return 8 if block_q >= 128 and _d_pad(d) >= 128 else 4
 
 
 def _alloc_like_layout(q: torch.Tensor) -> torch.Tensor:
@@ -178,40 +148,40 @@ def _alpha_strides(alpha: torch.Tensor, H: int, n_q: int) -> tuple[int, int]:
     return alpha.stride(0), alpha.stride(1)
 
 
-def sla2_forward(q, k, v, alpha, indices, stats: LinearStats | None, *, block_q: int, block_k: int,
+def _indices(routing: Routing) -> torch.Tensor:
+    idx = routing.indices
+    return idx if idx.dtype == torch.int32 and idx.is_contiguous() else idx.to(torch.int32).contiguous()
+
+
+def sla2_forward(q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, *, block_q: int, block_k: int,
                  feature_map: str, save: bool = False, num_warps: int | None = None,
-                 num_stages: int | None = None, linear_first: bool | None = None, fq: torch.Tensor | None = None,
-                 mix_scale: torch.Tensor | None = None, unroll: int | None = None):
-    """Launch the fused kernel; `stats` None means every key block is kept (output = O_sparse).
+                 num_stages: int | None = None, fq: torch.Tensor | None = None,
+                 mix_scale: torch.Tensor | None = None):
+    """The unkept sums and the fused kernel; `stats` (`linear_stats`) None means every key block is kept
+    (output = O_sparse).
 
     Returns O, or with `save` (O, O_sparse, lse) for the backward: B·H×N×D and B·H×N (log2 units).
-    `linear_first` picks the loop order (None: `_linear_first`'s choice), `unroll` the kept blocks a step of
-    its separate loop reads (None: `LINEAR_UNROLL`). `fq` (B×H×N×R): what φ reads instead of q (a learned
-    feature map's q·W_q); `mix_scale` (H,): α per query. α and the mix scale are read as they are (any
-    float dtype, through their strides): no torch op before the launch.
+    `fq` (B×H×N×R): what φ reads instead of q (a learned feature map's q·W_q); `mix_scale` (H,): α per
+    query. α and the mix scale are read as they are (any float dtype, through their strides): no torch op
+    before the launches.
     """
     B, H, N, D = q.shape
     R = D if fq is None else fq.shape[-1]
     f = q if fq is None else fq
     mix = alpha if mix_scale is None else mix_scale
-    n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), indices.shape[-1]
+    n_q, kk = num_blocks(N, block_q), routing.indices.shape[-1]
     out = _alloc_like_layout(q)
-    idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
-    linear = stats is not None
     o_s = torch.empty(B * H, N, D, device=q.device, dtype=q.dtype) if save else out
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32) if save else out
+    rest = unkept_sums(stats, routing.mask, precision=_precision(q.dtype)) if stats is not None else out
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    if linear and not stats.finished:
-        finish_totals(stats)
     _sla2_fwd_kernel[(n_q, B * H)](
-        q, k, v, f, out, idx, alpha, mix, *((stats.h, stats.z, stats.h_total, stats.z_total) if linear else (out,) * 4),
-        o_s, lse, *q.stride(), *k.stride(), *v.stride(), *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q),
-        mix.stride(0), H, N, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R,
-        ROW_ALIGN=_row_align(q, k, v, out), BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
-        FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None, LINEAR=linear, MIX=mix_scale is not None,
-        PREC=_precision(q.dtype), SAVE=save,
-        LIN_FIRST=_linear_first(block_q, block_k, D) if linear_first is None else linear_first,
-        UNROLL=unroll or LINEAR_UNROLL, num_warps=num_warps or _num_warps(block_q), **extra)
+        q, k, v, f, out, _indices(routing), alpha, mix, rest, o_s, lse, *q.stride(), *k.stride(), *v.stride(),
+        *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q), mix.stride(0), H, N, n_q, kk,
+        1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R, ROW_ALIGN=_row_align(q, k, v, out), BLOCK_Q=block_q,
+        BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None,
+        LINEAR=stats is not None, MIX=mix_scale is not None, PREC=_precision(q.dtype), SAVE=save,
+        num_warps=num_warps or _num_warps(block_q, D), **extra)
     return (out, o_s, lse) if save else out
 
 
@@ -227,23 +197,25 @@ def reverse_index(indices: torch.Tensor, n_k: int) -> tuple[torch.Tensor, torch.
     return offsets, query_blocks
 
 
-def sla2_backward(grad_out, q, k, v, alpha, indices, stats: LinearStats | None, o_s, lse, *, block_q: int,
-                  block_k: int, feature_map: str, fq=None, fk=None, mix_scale=None):
+def sla2_backward(grad_out, q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, o_s, lse, *,
+                  block_q: int, block_k: int, feature_map: str, fq=None, fk=None, mix_scale=None):
     """dq, dk, dv (B×H×N×D), dF_Q, dF_K (B×H×N×R, fp32; None without a learned feature map `fq`, `fk`), dα
     (alpha's shape) and d`mix_scale` (None without it) of the SLA2 forward on the same routing."""
     B, H, N, D = q.shape
     R = D if fq is None else fq.shape[-1]
     learned, mix = fq is not None, mix_scale is not None
-    n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), indices.shape[-1]
+    n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), routing.indices.shape[-1]
     a, a_strides = alpha.detach(), _alpha_strides(alpha, H, n_q)
-    idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
+    idx = _indices(routing)
     linear = stats is not None
     dev = q.device
+    prec = _precision(q.dtype)
     dq, dk, dv = (torch.empty(B, H, N, D, device=dev, dtype=q.dtype) for _ in range(3))
     delta = torch.empty(B * H, N, device=dev, dtype=torch.float32)
     d_alpha = torch.zeros(B * H, n_q, device=dev, dtype=torch.float32)
-    d_h = torch.empty(B * H, n_q, R, D, device=dev, dtype=torch.float32) if linear else delta
-    d_z = torch.empty(B * H, n_q, R, device=dev, dtype=torch.float32) if linear else delta
+    rest = unkept_sums(stats, routing.mask, precision=prec) if linear else delta
+    d_stats = (torch.empty(B * H, n_q, R * D + R, device=dev, dtype=sums_dtype(q.dtype)) if linear
+               else delta)
     d_fq, d_fk = ((torch.zeros(B, H, N, R, device=dev, dtype=torch.float32) for _ in range(2)) if learned
                   else (delta, delta))
     d_mix = torch.zeros(B * H, n_q, device=dev, dtype=torch.float32) if mix else delta
@@ -251,19 +223,17 @@ def sla2_backward(grad_out, q, k, v, alpha, indices, stats: LinearStats | None, 
     c = mix_scale.detach() if mix else delta
     fq_, fk_ = (fq, fk) if learned else (q, k)
     common = dict(D=D, R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
-                  FEATURE=FEATURE_IDS[feature_map], LEARNED=learned, LINEAR=linear, MIX=mix, PREC=_precision(q.dtype),
+                  FEATURE=FEATURE_IDS[feature_map], LEARNED=learned, LINEAR=linear, MIX=mix, PREC=prec,
                   num_warps=8 if _d_pad(D) >= 128 else 4, num_stages=1)
     scales = (1.0 / math.sqrt(D) * math.log2(math.e), 1.0 / math.sqrt(D))
-    stat_args = (stats.h, stats.z, stats.h_total, stats.z_total) if linear else (delta,) * 4
     _bwd_query_kernel[(n_q, B * H)](
-        q, k, v, fq_, grad_out, o_s, lse, idx, a, c, *stat_args, dq, d_fq, d_h, d_z, d_alpha, d_mix, a_row, delta,
+        q, k, v, fq_, grad_out, o_s, lse, idx, a, c, rest, dq, d_fq, d_stats, d_alpha, d_mix, a_row, delta,
         *q.stride(), *k.stride(), *v.stride(), *fq_.stride(), *grad_out.stride(), *a_strides, c.stride(0), H, N, n_q,
-        n_k, kk, *scales, **common)
+        kk, *scales, **common)
     offsets, query_blocks = reverse_index(idx, n_k)
-    d_h_total = d_h.sum(1) if linear else delta
-    d_z_total = d_z.sum(1) if linear else delta
+    d_rest = unkept_sums(d_stats, routing.mask, per_key_block=True, precision=prec) if linear else delta
     _bwd_key_kernel[(n_k, B * H)](
-        q, k, v, fk_, grad_out, lse, delta, a, a_row, offsets, query_blocks, d_h, d_z, d_h_total, d_z_total, dk, dv,
+        q, k, v, fk_, grad_out, lse, delta, a, a_row, offsets, query_blocks, d_rest, dk, dv,
         d_fk, *q.stride(), *k.stride(), *v.stride(), *fk_.stride(), *grad_out.stride(), *a_strides, H, N, n_q, n_k,
         *scales, **common)
     d_alpha = d_alpha.view(B, H, n_q).sum(0)
@@ -278,20 +248,21 @@ class _SLA2Function(torch.autograd.Function):
     a learned feature map's inputs q·W_q, k·W_k (None: φ reads q, k); `mix_scale`: α per query (None)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, alpha, mix_scale, indices, stats, block_q, block_k, feature_map):
-        ctx.block_q, ctx.block_k, ctx.feature_map, ctx.stats = block_q, block_k, feature_map, stats
+    def forward(ctx, q, k, v, fq, fk, alpha, mix_scale, routing, stats, block_q, block_k, feature_map):
+        ctx.block_q, ctx.block_k, ctx.feature_map = block_q, block_k, feature_map
+        ctx.routing, ctx.stats = routing, stats
         options = dict(block_q=block_q, block_k=block_k, feature_map=feature_map, fq=fq, mix_scale=mix_scale)
         if not any(ctx.needs_input_grad[:7]):
-            return sla2_forward(q, k, v, alpha, indices, stats, **options)
-        out, o_s, lse = sla2_forward(q, k, v, alpha, indices, stats, save=True, **options)
-        ctx.save_for_backward(q, k, v, fq, fk, alpha, mix_scale, indices, o_s, lse)
+            return sla2_forward(q, k, v, alpha, routing, stats, **options)
+        out, o_s, lse = sla2_forward(q, k, v, alpha, routing, stats, save=True, **options)
+        ctx.save_for_backward(q, k, v, fq, fk, alpha, mix_scale, o_s, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, fq, fk, alpha, mix_scale, indices, o_s, lse = ctx.saved_tensors
+        q, k, v, fq, fk, alpha, mix_scale, o_s, lse = ctx.saved_tensors
         dq, dk, dv, d_fq, d_fk, d_alpha, d_mix = sla2_backward(
-            grad_out, q, k, v, alpha, indices, ctx.stats, o_s, lse, block_q=ctx.block_q, block_k=ctx.block_k,
+            grad_out, q, k, v, alpha, ctx.routing, ctx.stats, o_s, lse, block_q=ctx.block_q, block_k=ctx.block_k,
             feature_map=ctx.feature_map, fq=fq, fk=fk, mix_scale=mix_scale)
         linear = ctx.stats is not None
         grads = (dq, dk, dv, d_fq, d_fk, d_alpha if linear else None, d_mix if linear else None)
@@ -322,17 +293,17 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     if "feature_q" in learned or "feature_k" in learned:
         fq, fk = feature_inputs(q, k, learned.get("feature_q"), learned.get("feature_k"))
     if kk < n_k:
-        stats, k_bar = linear_stats(k, v, block_k, feature_map, fk, totals=routing is not None)
-    if routing is not None:
-        indices = routing.indices
-    elif stats is not None:
-        indices = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k,
-                               stats=stats)
-    else:
-        indices = torch.arange(n_k, device=q.device, dtype=torch.int32).expand(B, H, n_q, n_k)
+        stats, k_bar = linear_stats(k, v, block_k, feature_map, fk)
+        if routing is None:
+            routing = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q,
+                                   proj_k=proj_k)
+    elif routing is None:
+        every = torch.arange(n_k, device=q.device, dtype=torch.int32).expand(B, H, n_q, n_k)
+        routing = Routing(scores=every.float(), indices=every, mask=torch.ones(B, H, n_q, n_k, device=q.device,
+                                                                              dtype=torch.bool))
     mix_scale = learned.get("mix_scale")
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, fq, fk, alpha,
                                                                                         mix_scale))):
-        return sla2_forward(q, k, v, alpha, indices, stats, block_q=block_q, block_k=block_k, feature_map=feature_map,
+        return sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k, feature_map=feature_map,
                             fq=fq, mix_scale=mix_scale)  # inference: no autograd Function to set up
-    return _SLA2Function.apply(q, k, v, fq, fk, alpha, mix_scale, indices, stats, block_q, block_k, feature_map)
+    return _SLA2Function.apply(q, k, v, fq, fk, alpha, mix_scale, routing, stats, block_q, block_k, feature_map)

@@ -1,15 +1,16 @@
-"""Triton kernels of SLA2's forward: linear-branch statistics, the router, and the fused attention.
+"""Triton kernels of SLA2's forward: block statistics, the router, the unkept sums and the fused attention.
 
-Three launches per call. `_stats_kernel`: one pass over K and V giving the key-block means the router
-needs and the linear branch's per-key-block statistics h_j = φ(K_j)ᵀV_j (in the input's dtype) and
-z_j = Σφ(K_j); with a learned feature map φ reads k·W_k (R columns), so h_j is R×D.
-`_route_kernel`: per query block, the pooled query's scores against every (projected) key block and the
-top kk as an ascending index table; its programs also sum the stored h_j, z_j into the totals (`_totals`;
-`_totals_kernel` alone when the routing is given), so "totals minus kept" subtracts exactly the values it
-added and no torch op sits between the launches. `_sla2_fwd_kernel`: per query block, online-softmax
-attention over the kept key blocks only, the kept blocks' h_j, z_j summed (one R×D read and add per kept
-block) so that the linear branch over the other blocks is totals minus kept, then the α mix (per head, or
-per query from the loop's log-sum-exp) and one store.
+Four launches per call. `_stats_kernel`: one pass over K and V giving the key-block means the router
+needs and each key block's linear-branch statistics s_j = [h_j, z_j], h_j = φ(K_j)ᵀV_j (R×D) and
+z_j = Σφ(K_j) (R), flat in one row of R·D + R values in the input's dtype; with a learned feature map φ
+reads k·W_k (R columns). `_route_kernel`: per query block, the pooled query's scores against every
+(projected) key block, its top kk as an ascending index table and as a kept mask. `_unkept_sum_kernel`:
+the linear branch's statistics over the key blocks a query block did not keep, Σ_j (1 − kept_ij)·s_j,
+as one tensor-core product of the complement mask with the stacked s_j (each s_j read once per tile of
+query blocks instead of once per query block that keeps it; the backward sums its per-query-block
+gradients for the key blocks the same way, through the transposed mask). `_sla2_fwd_kernel`: per query
+block, online-softmax attention over the kept key blocks only, then the linear branch from its unkept
+sums and the α mix (per head, or per query from the loop's log-sum-exp), and one store.
 Every tensor is read through explicit strides, so the B×N×3×H×D views JiT makes need no copy.
 Head dims that are not powers of two are padded in registers only (masked loads, nothing written padded);
 the head dim is a compile-time constant and ROW_ALIGN states what the token strides are multiples of, so
@@ -64,39 +65,12 @@ def _feature_tile(f_ptr, b, hh, s_b, s_h, s_n, s_d, rows, rvalid, rcols, rmask, 
 
 
 @triton.jit
-def _kept_block(t, idx_row, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R: tl.constexpr, D: tl.constexpr):
-    """h_j (R×D, fp32) and z_j (R) of the t-th kept key block in the index row."""
-    jb = hz_base + tl.load(idx_row + t)
-    h = tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
-    return h, tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
-
-
-@triton.jit
-def _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R: tl.constexpr, D: tl.constexpr,
-                R_PAD: tl.constexpr, D_PAD: tl.constexpr, UNROLL: tl.constexpr):
-    """Σ h_j (R×D) and Σ z_j (R) over one query block's kept key blocks (fp32), UNROLL blocks a step (their
-    index and h_j reads independent of each other, so they can be in flight together)."""
-    h_kept = tl.zeros([R_PAD, D_PAD], dtype=tl.float32)
-    z_kept = tl.zeros([R_PAD], dtype=tl.float32)
-    for t0 in range(0, kk - UNROLL + 1, UNROLL):
-        for u in tl.static_range(UNROLL):
-            h, z = _kept_block(t0 + u, idx_row, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R, D)
-            h_kept += h
-            z_kept += z
-    for t in range(kk - kk % UNROLL, kk):
-        h, z = _kept_block(t, idx_row, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R, D)
-        h_kept += h
-        z_kept += z
-    return h_kept, z_kept
-
-
-@triton.jit
-def _stats_kernel(k_ptr, v_ptr, fk_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+def _stats_kernel(k_ptr, v_ptr, fk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   sf_b, sf_h, sf_n, sf_d, H, N, n_k, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                   BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr,
                   LEARNED: tl.constexpr, PREC: tl.constexpr):
-    """One key block: k's block mean (fp32), h_j = φ(F_j)ᵀV_j (stored in h's dtype) and z_j = Σφ(F_j), F the
-    feature input (k itself, or k·W_k of a learned feature map: R columns)."""
+    """One key block: k's block mean (fp32) and s_j = [h_j, z_j] (in s's dtype), h_j = φ(F_j)ᵀV_j and
+    z_j = Σφ(F_j), F the feature input (k itself, or k·W_k of a learned feature map: R columns)."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b, hh = _batch_and_head(bh, H)
@@ -116,65 +90,26 @@ def _stats_kernel(k_ptr, v_ptr, fk_ptr, h_ptr, z_ptr, kbar_ptr, sk_b, sk_h, sk_n
     z_j = tl.sum(phik.to(tl.float32), 0)
     h = tl.dot(tl.trans(phik), vt, input_precision=PREC)
     jb = (bh * n_k + j).to(tl.int64)
-    tl.store(h_ptr + jb * (R * D) + rcols[:, None] * D + cols[None, :], h.to(h_ptr.dtype.element_ty),
+    row = s_ptr + jb * (R * D + R)
+    tl.store(row + rcols[:, None] * D + cols[None, :], h.to(s_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
-    tl.store(z_ptr + jb * R + rcols, z_j, mask=rmask)
+    tl.store(row + R * D + rcols, z_j.to(s_ptr.dtype.element_ty), mask=rmask)
     count = tl.minimum(N - j * BLOCK_K, BLOCK_K).to(tl.float32)
     tl.store(kbar_ptr + jb * D + cols, k_sum / count, mask=dmask)
 
 
 @triton.jit
-def _sum_parts(src_ptr, dst_ptr, bh, n_parts, size, lo, hi, SPAN: tl.constexpr, PARTS: tl.constexpr):
-    """dst[bh, lo:hi] = Σ_p src[bh, p, lo:hi] in fp32, PARTS parts a load, in a fixed order (deterministic);
-    src is B·H×n_parts×size (h or z), dst B·H×size."""
-    src = src_ptr + bh.to(tl.int64) * n_parts * size
-    p = tl.arange(0, PARTS)
-    for s in range(lo, hi, SPAN):
-        offs = s + tl.arange(0, SPAN)
-        m = offs < hi
-        total = tl.zeros([SPAN], dtype=tl.float32)
-        for p0 in range(0, n_parts, PARTS):
-            pv = p0 + p < n_parts
-            x = tl.load(src + (p0 + p)[:, None].to(tl.int64) * size + offs[None, :], mask=pv[:, None] & m[None, :],
-                        other=0.0)
-            total += tl.sum(x.to(tl.float32), 0)
-        tl.store(dst_ptr + bh.to(tl.int64) * size + offs, total, mask=m)
-
-
-@triton.jit
-def _totals(h_ptr, z_ptr, htot_ptr, ztot_ptr, i, n_prog, bh, n_parts, R: tl.constexpr, D: tl.constexpr,
-            SPAN: tl.constexpr, PARTS: tl.constexpr):
-    """Program i of n_prog (per batch·head) sums its slice of the totals H = Σ h_j and Z = Σ z_j over the
-    n_parts stored key blocks (the stored h_j: "totals minus kept" subtracts what was added)."""
-    per_h = tl.cdiv(R * D, n_prog)
-    _sum_parts(h_ptr, htot_ptr, bh, n_parts, R * D, i * per_h, tl.minimum(i * per_h + per_h, R * D), SPAN, PARTS)
-    per_z = tl.cdiv(R, n_prog)
-    _sum_parts(z_ptr, ztot_ptr, bh, n_parts, R, i * per_z, tl.minimum(i * per_z + per_z, R), SPAN, PARTS)
-
-
-@triton.jit
-def _totals_kernel(h_ptr, z_ptr, htot_ptr, ztot_ptr, n_parts, R: tl.constexpr, D: tl.constexpr,
-                   SPAN: tl.constexpr, PARTS: tl.constexpr):
-    """The totals alone (when no router runs: the routing was given)."""
-    _totals(h_ptr, z_ptr, htot_ptr, ztot_ptr, tl.program_id(0), tl.num_programs(0), tl.program_id(1), n_parts,
-            R, D, SPAN, PARTS)
-
-
-@triton.jit
-def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, h_ptr, z_ptr, htot_ptr, ztot_ptr, sq_b, sq_h, sq_n, sq_d,
-                  H, N, n_q, n_k, kk, n_parts, scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
-                  BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr, NK_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                  TOTALS: tl.constexpr, SPAN: tl.constexpr, PARTS: tl.constexpr):
-    """Scores of one pooled query block against all key blocks, then its top kk as ascending indices.
+def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, kept_ptr, sq_b, sq_h, sq_n, sq_d, H, N, n_q, n_k, kk, scale,
+                  D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr,
+                  NK_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """Scores of one pooled query block against all key blocks, then its top kk as ascending indices and as
+    a kept mask (one byte per key block).
 
     `kbar` holds the key blocks already mapped so that scale·q̄·kbar_j is the score (see `route_pooled`).
-    Ties go to the lower block index. With TOTALS the n_q programs of a head also sum the statistics'
-    parts into the totals (`_totals`), so no launch or torch op sits between statistics and router.
+    Ties go to the lower block index.
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
-    if TOTALS:
-        _totals(h_ptr, z_ptr, htot_ptr, ztot_ptr, pid_q, n_q, bh, n_parts, R, D, SPAN, PARTS)
     b, hh = _batch_and_head(bh, H)
     cols = tl.arange(0, D_PAD)
     dmask = cols < D
@@ -199,18 +134,52 @@ def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, h_ptr, z_ptr, htot_ptr, 
         s = tl.where(hit, float("-inf"), s)
     pos = tl.cumsum(chosen.to(tl.int32), 0) - 1
     tl.store(idx_ptr + row * kk + pos, offs, mask=chosen)
+    tl.store(kept_ptr + row * n_k + offs, chosen.to(tl.uint8), mask=offs < n_k)
 
 
 @triton.jit
-def _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R: tl.constexpr,
-                D: tl.constexpr, FEATURE: tl.constexpr, PREC: tl.constexpr):
-    """O_linear of one query block, φ(F_Q)(H − kept)/(φ(F_Q)·(Z − kept)) (0 where the denominator is 0), and
-    that denominator; F_Q the query's feature input."""
+def _unkept_sum_kernel(kept_ptr, src_ptr, out_ptr, sk_bh, sk_row, sk_red, n_rows, n_red, C,
+                       TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, PREC: tl.constexpr):
+    """out[bh, r, c] = Σ_j (1 − kept[bh, r, j])·src[bh, j, c], accumulated in fp32 and stored in out's dtype:
+    a tile of rows r (query blocks, or key blocks through the transposed mask) by a tile of the C flat
+    statistics columns. src is B·H×n_red×C and contiguous, out B·H×n_rows×C; kept is read as bytes
+    through its strides.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
+    cols = pid_n * TILE_N + tl.arange(0, TILE_N)
+    rvalid = rows < n_rows
+    cvalid = cols < C
+    acc = tl.zeros([TILE_M, TILE_N], dtype=tl.float32)
+    for j0 in range(0, n_red, TILE_K):
+        js = j0 + tl.arange(0, TILE_K)
+        jvalid = js < n_red
+        kept = tl.load(kept_ptr + bh * sk_bh + rows[:, None] * sk_row + js[None, :] * sk_red,
+                       mask=rvalid[:, None] & jvalid[None, :], other=1)
+        stats = tl.load(src_ptr + (bh * n_red + js)[:, None] * C + cols[None, :],
+                        mask=jvalid[:, None] & cvalid[None, :], other=0.0)
+        acc += tl.dot(tl.where(kept == 0, 1.0, 0.0).to(stats.dtype), stats, input_precision=PREC)
+    tl.store(out_ptr + (bh * n_rows + rows)[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rvalid[:, None] & cvalid[None, :])
+
+
+@triton.jit
+def _unkept(rest_ptr, blk, h_offs, hmask, rcols, rmask, R: tl.constexpr, D: tl.constexpr):
+    """This block's unkept sums: Σ h_j (R×D) and Σ z_j (R) over the blocks it did not keep (rest's dtype)."""
+    row = rest_ptr + blk * (R * D + R)
+    return tl.load(row + h_offs, mask=hmask, other=0.0), tl.load(row + R * D + rcols, mask=rmask, other=0.0)
+
+
+@triton.jit
+def _linear_out(fq, h_rest, z_rest, rmask, FEATURE: tl.constexpr, PREC: tl.constexpr):
+    """O_linear of one query block, φ(F_Q)·H_rest/(φ(F_Q)·Z_rest) (0 where the denominator is 0), and that
+    denominator; F_Q the query's feature input, H_rest and Z_rest the unkept blocks' sums. The product takes
+    φ(F_Q) in H_rest's dtype (16-bit sums give a 16-bit product, fp32 accumulation)."""
     phiq = _phi(fq.to(tl.float32), rmask, FEATURE)
-    h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (R * D) + h_offs, mask=hmask, other=0.0) - h_kept
-    z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * R + rcols, mask=rmask, other=0.0) - z_kept
-    num = tl.dot(phiq, h_rest, input_precision=PREC)
-    den = tl.sum(phiq * z_rest[None, :], 1)
+    num = tl.dot(phiq.to(h_rest.dtype), h_rest, input_precision=PREC)
+    den = tl.sum(phiq * z_rest.to(tl.float32)[None, :], 1)
     return tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0), den
 
 
@@ -227,23 +196,20 @@ def _query_alpha(a, c, evidence, den):
 
 
 @triton.jit
-def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix_ptr, h_ptr, z_ptr, htot_ptr,
-                     ztot_ptr, os_ptr, lse_ptr,
+def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr, os_ptr, lse_ptr,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                      sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i, sm_h,
-                     H, N, n_q, n_k, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                     H, N, n_q, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                      FEATURE: tl.constexpr, LEARNED: tl.constexpr, LINEAR: tl.constexpr, MIX: tl.constexpr,
-                     PREC: tl.constexpr, SAVE: tl.constexpr, LIN_FIRST: tl.constexpr, UNROLL: tl.constexpr):
+                     PREC: tl.constexpr, SAVE: tl.constexpr):
     """One query block of one head: sparse softmax over its kk kept key blocks, linear over the rest, mixed.
 
-    The linear branch reads φ's input from fq (q itself, or q·W_q of a learned feature map: R columns).
-    α is read in its own dtype through strides sa_h, sa_i (sa_i = 0: one α per head). With MIX, α is per
-    query (`_query_alpha`, scale c read from mix_ptr at stride sm_h) from the loop's log-sum-exp.
-    With SAVE (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N). With
-    LIN_FIRST the kept blocks' h_j are summed in a loop of their own and O_linear waits in the input dtype
-    (scaled by 1−α unless α is per query); otherwise the sum shares the attention loop (fewer index loads,
-    more registers); that loop reads UNROLL kept blocks a step (`_kept_stats`).
+    The linear branch reads the block's unkept sums from rest (`_unkept_sum_kernel`) after the attention
+    loop, and φ's input from fq (q itself, or q·W_q of a learned feature map: R columns). α is read in its
+    own dtype through strides sa_h, sa_i (sa_i = 0: one α per head). With MIX, α is per query
+    (`_query_alpha`, scale c read from mix_ptr at stride sm_h) from the loop's log-sum-exp. With SAVE
+    (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N).
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -258,24 +224,8 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
-    idx_row = idx_ptr + (bh * n_q + pid_q).to(tl.int64) * kk
-    if LINEAR:
-        rcols = tl.arange(0, R_PAD)
-        rmask = rcols < R
-        hmask = rmask[:, None] & dmask[None, :]
-        h_offs = rcols[:, None] * D + cols[None, :]
-        hz_base = (bh * n_k).to(tl.int64)
-        a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
-        fq = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rows_q < N, rcols, rmask, q, LEARNED)
-        if LIN_FIRST:
-            h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, hz_base, h_offs, rcols, rmask, hmask, R, D,
-                                         R_PAD, D_PAD, UNROLL)
-            lin, den = _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R, D,
-                                   FEATURE, PREC)
-            lin_part = (lin if MIX else (1.0 - a) * lin).to(q.dtype)
-        else:  # summed inside the attention loop
-            h_kept = tl.zeros([R_PAD, D_PAD], dtype=tl.float32)
-            z_kept = tl.zeros([R_PAD], dtype=tl.float32)
+    blk = (bh * n_q + pid_q).to(tl.int64)
+    idx_row = idx_ptr + blk * kk
     for t in range(kk):
         j = tl.load(idx_row + t)
         rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -283,10 +233,6 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         kvmask = kvalid[:, None] & dmask[None, :]
         kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask, other=0.0)
         vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
-        if LINEAR and not LIN_FIRST:
-            jb = hz_base + j
-            h_kept += tl.load(h_ptr + jb * (R * D) + h_offs, mask=hmask, other=0.0).to(tl.float32)
-            z_kept += tl.load(z_ptr + jb * R + rcols, mask=rmask, other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         s = tl.where(kvalid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -301,15 +247,18 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         tl.store(os_ptr + row_flat[:, None] * D + cols[None, :], out.to(os_ptr.dtype.element_ty), mask=qmask)
         tl.store(lse_ptr + row_flat, m_i + tl.log2(l_i), mask=rows_q < N)
     if LINEAR:
-        if not LIN_FIRST:
-            lin, den = _linear_out(fq, h_kept, z_kept, htot_ptr, ztot_ptr, bh, rcols, rmask, hmask, h_offs, R, D,
-                                   FEATURE, PREC)
-            lin_part = lin if MIX else (1.0 - a) * lin
+        rcols = tl.arange(0, R_PAD)
+        rmask = rcols < R
+        h_rest, z_rest = _unkept(rest_ptr, blk, rcols[:, None] * D + cols[None, :], rmask[:, None] & dmask[None, :],
+                                 rcols, rmask, R, D)
+        fq = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rows_q < N, rcols, rmask, q, LEARNED)
+        lin, den = _linear_out(fq, h_rest, z_rest, rmask, FEATURE, PREC)
+        a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
         if MIX:
             evidence = _mix_evidence(m_i + tl.log2(l_i), den)
             a_row = _query_alpha(a, tl.load(mix_ptr + hh * sm_h).to(tl.float32), evidence, den)[:, None]
-            out = a_row * out + (1.0 - a_row) * lin_part.to(tl.float32)
+            out = a_row * out + (1.0 - a_row) * lin
         else:
-            out = a * out + lin_part.to(tl.float32)
+            out = a * out + (1.0 - a) * lin
     tl.store(o_ptr + b * so_b + hh * so_h + _row_tile(rows_q, cols, so_n, so_d, ROW_ALIGN),
              out.to(o_ptr.dtype.element_ty), mask=qmask)

@@ -1,17 +1,18 @@
 """Triton kernels of SLA2's backward: one pass per query block, then one per key block.
 
 With G = dO, the mix gives dO_s = αG, dO_l = (1−α)G and dα = Σ G⊙(O_s − O_l). `_bwd_query_kernel`
-(per query block) recomputes the linear branch from the kept blocks' h_j, z_j, differentiates it (dq's
-linear part, and dH_i = φ(Q_i)ᵀ·dnum_i, dz_i, the gradient that query block sends to the statistics it
-used), and runs the flash-attention dq loop over its kept key blocks from the forward's log-sum-exp.
+(per query block) recomputes the linear branch from its unkept sums (`_unkept_sum_kernel`, run again
+rather than kept from the forward), differentiates it (dq's linear part, and ds_i = [dH_i, dz_i],
+dH_i = φ(Q_i)ᵀ·dnum_i, the gradient that query block sends to the statistics it used, flat like s_j),
+and runs the flash-attention dq loop over its kept key blocks from the forward's log-sum-exp.
 The linear branch's small products take 16-bit operands for 16-bit inputs (fp32 accumulation), which
 keeps both kernels inside the shared memory of one SM at D = 128.
 `_bwd_key_kernel` (per key block) walks the query blocks that kept it (a reverse index built in torch)
-for the flash dk, dv, and gets the block's statistics gradient as total minus those same query
-blocks' dH_i (each key block's h_j feeds exactly the query blocks that did not keep it), then goes back
-through h_j = φ(K_j)ᵀV_j and φ. With a learned feature map the linear branch's gradients go to its inputs
-F_Q = q·W_q and F_K = k·W_k (fp32 buffers; torch's autograd takes them on to q, k and W). No atomics: every
-output element is written by one program.
+for the flash dk, dv, and reads the block's statistics gradient, the sum of ds_i over the query blocks
+that did not keep it (each key block's s_j feeds exactly those; `_unkept_sum_kernel` through the
+transposed mask), then goes back through h_j = φ(K_j)ᵀV_j and φ. With a learned feature map the linear
+branch's gradients go to its inputs F_Q = q·W_q and F_K = k·W_k (fp32 buffers; torch's autograd takes them
+on to q, k and W). No atomics: every output element is written by one program.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sla2_triton import _batch_and_head, _feature_tile, _kept_stats, _mix_evidence, _phi, _query_alpha, _row_tile
+from .sla2_triton import _batch_and_head, _feature_tile, _mix_evidence, _phi, _query_alpha, _row_tile, _unkept
 
 
 @triton.jit
@@ -35,11 +36,11 @@ def _phi_backward(x, y, dy, dmask, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, mix_ptr, h_ptr, z_ptr,
-                      htot_ptr, ztot_ptr, dq_ptr, dfq_ptr, dh_ptr, dz_ptr, dalpha_ptr, dmix_ptr, arow_ptr, delta_ptr,
+def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr,
+                      dq_ptr, dfq_ptr, ds_ptr, dalpha_ptr, dmix_ptr, arow_ptr, delta_ptr,
                       sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                       sf_b, sf_h, sf_n, sf_d, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i, sm_h,
-                      H, N, n_q, n_k, kk, qk_scale, sm_scale,
+                      H, N, n_q, kk, qk_scale, sm_scale,
                       D: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                       D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr, LEARNED: tl.constexpr,
                       LINEAR: tl.constexpr, MIX: tl.constexpr, PREC: tl.constexpr):
@@ -72,10 +73,7 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
         rmask = rcols < R
         hmask = rmask[:, None] & dmask[None, :]
         h_offs = rcols[:, None] * D + cols[None, :]
-        h_kept, z_kept = _kept_stats(idx_row, kk, h_ptr, z_ptr, (bh * n_k).to(tl.int64), h_offs, rcols, rmask,
-                                     hmask, R, D, R_PAD, D_PAD, 1)
-        h_rest = tl.load(htot_ptr + bh.to(tl.int64) * (R * D) + h_offs, mask=hmask, other=0.0) - h_kept
-        z_rest = tl.load(ztot_ptr + bh.to(tl.int64) * R + rcols, mask=rmask, other=0.0) - z_kept
+        h_rest, z_rest = _unkept(rest_ptr, blk, h_offs, hmask, rcols, rmask, R, D)
         ff = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rvalid, rcols, rmask, q,
                            LEARNED).to(tl.float32)
         phiq = tl.where(rvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)
@@ -110,8 +108,9 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
         else:
             dq += d_ff
         d_h = tl.dot(tl.trans(phiq.to(q.dtype)), d_num.to(q.dtype), input_precision=PREC)
-        tl.store(dh_ptr + blk * (R * D) + h_offs, d_h, mask=hmask)
-        tl.store(dz_ptr + blk * R + rcols, tl.sum(phiq * d_den[:, None], 0), mask=rmask)
+        ds_row = ds_ptr + blk * (R * D + R)
+        tl.store(ds_row + h_offs, d_h.to(ds_ptr.dtype.element_ty), mask=hmask)
+        tl.store(ds_row + R * D + rcols, tl.sum(phiq * d_den[:, None], 0).to(ds_ptr.dtype.element_ty), mask=rmask)
         d_os = a_row[:, None] * g
     else:
         d_os = g
@@ -137,15 +136,15 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
 
 @triton.jit
 def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, arow_ptr, rev_off_ptr,
-                    rev_q_ptr, dh_ptr, dz_ptr, dhtot_ptr, dztot_ptr, dk_ptr, dv_ptr, dfk_ptr,
+                    rev_q_ptr, drest_ptr, dk_ptr, dv_ptr, dfk_ptr,
                     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                     sf_b, sf_h, sf_n, sf_d, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
                     H, N, n_q, n_k, qk_scale, sm_scale,
                     D: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                     D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr, LEARNED: tl.constexpr,
                     LINEAR: tl.constexpr, MIX: tl.constexpr, PREC: tl.constexpr):
-    """One key block: dk, dv from the query blocks that kept it, plus its linear-statistics gradient (into
-    dF_K apart with a learned feature map)."""
+    """One key block: dk, dv from the query blocks that kept it, plus its linear-statistics gradient (the
+    unkept sum of the query blocks' ds_i, read from drest; into dF_K apart with a learned feature map)."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
     b, hh = _batch_and_head(bh, H)
@@ -188,19 +187,10 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alp
     dk = dk * sm_scale
     out = (bh.to(tl.int64) * N + rows_k)[:, None] * D + cols[None, :]
     if LINEAR:
-        # A second pass over the same query blocks, so the R×D sum is not live during the flash loop.
         rcols = tl.arange(0, R_PAD)
         rmask = rcols < R
-        hmask = rmask[:, None] & dmask[None, :]
-        h_offs = rcols[:, None] * D + cols[None, :]
-        dh_kept = tl.zeros([R_PAD, D_PAD], dtype=tl.float32)
-        dz_kept = tl.zeros([R_PAD], dtype=tl.float32)
-        for t in range(start, end):
-            blk = (bh * n_q + tl.load(rev_q_ptr + t)).to(tl.int64)
-            dh_kept += tl.load(dh_ptr + blk * (R * D) + h_offs, mask=hmask, other=0.0)
-            dz_kept += tl.load(dz_ptr + blk * R + rcols, mask=rmask, other=0.0)
-        dh = tl.load(dhtot_ptr + bh.to(tl.int64) * (R * D) + h_offs, mask=hmask, other=0.0) - dh_kept
-        dz = tl.load(dztot_ptr + bh.to(tl.int64) * R + rcols, mask=rmask, other=0.0) - dz_kept
+        dh, dz = _unkept(drest_ptr, (bh * n_k + pid_k).to(tl.int64), rcols[:, None] * D + cols[None, :],
+                         rmask[:, None] & dmask[None, :], rcols, rmask, R, D)
         ff = _feature_tile(fk_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_k, kvalid, rcols, rmask, kt,
                            LEARNED).to(tl.float32)
         phik = tl.where(kvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)

@@ -36,9 +36,8 @@ def sla2_flops(batch: int, heads: int, tokens: int, head_dim: int, *, topk: floa
              projections into one D×D matrix W_kᵀW_q per head applied to the n_k key-block means only.
     sparse:  q·kᵀ and P·v over the kk kept key blocks of every query block.
     linear:  with a learned feature map of rank r, q·W_q and k·W_k (N×D×r each; r = D without one);
-             h_j = φ(K_j)ᵀV_j for every key block, φ(Q_i)·[h, z] of the unkept blocks; the torch
-             reference also sums the unkept blocks' statistics as a masked product (n_q×n_k×r(D+1)),
-             where the Triton kernels subtract the kept blocks from totals (additions, not counted).
+             h_j = φ(K_j)ᵀV_j for every key block, the unkept blocks' statistics summed as one masked
+             product (n_q×n_k×r(D+1)), and φ(Q_i)·[h, z] of those sums.
     """
     B, H, N, D = batch, heads, tokens, head_dim
     n_q, n_k = num_blocks(N, block_q), num_blocks(N, block_k)
@@ -54,8 +53,7 @@ def sla2_flops(batch: int, heads: int, tokens: int, head_dim: int, *, topk: floa
         linear = 2 * B * H * (n_k * block_k) * R * D + 2 * B * H * (n_q * block_q) * R * (D + 1)
         if feature_rank:
             linear += 2 * B * H * (n_q * block_q + n_k * block_k) * D * R
-        if reference:
-            linear += 2 * B * H * n_q * n_k * R * (D + 1)
+        linear += 2 * B * H * n_q * n_k * R * (D + 1)
     return {"router": router, "sparse": sparse, "linear": linear, "total": router + sparse + linear,
             "kept_blocks": kk, "key_blocks": n_k}
 

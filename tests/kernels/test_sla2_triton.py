@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sla2cli.kernels import BACKEND
-from sla2cli.kernels.function import linear_stats, route_pooled, sla2_triton
+from sla2cli.kernels.function import linear_stats, route_pooled, sla2_triton, sums_dtype, unkept_sums
 from sla2cli.sla2 import backends
 from sla2cli.sla2.reference import sla2_reference
 from sla2cli.sla2.routing import num_blocks, route
@@ -80,27 +80,23 @@ def learned_parts(H, D, rank, per_query, seed=11):
     return parts
 
 
-# (D, block_q, block_k, dtype, layout, feature map, feature rank (0: none), α per query, loop order)
+# (D, block_q, block_k, dtype, layout, feature map, feature rank (0: none), α per query)
 LEARNED_CASES = [
-    (64, 16, 16, torch.float32, "jit", "softmax", 16, True, None),
-    (64, 64, 32, torch.bfloat16, "bhnd", "softmax", 16, True, True),
-    (64, 128, 64, torch.float32, "jit", "softmax", 16, False, False),
-    (64, 64, 64, torch.float32, "bhnd", "softmax", 64, True, False),
-    (80, 64, 64, torch.float16, "jit", "elu", 24, False, True),
-    (72, 128, 64, torch.float32, "bhnd", "softmax", 0, True, None),
-    (128, 64, 128, torch.bfloat16, "jit", "softmax", 32, True, None),
+    (64, 16, 16, torch.float32, "jit", "softmax", 16, True),
+    (64, 64, 32, torch.bfloat16, "bhnd", "softmax", 16, True),
+    (64, 128, 64, torch.float32, "jit", "softmax", 16, False),
+    (64, 64, 64, torch.float32, "bhnd", "softmax", 64, True),
+    (80, 64, 64, torch.float16, "jit", "elu", 24, False),
+    (72, 128, 64, torch.float32, "bhnd", "softmax", 0, True),
+    (128, 64, 128, torch.bfloat16, "jit", "softmax", 32, True),
 ]
 
 
-@pytest.mark.parametrize("D,block_q,block_k,dtype,layout,feature_map,rank,per_query,linear_first", LEARNED_CASES)
+@pytest.mark.parametrize("D,block_q,block_k,dtype,layout,feature_map,rank,per_query", LEARNED_CASES)
 def test_learned_feature_maps_and_per_query_alpha_match_reference(D, block_q, block_k, dtype, layout, feature_map,
-                                                                  rank, per_query, linear_first, monkeypatch):
-    """The forward of our extensions (φ(x·W) of rank R, α per query from the loop's log-sum-exp), both loop
-    orders, against the reference; a partial last block everywhere."""
-    import sla2cli.kernels.function as function
-
-    if linear_first is not None:
-        monkeypatch.setattr(function, "_linear_first", lambda *_: linear_first)
+                                                                  rank, per_query):
+    """The forward of our extensions (φ(x·W) of rank R, α per query from the loop's log-sum-exp) against the
+    reference; a partial last block everywhere."""
     H = 2
     q, k, v = make_qkv(1, H, D, dtype, layout, seed=12)
     parts = learned_parts(H, D, rank, per_query)
@@ -159,7 +155,8 @@ def test_router_matches_reference(D, block_q, block_k, layout):
     for pq, pk in [(None, None), (proj_q, proj_k), (proj_q, None), (None, proj_k)]:
         mine = route_pooled(q, k_bar, topk=0.3, block_q=block_q, block_k=block_k, proj_q=pq, proj_k=pk)
         ref = route(q, k, topk=0.3, block_q=block_q, block_k=block_k, proj_q=pq, proj_k=pk)
-        assert torch.equal(mine.long(), ref.indices)
+        assert torch.equal(mine.indices.long(), ref.indices)
+        assert mine.mask.dtype == torch.bool and torch.equal(mine.mask, ref.mask)
 
 
 def test_own_router_end_to_end_matches_reference():
@@ -224,39 +221,40 @@ def test_registered_as_triton_backend_for_cuda_only():
     assert BACKEND.problem(torch.zeros(1, 1, 4, 64), feature_map="softmax", qat=False, return_stats=False)
 
 
-@pytest.mark.parametrize("D,block_k,dtype", [(64, 64, torch.bfloat16), (80, 32, torch.float32),
-                                             (128, 64, torch.float16)])
-def test_totals_summed_by_the_router_or_alone_equal_the_stored_statistics_sums(D, block_k, dtype):
-    """The totals (in the router's launch, or in `finish_totals`' own) are the sums of the stored h_j, z_j."""
-    from sla2cli.kernels.function import finish_totals
+# (D, feature rank (0: none), block_q, block_k, dtype): more blocks than one tile of UNKEPT_TILES each way
+UNKEPT_CASES = [(64, 0, 16, 16, torch.bfloat16), (80, 0, 32, 16, torch.float32), (128, 0, 64, 32, torch.float16),
+                (64, 16, 16, 32, torch.float32)]
 
+
+@pytest.mark.parametrize("D,rank,block_q,block_k,dtype", UNKEPT_CASES)
+def test_unkept_sums_equal_the_masked_sums_of_the_stored_statistics(D, rank, block_q, block_k, dtype, monkeypatch):
+    """Per query block Σ_{j not kept} s_j, and per key block Σ_{i that did not keep it} ds_i (the transposed
+    mask), against torch on the same stored values; small tiles so rows, columns and blocks span several."""
+    import sla2cli.kernels.function as function
+
+    monkeypatch.setattr(function, "UNKEPT_TILES", (16, 64, 16))
     q, k, v = make_qkv(2, 2, D, dtype, "jit", seed=19)
-    stats, k_bar = linear_stats(k, v, block_k, "softmax", totals=False)
-    assert not stats.finished
-    route_pooled(q, k_bar, topk=0.3, block_q=64, block_k=block_k, proj_q=None, proj_k=None, stats=stats)
-    assert stats.finished
-    h_sum, z_sum = stats.h.float().sum(1), stats.z.sum(1)
-    assert torch.allclose(stats.h_total, h_sum, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(stats.z_total, z_sum, rtol=1e-5, atol=1e-5)
-    alone, _ = linear_stats(k, v, block_k, "softmax")
-    assert alone.finished and torch.equal(alone.h, stats.h)
-    assert torch.allclose(alone.h_total, h_sum, rtol=1e-5, atol=1e-5)
-    alone.h_total.zero_()
-    finish_totals(alone)
-    assert torch.allclose(alone.h_total, h_sum, rtol=1e-5, atol=1e-5)
+    fk = learned_parts(2, D, rank, False)["feature_k"] if rank else None
+    stats, _ = linear_stats(k, v, block_k, "softmax", None if fk is None else torch.einsum("bhnd,hdr->bhnr", k, fk))
+    R = rank or D
+    assert stats.shape == (4, num_blocks(N, block_k), R * D + R) and stats.dtype == dtype
+    routing = route(q, k, topk=0.3, block_q=block_q, block_k=block_k)
+    unkept = (~routing.mask).flatten(0, 1).double()
+    want = unkept @ stats.double()
+    got = unkept_sums(stats, routing.mask)
+    assert got.dtype == sums_dtype(dtype)
+    tol = 2 ** -8 if got.dtype == torch.bfloat16 else 1e-6  # summed in fp32, rounded once to its dtype
+    assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    per_query = torch.randn(4, num_blocks(N, block_q), R * D + R, generator=torch.Generator().manual_seed(3))
+    want = unkept.transpose(1, 2) @ per_query.double()
+    got = unkept_sums(per_query, routing.mask, per_key_block=True)
+    assert got.shape == want.shape and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("D,block_q,block_k,dtype,alpha_per_block", [
     (64, 128, 64, torch.float32, False), (72, 64, 32, torch.bfloat16, True), (64, 32, 16, torch.float32, True)])
-@pytest.mark.parametrize("linear_first,unroll", [(True, 4), (True, 3), (False, 4)])
-def test_linear_loop_orders_and_unrolled_kept_sums_match_reference(D, block_q, block_k, dtype, alpha_per_block,
-                                                                   linear_first, unroll, monkeypatch):
-    """Both loop orders, the separate linear loop reading `unroll` kept blocks a step (kept counts that are
-    and are not multiples of it), on the inference path (no autograd Function) and through the backward."""
-    import sla2cli.kernels.function as function
-
-    monkeypatch.setattr(function, "_linear_first", lambda *_: linear_first)
-    monkeypatch.setattr(function, "LINEAR_UNROLL", unroll)
+def test_inference_path_and_backward_match_reference(D, block_q, block_k, dtype, alpha_per_block):
+    """The inference path (no autograd Function) and the backward, on one given routing."""
     H = 2
     q, k, v = (t.detach().requires_grad_() for t in make_qkv(1, H, D, dtype, "bhnd", seed=20))
     alpha_shape = (H, num_blocks(N, block_q)) if alpha_per_block else (H,)
