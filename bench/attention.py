@@ -27,7 +27,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sla2cli.kernels import function  # noqa: E402
-from sla2cli.kernels.function import _num_warps, linear_stats, route_pooled, sla2_forward, sla2_triton, unkept_sums  # noqa: E402,E501
+from sla2cli.kernels.function import (  # noqa: E402
+    _num_warps,
+    linear_stats,
+    route_pooled,
+    sla2_backward,
+    sla2_forward,
+    sla2_triton,
+    unkept_sums,
+)
 from sla2cli.sla2.reference import sla2_reference  # noqa: E402
 from sla2cli.sla2.routing import Routing, num_blocks, route  # noqa: E402
 
@@ -161,8 +169,12 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
                     t_all = ms(run)
                     t_graph = graph_ms(run)
                     t_stats = ms(lambda: linear_stats(k, v, block_k, "softmax"))
-                    t_route = ms(lambda: route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k,
-                                                      proj_q=proj_q, proj_k=proj_k))
+
+                    def router():
+                        return route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=proj_q,
+                                            proj_k=proj_k)
+
+                    t_route, t_route_graph = ms(router), graph_ms(router)
                     t_unkept = ms(lambda: unkept_sums(stats, routing.mask))
                     t_main = ms(lambda: sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q,
                                                      block_k=block_k, feature_map="softmax"))
@@ -200,9 +212,8 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
                 n_k = num_blocks(N, block_k)
                 row = dict(name=name, shape=f"{B}x{H}x{N}x{D}", keep=keep, blocks=f"{block_q},{block_k}",
                            kept=f"{kk}/{n_k}", cudnn=t_cudnn, flash=t_flash, flex=t_flex, sla=t_sla, sla2=t_all,
-                           graph=t_graph, stats=t_stats, route=t_route, unkept=t_unkept, main=t_main,
-                           sparse=t_sparse, err=err,
-                           agree=agree, det=same)
+                           graph=t_graph, stats=t_stats, route=t_route, route_graph=t_route_graph, unkept=t_unkept,
+                           main=t_main, sparse=t_sparse, err=err, agree=agree, det=same)
                 rows.append(row)
                 print(f"  keep {keep:.2f} blocks ({block_q},{block_k}) kk {kk}/{n_k}: sla2 {t_all:.3f} ms "
                       f"({t_cudnn / t_all:.1f}x; graph {t_graph:.3f}) = stats {t_stats:.3f} + router {t_route:.3f} "
@@ -215,7 +226,26 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
     return rows
 
 
-def backward_rows(shapes):
+def backward_variants(q, k, v, alpha, grad, keep, block_q, block_k) -> list[str]:
+    """The backward kernels at other warps / pipeline stages, on one routing (forward saved once)."""
+    with torch.no_grad():
+        stats, k_bar = linear_stats(k, v, block_k, "softmax")
+        routing = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=None, proj_k=None)
+        _, o_s, lse = sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k,
+                                   feature_map="softmax", save=True)
+        notes = []
+        for warps, stages in ((4, 1), (4, 2), (8, 1), (8, 2)):
+            try:
+                t = ms(lambda: sla2_backward(grad, q, k, v, alpha, routing, stats, o_s, lse, block_q=block_q,
+                                             block_k=block_k, feature_map="softmax", num_warps=warps,
+                                             num_stages=stages))
+                notes.append(f"    warps {warps} stages {stages}: {t:.3f} ms")
+            except triton.runtime.errors.OutOfResources:
+                notes.append(f"    warps {warps} stages {stages}: out of resources")
+    return notes
+
+
+def backward_rows(shapes, variants: bool = False):
     torch.manual_seed(1)
     rows = []
     for name, B, H, N, D, keep, (block_q, block_k) in shapes:
@@ -238,11 +268,13 @@ def backward_rows(shapes):
         ref = torch.autograd.grad(ref_out, (q, k, v, alpha), grad)
         errs = {f"d{n}": rel_err(a, b) for n, a, b in zip(("q", "k", "v", "alpha"), mine, ref)}
         ref_out = ref = mine = out = None
+        notes = backward_variants(q, k, v, alpha, grad, keep, block_q, block_k) if variants else []
         rows.append(dict(name=name, shape=f"{B}x{H}x{N}x{D}", keep=keep, blocks=f"{block_q},{block_k}", errs=errs,
                          **timings))
         print(f"backward {name} keep {keep} blocks ({block_q},{block_k}): "
               + ", ".join(f"{key} {val:.3f} ms" for key, val in timings.items())
-              + "; rel err " + ", ".join(f"{key} {val:.1e}" for key, val in errs.items()), flush=True)
+              + "; rel err " + ", ".join(f"{key} {val:.1e}" for key, val in errs.items())
+              + "".join(f"\n{n}" for n in notes), flush=True)
         q = k = v = None  # free the inputs before the next shape
         torch.cuda.empty_cache()
     return rows
@@ -290,15 +322,16 @@ def print_tables(fwd, bwd):
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16, "
           "median of do_bench (ms)\n")
     print("| shape BxHxNxD | keep | blocks | kept | cuDNN | flex (sparse only) | thu-ml/SLA | sla2 all in (graph) | "
-          "= stats + router + fused (unkept sums; sparse part) | router share | flex x | SLA x | **sla2 x** (graph) | "
-          "rel err | router agree | det |")
+          "= stats + router + fused (unkept sums; sparse part) | router share eager (graph) | flex x | SLA x | "
+          "**sla2 x** (graph) | rel err | router agree | det |")
     print("| --- " * 16 + "|")
     for r in fwd:
         x = r["cudnn"]
         print(f"| {r['shape']} | {r['keep']:.0%} | {r['blocks']} | {r['kept']} | {x:.3f} | {r['flex']:.3f} | "
               f"{r['sla']:.3f} | {r['sla2']:.3f} ({r['graph']:.3f}) | "
               f"{r['stats']:.3f} + {r['route']:.3f} + {r['main']:.3f} ({r['unkept']:.3f}; {r['sparse']:.3f}) | "
-              f"{r['route'] / r['sla2']:.0%} | {x / r['flex']:.1f}x | {x / r['sla']:.1f}x | "
+              f"{r['route'] / r['sla2']:.0%} ({r['route_graph'] / r['graph']:.0%}) | {x / r['flex']:.1f}x | "
+              f"{x / r['sla']:.1f}x | "
               f"**{x / r['sla2']:.1f}x** ({x / r['graph']:.1f}x) | {r['err']:.1e} | "
               f"{r['agree']:.3f} | {'yes' if r['det'] else 'NO'} |")
     if bwd:
@@ -328,7 +361,7 @@ def main():
     bwd = []
     if not args.no_backward:
         try:
-            bwd = backward_rows(QUICK_BACKWARD if args.quick else BACKWARD)
+            bwd = backward_rows(QUICK_BACKWARD if args.quick else BACKWARD, args.variants)
         except triton.runtime.errors.OutOfResources as exc:
             print(f"backward failed: {exc}", flush=True)
     print_tables(fwd, bwd)

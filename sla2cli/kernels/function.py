@@ -198,9 +198,11 @@ def reverse_index(indices: torch.Tensor, n_k: int) -> tuple[torch.Tensor, torch.
 
 
 def sla2_backward(grad_out, q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, o_s, lse, *,
-                  block_q: int, block_k: int, feature_map: str, fq=None, fk=None, mix_scale=None):
+                  block_q: int, block_k: int, feature_map: str, fq=None, fk=None, mix_scale=None,
+                  num_warps: int | None = None, num_stages: int = 1):
     """dq, dk, dv (B×H×N×D), dF_Q, dF_K (B×H×N×R, fp32; None without a learned feature map `fq`, `fk`), dα
-    (alpha's shape) and d`mix_scale` (None without it) of the SLA2 forward on the same routing."""
+    (alpha's shape) and d`mix_scale` (None without it) of the SLA2 forward on the same routing. `num_warps`
+    and `num_stages` are the two kernels' launch settings (None: 8 warps at padded head dim 128, else 4)."""
     B, H, N, D = q.shape
     R = D if fq is None else fq.shape[-1]
     learned, mix = fq is not None, mix_scale is not None
@@ -224,7 +226,7 @@ def sla2_backward(grad_out, q, k, v, alpha, routing: Routing, stats: torch.Tenso
     fq_, fk_ = (fq, fk) if learned else (q, k)
     common = dict(D=D, R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
                   FEATURE=FEATURE_IDS[feature_map], LEARNED=learned, LINEAR=linear, MIX=mix, PREC=prec,
-                  num_warps=8 if _d_pad(D) >= 128 else 4, num_stages=1)
+                  num_warps=num_warps or (8 if _d_pad(D) >= 128 else 4), num_stages=num_stages)
     scales = (1.0 / math.sqrt(D) * math.log2(math.e), 1.0 / math.sqrt(D))
     _bwd_query_kernel[(n_q, B * H)](
         q, k, v, fq_, grad_out, o_s, lse, idx, a, c, rest, dq, d_fq, d_stats, d_alpha, d_mix, a_row, delta,
