@@ -126,11 +126,12 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
         kvmask = kvalid[:, None] & dmask[None, :]
         kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, 1), mask=kvmask, other=0.0)
         vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, 1), mask=kvmask, other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        p = tl.where(kvalid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale - lse[:, None])
+        if (j + 1) * BLOCK_K > N:  # only the last key block is partial (exp2(−lse) could overflow there)
+            p = tl.where(kvalid[None, :], p, 0.0)
         dp = tl.dot(d_os, tl.trans(vt), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC) * sm_scale
+        ds = p * (dp - delta[:, None]) * sm_scale
+        dq = tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PREC)
     tl.store(dq_ptr + row_flat[:, None] * D + cols[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qmask)
 
 
@@ -178,12 +179,13 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alp
                 d_os = (a * g.to(tl.float32)).to(q.dtype)
         else:
             d_os = g.to(q.dtype)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        p = tl.where(kvalid[None, :] & rvalid[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(q.dtype)), d_os, input_precision=PREC)
+        # Query rows past N load as zero (q, dO, lse, Δ): their p is 1, but it meets zero dO and gives ds = 0;
+        # key rows past N get values that are never stored.
+        p = tl.exp2(tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale - lse[:, None])
+        dv = tl.dot(tl.trans(p.to(q.dtype)), d_os, dv, input_precision=PREC)
         dp = tl.dot(d_os, tl.trans(vt), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
     dk = dk * sm_scale
     out = (bh.to(tl.int64) * N + rows_k)[:, None] * D + cols[None, :]
     if LINEAR:
