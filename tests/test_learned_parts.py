@@ -145,10 +145,13 @@ def test_flops_count_the_feature_maps_by_hand():
     got = sla2_flops(B, H, N, D, topk=4 / 65, block_q=b, block_k=b, backend="triton", feature_rank=R)
     router = 2 * H * n * n * D + 2 * H * D ** 3 + 2 * H * n * D * D  # Triton: one W_kᵀW_q on the key means
     sparse = 4 * H * n * b * 4 * b * D
-    linear = 2 * H * n * b * R * D + 2 * H * n * b * R * (D + 1) + 2 * H * 2 * n * b * D * R
+    unkept_sums = 2 * H * n * n * R * (D + 1)  # the complement mask times the stacked [h_j, z_j]
+    linear = 2 * H * n * b * R * D + 2 * H * n * b * R * (D + 1) + 2 * H * 2 * n * b * D * R + unkept_sums
     assert (got["router"], got["sparse"], got["linear"]) == (router, sparse, linear)
     removed = 1 - got["total"] / dense_attention_flops(B, H, N, N, D)
-    assert 0.899 < removed < 0.901  # the 90% row of bench/quality.sh
+    # the 90% row of bench/quality.sh: 90.03% removed by the kernels that summed the kept blocks from totals;
+    # the unkept sums' product costs 3.2% of dense attention at these 16-token blocks
+    assert 0.867 < removed < 0.869
     plain = sla2_flops(B, H, N, D, topk=4 / 65, block_q=b, block_k=b, backend="triton")
     assert plain["linear"] > got["linear"]  # rank 16 < D: cheaper than the paper's φ on all 64 dims
 

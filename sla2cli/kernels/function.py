@@ -292,7 +292,8 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
                 routing: Routing | None = None, return_stats: bool = False, **learned):
     """`sla2_reference` computed by the Triton kernels, learned parts (feature_q, feature_k, mix_scale)
     included. QAT and `return_stats` have no kernel yet: the reference serves them, so the backend stays a
-    drop-in for every call."""
+    drop-in for every call. A given `routing` keeps its indices ascending, as every router here writes
+    them (the kernels mask keys past N in each query block's last kept block only)."""
     learned = {name: t for name, t in learned.items() if t is not None}
     if qat or return_stats:
         return sla2_reference(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q,

@@ -36,6 +36,23 @@ def _phi_backward(x, y, dy, dmask, FEATURE: tl.constexpr):
 
 
 @triton.jit
+def _dq_step(q, d_os, lse, delta, dq, j, k_base, v_base, cols, dmask, sk_n, sk_d, sv_n, sv_d, N, qk_scale, sm_scale,
+             BLOCK_K: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
+    """dq += dS·K over key block j (dS scaled before the product, which accumulates); MASKED: its keys past
+    N get no weight (they load as zero, but exp2(−lse) could overflow)."""
+    rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
+    kvalid = rows_k < N
+    kvmask = kvalid[:, None] & dmask[None, :]
+    kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, 1), mask=kvmask, other=0.0)
+    vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, 1), mask=kvmask, other=0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(kvalid[None, :], p, 0.0)
+    ds = p * (tl.dot(d_os, tl.trans(vt), input_precision=PREC) - delta[:, None]) * sm_scale
+    return tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PREC)
+
+
+@triton.jit
 def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr,
                       dq_ptr, dfq_ptr, ds_ptr, dalpha_ptr, dmix_ptr, arow_ptr, delta_ptr,
                       sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
@@ -119,19 +136,11 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
     d_os = d_os.to(q.dtype)
     k_base = k_ptr + b * sk_b + hh * sk_h
     v_base = v_ptr + b * sv_b + hh * sv_h
-    for t in range(kk):
-        j = tl.load(idx_row + t)
-        rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
-        kvalid = rows_k < N
-        kvmask = kvalid[:, None] & dmask[None, :]
-        kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, 1), mask=kvmask, other=0.0)
-        vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, 1), mask=kvmask, other=0.0)
-        p = tl.exp2(tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale - lse[:, None])
-        if (j + 1) * BLOCK_K > N:  # only the last key block is partial (exp2(−lse) could overflow there)
-            p = tl.where(kvalid[None, :], p, 0.0)
-        dp = tl.dot(d_os, tl.trans(vt), input_precision=PREC)
-        ds = p * (dp - delta[:, None]) * sm_scale
-        dq = tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PREC)
+    for t in range(kk - 1):  # the kept blocks ascend: only the last one can be the partial block past N
+        dq = _dq_step(q, d_os, lse, delta, dq, tl.load(idx_row + t), k_base, v_base, cols, dmask, sk_n, sk_d, sv_n,
+                      sv_d, N, qk_scale, sm_scale, BLOCK_K, PREC, False)
+    dq = _dq_step(q, d_os, lse, delta, dq, tl.load(idx_row + kk - 1), k_base, v_base, cols, dmask, sk_n, sk_d, sv_n,
+                  sv_d, N, qk_scale, sm_scale, BLOCK_K, PREC, True)
     tl.store(dq_ptr + row_flat[:, None] * D + cols[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qmask)
 
 
