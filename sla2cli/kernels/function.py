@@ -29,7 +29,8 @@ def _d_pad(d: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products; otherwise fp32 operands (φ(Q)·H only) may use tf32."""
+    """fp32 inputs get exact fp32 products; otherwise the products that still take fp32 operands (fp16's
+    fp32 sums and statistics gradients) may use tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
