@@ -15,7 +15,6 @@ two runs against each other bit for bit. Ratios are against dense cuDNN in the s
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from functools import partial
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sla2cli.kernels import function  # noqa: E402
 from sla2cli.kernels.function import (  # noqa: E402
     _num_warps,
     linear_stats,
@@ -34,7 +34,6 @@ from sla2cli.kernels.function import (  # noqa: E402
     sla2_backward,
     sla2_forward,
     sla2_triton,
-    tma_ready,
     unkept_sums,
 )
 from sla2cli.sla2.reference import sla2_reference  # noqa: E402
@@ -188,26 +187,26 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
                         t_flex = float("nan")
                     notes = []
                     if variants and keep == 0.05:
-                        plain = {}  # (warps, stages) -> output without TMA
-                        for (warps, stages), tma in itertools.product(((4, 3), (8, 2), (8, 3)),
-                                                                      (False, True) if tma_ready(k, v) else (False,)):
+                        for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (8, 4)):
                             def fused(with_linear=True):
                                 return sla2_forward(q, k, v, alpha, routing, stats if with_linear else None,
                                                     block_q=block_q, block_k=block_k, feature_map="softmax",
-                                                    num_warps=warps, num_stages=stages, tma=tma)
-                            label = f"warps {warps} stages {stages}{' TMA' if tma else ''}"
+                                                    num_warps=warps, num_stages=stages)
                             try:
                                 o = fused()
                                 t, t_s = ms(fused), ms(lambda: fused(False))
                             except triton.runtime.errors.OutOfResources:
-                                notes.append(f"{label}: out of resources")
+                                notes.append(f"warps {warps} stages {stages}: out of resources")
                                 continue
                             chosen = " (default warps)" if warps == _num_warps(block_q, D) else ""
-                            same = torch.equal(o, plain[warps, stages]) if (warps, stages) in plain else "-"
-                            if not tma:
-                                plain[warps, stages] = o
-                            notes.append(f"{label}{chosen}: fused {t:.3f} (sparse part {t_s:.3f}; err "
-                                         f"{rel_err(o, ref):.1e}; equal to the same without TMA: {same})")
+                            notes.append(f"warps {warps} stages {stages}{chosen}: fused {t:.3f} (sparse part "
+                                         f"{t_s:.3f}; err {rel_err(o, ref):.1e})")
+                        kept_tiles = function.UNKEPT_TILES
+                        for tiles in ((32, 128, 64), (64, 128, 64), (128, 128, 64), (64, 256, 32), (128, 64, 64)):
+                            function.UNKEPT_TILES = tiles
+                            t = ms(lambda: unkept_sums(stats, routing.mask))
+                            notes.append(f"unkept sums tiles {tiles}: {t:.3f}")
+                        function.UNKEPT_TILES = kept_tiles
                     ref = full = None
                 kk = indices.shape[-1]
                 n_k = num_blocks(N, block_k)

@@ -13,7 +13,6 @@ import math
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..sla2.reference import feature_inputs, sla2_reference
 from ..sla2.routing import Routing, keep_count, num_blocks
@@ -155,30 +154,17 @@ def _indices(routing: Routing) -> torch.Tensor:
     return idx if idx.dtype == torch.int32 and idx.is_contiguous() else idx.to(torch.int32).contiguous()
 
 
-def _descriptor(x: torch.Tensor, block_k: int) -> TensorDescriptor:
-    """A tensor descriptor of the B×H×N×D view x, one key block (all head dims, padded) a copy."""
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_k, _d_pad(x.shape[-1])])
-
-
-def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether the copy engine can read these views: a Hopper-class GPU (or newer), unit stride over the
-    head dim, 16-byte aligned bases and strides."""
-    return all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 and t.stride(-1) == 1
-               and t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
-               for t in tensors)
-
-
 def sla2_forward(q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, *, block_q: int, block_k: int,
                  feature_map: str, save: bool = False, num_warps: int | None = None,
                  num_stages: int | None = None, fq: torch.Tensor | None = None,
-                 mix_scale: torch.Tensor | None = None, tma: bool = False):
+                 mix_scale: torch.Tensor | None = None):
     """The unkept sums and the fused kernel; `stats` (`linear_stats`) None means every key block is kept
     (output = O_sparse).
 
     Returns O, or with `save` (O, O_sparse, lse) for the backward: B·H×N×D and B·H×N (log2 units).
     `fq` (B×H×N×R): what φ reads instead of q (a learned feature map's q·W_q); `mix_scale` (H,): α per
     query. α and the mix scale are read as they are (any float dtype, through their strides): no torch op
-    before the launches. `tma`: read the kept K, V blocks through tensor descriptors (`tma_ready` inputs).
+    before the launches.
     """
     B, H, N, D = q.shape
     R = D if fq is None else fq.shape[-1]
@@ -190,13 +176,12 @@ def sla2_forward(q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, *
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32) if save else out
     rest = unkept_sums(stats, routing.mask, precision=_precision(q.dtype)) if stats is not None else out
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    k_in, v_in = (_descriptor(k, block_k), _descriptor(v, block_k)) if tma else (k, v)
     _sla2_fwd_kernel[(n_q, B * H)](
-        q, k_in, v_in, f, out, _indices(routing), alpha, mix, rest, o_s, lse, *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, f, out, _indices(routing), alpha, mix, rest, o_s, lse, *q.stride(), *k.stride(), *v.stride(),
         *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q), mix.stride(0), H, N, n_q, kk,
         1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R, ROW_ALIGN=_row_align(q, k, v, out), BLOCK_Q=block_q,
         BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None,
-        LINEAR=stats is not None, MIX=mix_scale is not None, PREC=_precision(q.dtype), SAVE=save, TMA=tma,
+        LINEAR=stats is not None, MIX=mix_scale is not None, PREC=_precision(q.dtype), SAVE=save,
         num_warps=num_warps or _num_warps(block_q, D), **extra)
     return (out, o_s, lse) if save else out
 
@@ -293,8 +278,7 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
                 routing: Routing | None = None, return_stats: bool = False, **learned):
     """`sla2_reference` computed by the Triton kernels, learned parts (feature_q, feature_k, mix_scale)
     included. QAT and `return_stats` have no kernel yet: the reference serves them, so the backend stays a
-    drop-in for every call. A given `routing` keeps its indices ascending, as every router here writes
-    them (the kernels mask keys past N in each query block's last kept block only)."""
+    drop-in for every call."""
     learned = {name: t for name, t in learned.items() if t is not None}
     if qat or return_stats:
         return sla2_reference(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q,

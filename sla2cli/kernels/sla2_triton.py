@@ -196,54 +196,20 @@ def _query_alpha(a, c, evidence, den):
 
 
 @triton.jit
-def _kv_block(k_ptr, v_ptr, b, hh, cols, dmask, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, N, j,
-              ROW_ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr):
-    """Key block j's K and V tiles (BLOCK_K×D_PAD; rows past N and padded head dims read as zero), by
-    pointers or, with TMA, by bulk copies through the tensor descriptors k_ptr, v_ptr."""
-    if TMA:
-        at = [b.to(tl.int32), hh.to(tl.int32), j * BLOCK_K, 0]
-        kt = tl.reshape(k_ptr.load(at), [BLOCK_K, D_PAD])
-        vt = tl.reshape(v_ptr.load(at), [BLOCK_K, D_PAD])
-    else:
-        rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
-        kvmask = (rows_k < N)[:, None] & dmask[None, :]
-        kt = tl.load(k_ptr + b * sk_b + hh * sk_h + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask,
-                     other=0.0)
-        vt = tl.load(v_ptr + b * sv_b + hh * sv_h + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask,
-                     other=0.0)
-    return kt, vt
-
-
-@triton.jit
-def _attend(q, kt, vt, j, m_i, l_i, acc, qk_scale, N, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-            MASKED: tl.constexpr):
-    """One online-softmax step over key block j (the score scale folded into exp2's operand, P·V accumulated
-    in the product); MASKED: its keys past N get no weight."""
-    s = tl.dot(q, tl.trans(kt), input_precision=PREC)
-    if MASKED:
-        s = tl.where((j * BLOCK_K + tl.arange(0, BLOCK_K) < N)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
-    corr = tl.exp2(m_i - m_new)
-    return m_new, l_i * corr + tl.sum(p, 1), tl.dot(p.to(vt.dtype), vt, acc * corr[:, None], input_precision=PREC)
-
-
-@triton.jit
 def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr, os_ptr, lse_ptr,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                      sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i, sm_h,
                      H, N, n_q, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                      FEATURE: tl.constexpr, LEARNED: tl.constexpr, LINEAR: tl.constexpr, MIX: tl.constexpr,
-                     PREC: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr):
+                     PREC: tl.constexpr, SAVE: tl.constexpr):
     """One query block of one head: sparse softmax over its kk kept key blocks, linear over the rest, mixed.
 
     The linear branch reads the block's unkept sums from rest (`_unkept_sum_kernel`) after the attention
     loop, and φ's input from fq (q itself, or q·W_q of a learned feature map: R columns). α is read in its
     own dtype through strides sa_h, sa_i (sa_i = 0: one α per head). With MIX, α is per query
     (`_query_alpha`, scale c read from mix_ptr at stride sm_h) from the loop's log-sum-exp. With SAVE
-    (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N). With TMA, k_ptr and
-    v_ptr are tensor descriptors of the B×H×N×D views (block 1×1×BLOCK_K×D_PAD) read by the copy engine.
+    (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N).
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -253,20 +219,28 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     rows_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = (rows_q < N)[:, None] & dmask[None, :]
     q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows_q, cols, sq_n, sq_d, ROW_ALIGN), mask=qmask, other=0.0)
+    k_base = k_ptr + b * sk_b + hh * sk_h
+    v_base = v_ptr + b * sv_b + hh * sv_h
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
     blk = (bh * n_q + pid_q).to(tl.int64)
     idx_row = idx_ptr + blk * kk
-    for t in range(kk - 1):  # the kept blocks ascend: only the last one can be the partial block past N
+    for t in range(kk):
         j = tl.load(idx_row + t)
-        kt, vt = _kv_block(k_ptr, v_ptr, b, hh, cols, dmask, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, N, j,
-                           ROW_ALIGN, BLOCK_K, D_PAD, TMA)
-        m_i, l_i, acc = _attend(q, kt, vt, j, m_i, l_i, acc, qk_scale, N, BLOCK_K, PREC, False)
-    j = tl.load(idx_row + kk - 1)
-    kt, vt = _kv_block(k_ptr, v_ptr, b, hh, cols, dmask, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, N, j,
-                       ROW_ALIGN, BLOCK_K, D_PAD, TMA)
-    m_i, l_i, acc = _attend(q, kt, vt, j, m_i, l_i, acc, qk_scale, N, BLOCK_K, PREC, True)
+        rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
+        kvalid = rows_k < N
+        kvmask = kvalid[:, None] & dmask[None, :]
+        kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask, other=0.0)
+        vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        corr = tl.exp2(m_i - m_new)
+        l_i = l_i * corr + tl.sum(p, 1)
+        acc = acc * corr[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
     out = acc / l_i[:, None]
     if SAVE:
         row_flat = bh.to(tl.int64) * N + rows_q

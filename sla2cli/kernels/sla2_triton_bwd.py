@@ -36,23 +36,6 @@ def _phi_backward(x, y, dy, dmask, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _dq_step(q, d_os, lse, delta, dq, j, k_base, v_base, cols, dmask, sk_n, sk_d, sv_n, sv_d, N, qk_scale, sm_scale,
-             BLOCK_K: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
-    """dq += dS·K over key block j (dS scaled before the product, which accumulates); MASKED: its keys past
-    N get no weight (they load as zero, but exp2(−lse) could overflow)."""
-    rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
-    kvalid = rows_k < N
-    kvmask = kvalid[:, None] & dmask[None, :]
-    kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, 1), mask=kvmask, other=0.0)
-    vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, 1), mask=kvmask, other=0.0)
-    p = tl.exp2(tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale - lse[:, None])
-    if MASKED:
-        p = tl.where(kvalid[None, :], p, 0.0)
-    ds = p * (tl.dot(d_os, tl.trans(vt), input_precision=PREC) - delta[:, None]) * sm_scale
-    return tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PREC)
-
-
-@triton.jit
 def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr,
                       dq_ptr, dfq_ptr, ds_ptr, dalpha_ptr, dmix_ptr, arow_ptr, delta_ptr,
                       sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
@@ -136,11 +119,18 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
     d_os = d_os.to(q.dtype)
     k_base = k_ptr + b * sk_b + hh * sk_h
     v_base = v_ptr + b * sv_b + hh * sv_h
-    for t in range(kk - 1):  # the kept blocks ascend: only the last one can be the partial block past N
-        dq = _dq_step(q, d_os, lse, delta, dq, tl.load(idx_row + t), k_base, v_base, cols, dmask, sk_n, sk_d, sv_n,
-                      sv_d, N, qk_scale, sm_scale, BLOCK_K, PREC, False)
-    dq = _dq_step(q, d_os, lse, delta, dq, tl.load(idx_row + kk - 1), k_base, v_base, cols, dmask, sk_n, sk_d, sv_n,
-                  sv_d, N, qk_scale, sm_scale, BLOCK_K, PREC, True)
+    for t in range(kk):
+        j = tl.load(idx_row + t)
+        rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
+        kvalid = rows_k < N
+        kvmask = kvalid[:, None] & dmask[None, :]
+        kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, 1), mask=kvmask, other=0.0)
+        vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, 1), mask=kvmask, other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        p = tl.where(kvalid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(d_os, tl.trans(vt), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC) * sm_scale
     tl.store(dq_ptr + row_flat[:, None] * D + cols[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qmask)
 
 
@@ -188,13 +178,12 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alp
                 d_os = (a * g.to(tl.float32)).to(q.dtype)
         else:
             d_os = g.to(q.dtype)
-        # Query rows past N load as zero (q, dO, lse, Δ): their p is 1, but it meets zero dO and gives ds = 0;
-        # key rows past N get values that are never stored.
-        p = tl.exp2(tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale - lse[:, None])
-        dv = tl.dot(tl.trans(p.to(q.dtype)), d_os, dv, input_precision=PREC)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        p = tl.where(kvalid[None, :] & rvalid[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(q.dtype)), d_os, input_precision=PREC)
         dp = tl.dot(d_os, tl.trans(vt), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * sm_scale
     out = (bh.to(tl.int64) * N + rows_k)[:, None] * D + cols[None, :]
     if LINEAR:

@@ -270,20 +270,3 @@ def test_inference_path_and_backward_match_reference(D, block_q, block_k, dtype,
     theirs = torch.autograd.grad(ref, (q, k, v, alpha), grad)
     for name, a, b in zip("q k v alpha".split(), mine, theirs):
         assert rel_err(a, b) < 5 * TOLERANCE[dtype], name
-
-
-@pytest.mark.parametrize("D,layout", [(64, "jit"), (72, "bhnd"), (128, "jit")])
-def test_tensor_descriptor_reads_give_the_same_output(D, layout):
-    """The fused kernel reading the kept K, V blocks through tensor descriptors (TMA on a GPU): bit for bit
-    the output of its pointer reads, with a partial last block and padded head dims."""
-    from sla2cli.kernels.function import sla2_forward
-
-    q, k, v = make_qkv(1, 2, D, torch.bfloat16, layout, seed=23)
-    alpha = torch.tensor([0.6, 0.8])
-    stats, _ = linear_stats(k, v, 64, "softmax")
-    routing = route(q, k, topk=0.4, block_q=64, block_k=64)
-    kwargs = dict(block_q=64, block_k=64, feature_map="softmax")
-    plain = sla2_forward(q, k, v, alpha, routing, stats, **kwargs)
-    assert torch.equal(sla2_forward(q, k, v, alpha, routing, stats, tma=True, **kwargs), plain)
-    ref = sla2_reference(q, k, v, topk=0.4, alpha=alpha, block_q=64, block_k=64, routing=routing)
-    assert rel_err(plain, ref) < TOLERANCE[torch.bfloat16]
