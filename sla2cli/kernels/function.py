@@ -300,10 +300,12 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
         if routing is None:
             routing = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q,
                                    proj_k=proj_k)
-    elif routing is None:
-        every = torch.arange(n_k, device=q.device, dtype=torch.int32).expand(B, H, n_q, n_k)
-        routing = Routing(scores=every.float(), indices=every, mask=torch.ones(B, H, n_q, n_k, device=q.device,
-                                                                              dtype=torch.bool))
+    elif routing is None:  # every block kept: equal scores, an all-true mask, as views of single values
+        shape = (B, H, n_q, n_k)
+        routing = Routing(scores=torch.zeros((), device=q.device).expand(shape),
+                          indices=torch.arange(n_k, device=q.device, dtype=torch.int32).expand(shape),
+                          mask=torch.ones((), device=q.device, dtype=torch.bool).expand(shape))
+    routing = Routing(routing.scores, _indices(routing), routing.mask)  # int32 once, for forward and backward
     mix_scale = learned.get("mix_scale")
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, fq, fk, alpha,
                                                                                         mix_scale))):

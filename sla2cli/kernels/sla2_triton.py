@@ -65,6 +65,27 @@ def _feature_tile(f_ptr, b, hh, s_b, s_h, s_n, s_d, rows, rvalid, rcols, rmask, 
 
 
 @triton.jit
+def _flat_row(ptr, blk, R: tl.constexpr, D: tl.constexpr):
+    """Where block blk's flat statistics row [h (R×D, row-major), z (R)] starts: the layout of s_j, of the
+    unkept sums and of the backward's ds_i."""
+    return ptr + blk * (R * D + R)
+
+
+@triton.jit
+def _load_flat(row, rcols, rmask, cols, dmask, R: tl.constexpr, D: tl.constexpr):
+    """h (R×D) and z (R) of one flat statistics row, in its dtype."""
+    h = tl.load(row + rcols[:, None] * D + cols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    return h, tl.load(row + R * D + rcols, mask=rmask, other=0.0)
+
+
+@triton.jit
+def _store_flat(row, h, z, rcols, rmask, cols, dmask, R: tl.constexpr, D: tl.constexpr):
+    """Write h (R×D) and z (R) as one flat statistics row, in the row's dtype."""
+    tl.store(row + rcols[:, None] * D + cols[None, :], h.to(row.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(row + R * D + rcols, z.to(row.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
 def _stats_kernel(k_ptr, v_ptr, fk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   sf_b, sf_h, sf_n, sf_d, H, N, n_k, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                   BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr,
@@ -90,10 +111,7 @@ def _stats_kernel(k_ptr, v_ptr, fk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d,
     z_j = tl.sum(phik.to(tl.float32), 0)
     h = tl.dot(tl.trans(phik), vt, input_precision=PREC)
     jb = (bh * n_k + j).to(tl.int64)
-    row = s_ptr + jb * (R * D + R)
-    tl.store(row + rcols[:, None] * D + cols[None, :], h.to(s_ptr.dtype.element_ty),
-             mask=rmask[:, None] & dmask[None, :])
-    tl.store(row + R * D + rcols, z_j.to(s_ptr.dtype.element_ty), mask=rmask)
+    _store_flat(_flat_row(s_ptr, jb, R, D), h, z_j, rcols, rmask, cols, dmask, R, D)
     count = tl.minimum(N - j * BLOCK_K, BLOCK_K).to(tl.float32)
     tl.store(kbar_ptr + jb * D + cols, k_sum / count, mask=dmask)
 
@@ -163,13 +181,6 @@ def _unkept_sum_kernel(kept_ptr, src_ptr, out_ptr, sk_bh, sk_row, sk_red, n_rows
         acc += tl.dot(tl.where(kept == 0, 1.0, 0.0).to(stats.dtype), stats, input_precision=PREC)
     tl.store(out_ptr + (bh * n_rows + rows)[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=rvalid[:, None] & cvalid[None, :])
-
-
-@triton.jit
-def _unkept(rest_ptr, blk, h_offs, hmask, rcols, rmask, R: tl.constexpr, D: tl.constexpr):
-    """This block's unkept sums: Σ h_j (R×D) and Σ z_j (R) over the blocks it did not keep (rest's dtype)."""
-    row = rest_ptr + blk * (R * D + R)
-    return tl.load(row + h_offs, mask=hmask, other=0.0), tl.load(row + R * D + rcols, mask=rmask, other=0.0)
 
 
 @triton.jit
@@ -249,8 +260,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     if LINEAR:
         rcols = tl.arange(0, R_PAD)
         rmask = rcols < R
-        h_rest, z_rest = _unkept(rest_ptr, blk, rcols[:, None] * D + cols[None, :], rmask[:, None] & dmask[None, :],
-                                 rcols, rmask, R, D)
+        h_rest, z_rest = _load_flat(_flat_row(rest_ptr, blk, R, D), rcols, rmask, cols, dmask, R, D)
         fq = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rows_q < N, rcols, rmask, q, LEARNED)
         lin, den = _linear_out(fq, h_rest, z_rest, rmask, FEATURE, PREC)
         a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)

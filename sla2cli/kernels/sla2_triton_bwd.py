@@ -20,7 +20,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sla2_triton import _batch_and_head, _feature_tile, _mix_evidence, _phi, _query_alpha, _row_tile, _unkept
+from .sla2_triton import (
+    _batch_and_head,
+    _feature_tile,
+    _flat_row,
+    _load_flat,
+    _mix_evidence,
+    _phi,
+    _query_alpha,
+    _row_tile,
+    _store_flat,
+)
 
 
 @triton.jit
@@ -71,9 +81,7 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
         a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
         rcols = tl.arange(0, R_PAD)
         rmask = rcols < R
-        hmask = rmask[:, None] & dmask[None, :]
-        h_offs = rcols[:, None] * D + cols[None, :]
-        h_rest, z_rest = _unkept(rest_ptr, blk, h_offs, hmask, rcols, rmask, R, D)
+        h_rest, z_rest = _load_flat(_flat_row(rest_ptr, blk, R, D), rcols, rmask, cols, dmask, R, D)
         ff = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rvalid, rcols, rmask, q,
                            LEARNED).to(tl.float32)
         phiq = tl.where(rvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)
@@ -108,9 +116,8 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
         else:
             dq += d_ff
         d_h = tl.dot(tl.trans(phiq.to(q.dtype)), d_num.to(q.dtype), input_precision=PREC)
-        ds_row = ds_ptr + blk * (R * D + R)
-        tl.store(ds_row + h_offs, d_h.to(ds_ptr.dtype.element_ty), mask=hmask)
-        tl.store(ds_row + R * D + rcols, tl.sum(phiq * d_den[:, None], 0).to(ds_ptr.dtype.element_ty), mask=rmask)
+        _store_flat(_flat_row(ds_ptr, blk, R, D), d_h, tl.sum(phiq * d_den[:, None], 0), rcols, rmask, cols, dmask,
+                    R, D)
         d_os = a_row[:, None] * g
     else:
         d_os = g
@@ -189,8 +196,8 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alp
     if LINEAR:
         rcols = tl.arange(0, R_PAD)
         rmask = rcols < R
-        dh, dz = _unkept(drest_ptr, (bh * n_k + pid_k).to(tl.int64), rcols[:, None] * D + cols[None, :],
-                         rmask[:, None] & dmask[None, :], rcols, rmask, R, D)
+        dh, dz = _load_flat(_flat_row(drest_ptr, (bh * n_k + pid_k).to(tl.int64), R, D), rcols, rmask, cols, dmask,
+                            R, D)
         ff = _feature_tile(fk_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_k, kvalid, rcols, rmask, kt,
                            LEARNED).to(tl.float32)
         phik = tl.where(kvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)
