@@ -6,6 +6,7 @@
     python bench/attention.py --sla DIR       # also time thu-ml/SLA all in, from a checkout at DIR
     python bench/attention.py --quick         # one small shape, to check the script
     python bench/attention.py --learned 16    # also: a rank-16 learned feature map + α per query vs the paper's
+    python bench/attention.py --low-bit       # also: QAT's low-bit sparse branch (INT8 Q·Kᵀ, FP8 P·V) all in
 
 Every SLA2 output is checked against the PyTorch reference on the same routing before it is timed (rel
 err = ‖out − ref‖ / ‖ref‖), the router against the reference router (share of identical kept blocks), and
@@ -30,6 +31,7 @@ from sla2cli.kernels import function  # noqa: E402
 from sla2cli.kernels.function import (  # noqa: E402
     _num_warps,
     linear_stats,
+    quantise_kv,
     route_pooled,
     sla2_backward,
     sla2_forward,
@@ -127,7 +129,31 @@ def sla_anchor(sla_dir: str | None, D: int, keep: float):
     return SparseLinearAttention(D, keep, BLKQ=64, BLKK=64).cuda()
 
 
-def forward_rows(shapes, variants: bool, sla_dir: str | None):
+def low_bit_columns(run, q, k, v, alpha, keep, block_q, block_k, full, out, stats, k_bar, routing) -> dict:
+    """QAT's low-bit forward all in (and its quantisation of K, V alone), its error against the bf16 kernel's
+    output (rel err, cosine) and against the fake-quant reference on the same routing; its parts and the
+    fused kernel's launch settings as notes."""
+    low = run(qat=True)
+    ref = sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k, routing=full, qat=True)
+    cosine = F.cosine_similarity(low.float().flatten(), out.float().flatten(), 0).item()
+    prepared = quantise_kv(k, v, block_k, k_bar)
+    notes = [f"quantise parts: v channel max (torch) "
+             f"{ms(lambda: torch.linalg.vector_norm(v, float('inf'), dim=-2, dtype=torch.float32)):.3f}, "
+             f"k mean from k_bar {ms(lambda: k_bar.sum(1)):.3f}, "
+             f"all {ms(lambda: quantise_kv(k, v, block_k, k_bar)):.3f}"]
+    for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+        try:
+            t = ms(lambda: sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k,
+                                        feature_map="softmax", low_bit=prepared, num_warps=warps, num_stages=stages))
+            notes.append(f"low-bit fused warps {warps} stages {stages}: {t:.3f}")
+        except triton.runtime.errors.OutOfResources:
+            notes.append(f"low-bit fused warps {warps} stages {stages}: out of resources")
+    return dict(low=ms(lambda: run(qat=True)), low_graph=graph_ms(lambda: run(qat=True)),
+                quantise=ms(lambda: quantise_kv(k, v, block_k, k_bar)), low_err=rel_err(low, out), low_cos=cosine,
+                low_ref_err=rel_err(low, ref), low_det=torch.equal(low, run(qat=True)), low_notes=notes)
+
+
+def forward_rows(shapes, variants: bool, sla_dir: str | None, low_bit: bool = False):
     torch.manual_seed(0)
     rows = []
     for name, B, H, N, D, keeps, blocks in shapes:
@@ -207,13 +233,16 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None):
                             t = ms(lambda: unkept_sums(stats, routing.mask))
                             notes.append(f"unkept sums tiles {tiles}: {t:.3f}")
                         function.UNKEPT_TILES = kept_tiles
+                    low = (low_bit_columns(run, q, k, v, alpha, keep, block_q, block_k, full, out, stats, k_bar,
+                                           routing) if low_bit else {})
+                    notes += low.pop("low_notes", [])
                     ref = full = None
                 kk = indices.shape[-1]
                 n_k = num_blocks(N, block_k)
                 row = dict(name=name, shape=f"{B}x{H}x{N}x{D}", keep=keep, blocks=f"{block_q},{block_k}",
                            kept=f"{kk}/{n_k}", cudnn=t_cudnn, flash=t_flash, flex=t_flex, sla=t_sla, sla2=t_all,
                            graph=t_graph, stats=t_stats, route=t_route, route_graph=t_route_graph, unkept=t_unkept,
-                           main=t_main, sparse=t_sparse, err=err, agree=agree, det=same)
+                           main=t_main, sparse=t_sparse, err=err, agree=agree, det=same, **low)
                 rows.append(row)
                 print(f"  keep {keep:.2f} blocks ({block_q},{block_k}) kk {kk}/{n_k}: sla2 {t_all:.3f} ms "
                       f"({t_cudnn / t_all:.1f}x; graph {t_graph:.3f}) = stats {t_stats:.3f} + router {t_route:.3f} "
@@ -334,6 +363,17 @@ def print_tables(fwd, bwd):
               f"{x / r['sla']:.1f}x | "
               f"**{x / r['sla2']:.1f}x** ({x / r['graph']:.1f}x) | {r['err']:.1e} | "
               f"{r['agree']:.3f} | {'yes' if r['det'] else 'NO'} |")
+    if fwd and "low" in fwd[0]:
+        print("\n| shape BxHxNxD | keep | blocks | cuDNN | sla2 bf16 all in | **low-bit all in** (graph) | of which "
+              "quantise K, V | low-bit x bf16 | **low-bit x cuDNN** (graph) | rel err vs bf16 | cosine vs bf16 | "
+              "rel err vs fake-quant ref | det |")
+        print("| --- " * 13 + "|")
+        for r in fwd:
+            x = r["cudnn"]
+            print(f"| {r['shape']} | {r['keep']:.0%} | {r['blocks']} | {x:.3f} | {r['sla2']:.3f} | "
+                  f"{r['low']:.3f} ({r['low_graph']:.3f}) | {r['quantise']:.3f} | {r['sla2'] / r['low']:.2f}x | "
+                  f"**{x / r['low']:.1f}x** ({x / r['low_graph']:.1f}x) | {r['low_err']:.1e} | {r['low_cos']:.5f} | "
+                  f"{r['low_ref_err']:.1e} | {'yes' if r['low_det'] else 'NO'} |")
     if bwd:
         print("\n| backward BxHxNxD | keep | blocks | cuDNN | flash | sla2 | **sla2 x** | rel err dq, dk, dv, dα |")
         print("| --- " * 8 + "|")
@@ -351,13 +391,14 @@ def main():
     parser.add_argument("--shapes", default=None, help="comma-separated names of SHAPES rows to run (default all)")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--backward-only", action="store_true")
+    parser.add_argument("--low-bit", action="store_true", help="also time QAT's low-bit sparse branch")
     parser.add_argument("--learned", type=int, metavar="R", help="also time a learned rank-R feature map with α per "
                         "query against the paper's form")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
     shapes = QUICK if args.quick else [s for s in SHAPES if not args.shapes or s[0] in args.shapes.split(",")]
-    fwd = [] if args.backward_only else forward_rows(shapes, args.variants, args.sla)
+    fwd = [] if args.backward_only else forward_rows(shapes, args.variants, args.sla, args.low_bit)
     bwd = []
     if not args.no_backward:
         try:

@@ -96,3 +96,12 @@ def test_deprecated_register_backend_is_used_only_when_named():
 
 def test_kernels_are_not_used_off_cuda():
     assert "CUDA only" in backends.kernels_unavailable(torch.device("cpu"))
+
+
+def test_a_backend_whose_qat_kernel_cannot_run_these_blocks_leaves_qat_to_the_reference():
+    """`qat_problem` (the Triton backend's: FP8 and block sizes) says why; "auto" then picks the reference."""
+    register(Backend("lowbit", fake, qat_problem=lambda q, bq, bk: None if bk >= 32 else "blocks too small"))
+    assert resolve("auto", Q, **{**NEEDS, "qat": True}, block_q=32, block_k=64).name == "lowbit"
+    assert resolve("auto", Q, **{**NEEDS, "qat": True}, block_q=32, block_k=16).name == "torch"
+    with pytest.raises(UsageError, match=r"cannot run qat \(blocks too small\)"):
+        resolve("lowbit", Q, **{**NEEDS, "qat": True}, block_q=32, block_k=16)

@@ -1,7 +1,8 @@
 """The Triton SLA2 backend: router, forward launch and the autograd Function, behind `sla2_triton`.
 
 `sla2_triton` has `sla2_reference`'s signature. The forward is four Triton launches (statistics; router;
-the unkept sums; fused attention) and no torch op between them on the inference path; the backward is
+the unkept sums; fused attention) and no torch op between them on the inference path (QAT's low-bit
+sparse branch adds the quantisation of K and V: two torch reductions and one launch); the backward is
 three (per query block; the unkept sums of its statistics gradients; per key block) plus the unkept sums
 of the forward again and a torch-built reverse index of the routing.
 """
@@ -10,13 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 
+from ..sla2.quant import FP8_E4M3_MAX
 from ..sla2.reference import feature_inputs, sla2_reference
 from ..sla2.routing import Routing, keep_count, num_blocks
-from .sla2_triton import FEATURE_IDS, _route_kernel, _sla2_fwd_kernel, _stats_kernel, _unkept_sum_kernel
+from .sla2_triton import (
+    FEATURE_IDS,
+    _quantise_kernel,
+    _route_kernel,
+    _sla2_fwd_kernel,
+    _stats_kernel,
+    _unkept_sum_kernel,
+)
 from .sla2_triton_bwd import _bwd_key_kernel, _bwd_query_kernel
 
 ROUTE_CHUNK = 64  # key blocks scored per step by the router
@@ -149,6 +159,53 @@ def _alpha_strides(alpha: torch.Tensor, H: int, n_q: int) -> tuple[int, int]:
     return alpha.stride(0), alpha.stride(1)
 
 
+class LowBit(NamedTuple):
+    """K and V as the low-bit sparse branch reads them (`quantise_kv`)."""
+
+    k: torch.Tensor  # INT8, B·H×N_pad×D_pad: K minus its mean over tokens, one scale per key block
+    k_scale: torch.Tensor  # fp32, B·H×n_k
+    v_t: torch.Tensor  # FP8 e4m3, B·H×D_pad×N_pad: V transposed, one scale per channel
+    v_scale: torch.Tensor  # fp32, B·H×D
+
+
+def lowbit_problem(q: torch.Tensor, block_q: int, block_k: int) -> str | None:
+    """Why the low-bit sparse branch cannot run these inputs (None: it can): it needs FP8 tensor cores
+    (compute capability 8.9 or newer) and blocks the FP8 and INT8 products take (at least 32 keys per block,
+    head dims over 16)."""
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return f"FP8 needs compute capability 8.9 or newer; this GPU has {major}.{minor}"
+    if block_k < 32 or block_q < 16:
+        return f"the low-bit products need blocks of at least 16 queries and 32 keys, not {block_q}/{block_k}"
+    if q.shape[-1] <= 16:
+        return f"the low-bit products need head dims over 16, not {q.shape[-1]}"
+    return None
+
+
+def quantise_kv(k: torch.Tensor, v: torch.Tensor, block_k: int, k_bar: torch.Tensor | None = None) -> LowBit:
+    """K in INT8 after subtracting its mean over tokens (softmax ignores it, INT8's range does not) with one
+    scale per key block, V in FP8 e4m3 with one scale per channel: the scales of `sla2.quant`, as the
+    QAT reference applies them. K's mean comes from `linear_stats`' block means `k_bar` where given (else a
+    pass over K); the channels' max |v| is one torch reduction; then one launch."""
+    B, H, N, D = k.shape
+    n_k, d_pad = num_blocks(N, block_k), _d_pad(D)
+    n_pad = n_k * block_k
+    if k_bar is None:
+        k_mean = k.mean(-2, dtype=torch.float32)
+    else:  # every block holds block_k tokens but the last
+        short = n_pad - N
+        k_mean = (k_bar.sum(1) * block_k - k_bar[:, -1] * short) / N if short else k_bar.mean(1)
+    v_scale = torch.linalg.vector_norm(v, float("inf"), dim=-2, dtype=torch.float32).clamp_min(1e-12) / FP8_E4M3_MAX
+    low = LowBit(torch.empty(B * H, n_pad, d_pad, device=k.device, dtype=torch.int8),
+                 torch.empty(B * H, n_k, device=k.device, dtype=torch.float32),
+                 torch.empty(B * H, d_pad, n_pad, device=k.device, dtype=torch.float8_e4m3fn),
+                 v_scale.reshape(B * H, D))
+    _quantise_kernel[(n_k, B * H)](
+        k, v, k_mean, low.v_scale, low.k, low.k_scale, low.v_t, *k.stride(), *v.stride(), H, N, n_pad, n_k, D=D,
+        ROW_ALIGN=_row_align(k, v), BLOCK_K=block_k, D_PAD=d_pad, num_warps=4)
+    return low
+
+
 def _indices(routing: Routing) -> torch.Tensor:
     idx = routing.indices
     return idx if idx.dtype == torch.int32 and idx.is_contiguous() else idx.to(torch.int32).contiguous()
@@ -157,9 +214,9 @@ def _indices(routing: Routing) -> torch.Tensor:
 def sla2_forward(q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, *, block_q: int, block_k: int,
                  feature_map: str, save: bool = False, num_warps: int | None = None,
                  num_stages: int | None = None, fq: torch.Tensor | None = None,
-                 mix_scale: torch.Tensor | None = None):
+                 mix_scale: torch.Tensor | None = None, low_bit: LowBit | None = None):
     """The unkept sums and the fused kernel; `stats` (`linear_stats`) None means every key block is kept
-    (output = O_sparse).
+    (output = O_sparse). With `low_bit` (`quantise_kv`) the sparse branch runs in INT8 / FP8.
 
     Returns O, or with `save` (O, O_sparse, lse) for the backward: B·H×N×D and B·H×N (log2 units).
     `fq` (B×H×N×R): what φ reads instead of q (a learned feature map's q·W_q); `mix_scale` (H,): α per
@@ -176,12 +233,15 @@ def sla2_forward(q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, *
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32) if save else out
     rest = unkept_sums(stats, routing.mask, precision=_precision(q.dtype)) if stats is not None else out
     extra = {} if num_stages is None else {"num_stages": num_stages}
+    n_k = num_blocks(N, block_k)
+    low = low_bit or LowBit(out, out, out, out)
     _sla2_fwd_kernel[(n_q, B * H)](
-        q, k, v, f, out, _indices(routing), alpha, mix, rest, o_s, lse, *q.stride(), *k.stride(), *v.stride(),
-        *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q), mix.stride(0), H, N, n_q, kk,
-        1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R, ROW_ALIGN=_row_align(q, k, v, out), BLOCK_Q=block_q,
-        BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None,
-        LINEAR=stats is not None, MIX=mix_scale is not None, PREC=_precision(q.dtype), SAVE=save,
+        q, k, v, f, out, _indices(routing), alpha, mix, rest, o_s, lse, *low, *q.stride(), *k.stride(),
+        *v.stride(), *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q), mix.stride(0), H, N,
+        n_k * block_k, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R,
+        ROW_ALIGN=_row_align(q, k, v, out), BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
+        FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None, LINEAR=stats is not None, MIX=mix_scale is not None,
+        PREC=_precision(q.dtype), SAVE=save, QUANT=low_bit is not None,
         num_warps=num_warps or _num_warps(block_q, D), **extra)
     return (out, o_s, lse) if save else out
 
@@ -277,13 +337,20 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
                 proj_k: torch.Tensor | None = None, feature_map: str = "softmax", qat: bool = False,
                 routing: Routing | None = None, return_stats: bool = False, **learned):
     """`sla2_reference` computed by the Triton kernels, learned parts (feature_q, feature_k, mix_scale)
-    included. QAT and `return_stats` have no kernel yet: the reference serves them, so the backend stays a
-    drop-in for every call."""
+    included. QAT runs the low-bit sparse branch where `lowbit_problem` allows, and trains as the reference
+    does (the low-bit forward's value, the full-precision kernels' gradients). `return_stats`, and QAT where
+    the low-bit branch cannot run, go to the reference, so the backend stays a drop-in for every call."""
     learned = {name: t for name, t in learned.items() if t is not None}
-    if qat or return_stats:
-        return sla2_reference(q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q,
-                              proj_k=proj_k, feature_map=feature_map, qat=qat, routing=routing,
-                              return_stats=return_stats, **learned)
+    options = dict(topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k,
+                   feature_map=feature_map, routing=routing, **learned)
+    if return_stats or (qat and lowbit_problem(q, block_q, block_k)):
+        return sla2_reference(q, k, v, qat=qat, return_stats=return_stats, **options)
+    if qat and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            q, k, v, alpha, proj_q, proj_k, *learned.values(), routing and routing.scores)):
+        exact = sla2_triton(q, k, v, **options)
+        with torch.no_grad():
+            low = sla2_triton(q, k, v, qat=True, **options)
+        return exact + (low - exact).detach()
     if not 0.0 < topk <= 1.0:
         raise ValueError(f"topk must be in (0, 1], got {topk}")
     if feature_map not in FEATURE_IDS:
@@ -310,5 +377,7 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, fq, fk, alpha,
                                                                                         mix_scale))):
         return sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k, feature_map=feature_map,
-                            fq=fq, mix_scale=mix_scale)  # inference: no autograd Function to set up
+                            fq=fq, mix_scale=mix_scale,  # inference: no autograd Function to set up
+                            low_bit=quantise_kv(k, v, block_k, k_bar if stats is not None else None) if qat
+                            else None)
     return _SLA2Function.apply(q, k, v, fq, fk, alpha, mix_scale, routing, stats, block_q, block_k, feature_map)

@@ -1,16 +1,16 @@
 """Triton kernels of SLA2's forward: block statistics, the router, the unkept sums and the fused attention.
 
-Four launches per call. `_stats_kernel`: one pass over K and V giving the key-block means the router
-needs and each key block's linear-branch statistics s_j = [h_j, z_j], h_j = φ(K_j)ᵀV_j (R×D) and
-z_j = Σφ(K_j) (R), flat in one row of R·D + R values in the input's dtype; with a learned feature map φ
-reads k·W_k (R columns). `_route_kernel`: per query block, the pooled query's scores against every
-(projected) key block, its top kk as an ascending index table and as a kept mask. `_unkept_sum_kernel`:
-the linear branch's statistics over the key blocks a query block did not keep, Σ_j (1 − kept_ij)·s_j,
-as one tensor-core product of the complement mask with the stacked s_j (each s_j read once per tile of
-query blocks instead of once per query block that keeps it; the backward sums its per-query-block
-gradients for the key blocks the same way, through the transposed mask). `_sla2_fwd_kernel`: per query
-block, online-softmax attention over the kept key blocks only, then the linear branch from its unkept
-sums and the α mix (per head, or per query from the loop's log-sum-exp), and one store.
+Four launches per call (five with QAT's low-bit sparse branch: `_quantise_kernel`). `_stats_kernel`: one
+pass over K and V giving the key-block means the router needs and each key block's linear-branch statistics
+s_j = [h_j, z_j], h_j = φ(K_j)ᵀV_j (R×D) and z_j = Σφ(K_j) (R), flat in one row of R·D + R values in the
+input's dtype; with a learned feature map φ reads k·W_k (R columns). `_route_kernel`: per query block, the
+pooled query's scores against every (projected) key block, its top kk as an ascending index table and as a
+kept mask. `_unkept_sum_kernel`: the linear branch's statistics over the key blocks a query block did not
+keep, Σ_j (1 − kept_ij)·s_j, as one tensor-core product of the complement mask with the stacked s_j (each
+s_j read once per tile of query blocks instead of once per query block that keeps it; the backward sums its
+per-query-block gradients for the key blocks the same way, through the transposed mask). `_sla2_fwd_kernel`:
+per query block, online-softmax attention over the kept key blocks only, then the linear branch from its
+unkept sums and the α mix (per head, or per query from the loop's log-sum-exp), and one store.
 Every tensor is read through explicit strides, so the B×N×3×H×D views JiT makes need no copy.
 Head dims that are not powers of two are padded in registers only (masked loads, nothing written padded);
 the head dim is a compile-time constant and ROW_ALIGN states what the token strides are multiples of, so
@@ -86,6 +86,13 @@ def _store_flat(row, h, z, rcols, rmask, cols, dmask, R: tl.constexpr, D: tl.con
 
 
 @triton.jit
+def _int8(x):
+    """Round half to even (as torch.round) and clamp to ±127, as int8: (x + 1.5·2²³) − 1.5·2²³ rounds an
+    fp32 |x| < 2²² to an integer in the hardware's default mode, the same on a GPU and in the interpreter."""
+    return tl.minimum(tl.maximum((x + 12582912.0) - 12582912.0, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
 def _stats_kernel(k_ptr, v_ptr, fk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   sf_b, sf_h, sf_n, sf_d, H, N, n_k, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                   BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr,
@@ -114,6 +121,33 @@ def _stats_kernel(k_ptr, v_ptr, fk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d,
     _store_flat(_flat_row(s_ptr, jb, R, D), h, z_j, rcols, rmask, cols, dmask, R, D)
     count = tl.minimum(N - j * BLOCK_K, BLOCK_K).to(tl.float32)
     tl.store(kbar_ptr + jb * D + cols, k_sum / count, mask=dmask)
+
+
+@triton.jit
+def _quantise_kernel(k_ptr, v_ptr, kmean_ptr, vscale_ptr, kq_ptr, kscale_ptr, vq_ptr, sk_b, sk_h, sk_n, sk_d,
+                     sv_b, sv_h, sv_n, sv_d, H, N, N_PAD, n_k, D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                     BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
+    """One key block for the low-bit sparse branch (`sla2.quant`'s scales): K minus its mean over all tokens
+    in INT8 with one scale per block (B·H×N_PAD×D_PAD and B·H×n_k), V in FP8 e4m3 with one scale per
+    channel, stored transposed (B·H×D_PAD×N_PAD: the P·V product's second operand contiguous along its
+    reduction, as Hopper's FP8 MMA reads it). Rows past N and padded channels are written as zeros."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, hh = _batch_and_head(bh, H)
+    cols = tl.arange(0, D_PAD)
+    dmask = cols < D
+    rows = j * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < N)[:, None] & dmask[None, :]
+    kt = tl.load(k_ptr + b * sk_b + hh * sk_h + _row_tile(rows, cols, sk_n, sk_d, ROW_ALIGN), mask=mask, other=0.0)
+    ks = tl.where(mask, kt.to(tl.float32) - tl.load(kmean_ptr + bh * D + cols, mask=dmask, other=0.0)[None, :], 0.0)
+    k_scale = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(ks), 1), 0), 1e-12), 127.0)
+    out = bh.to(tl.int64) * N_PAD * D_PAD
+    tl.store(kq_ptr + out + rows[:, None] * D_PAD + cols[None, :], _int8(tl.math.div_rn(ks, k_scale)))
+    tl.store(kscale_ptr + bh * n_k + j, k_scale)
+    vt = tl.load(v_ptr + b * sv_b + hh * sv_h + _row_tile(rows, cols, sv_n, sv_d, ROW_ALIGN), mask=mask, other=0.0)
+    v_scale = tl.load(vscale_ptr + bh * D + cols, mask=dmask, other=1.0)
+    v8 = tl.math.div_rn(vt.to(tl.float32), v_scale[None, :]).to(tl.float8e4nv)
+    tl.store(vq_ptr + out + cols[None, :] * N_PAD + rows[:, None], v8)
 
 
 @triton.jit
@@ -208,19 +242,23 @@ def _query_alpha(a, c, evidence, den):
 
 @triton.jit
 def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr, os_ptr, lse_ptr,
+                     kq_ptr, kscale_ptr, vq_ptr, vscale_ptr,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                      sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i, sm_h,
-                     H, N, n_q, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                     H, N, N_PAD, n_q, n_k, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                      FEATURE: tl.constexpr, LEARNED: tl.constexpr, LINEAR: tl.constexpr, MIX: tl.constexpr,
-                     PREC: tl.constexpr, SAVE: tl.constexpr):
+                     PREC: tl.constexpr, SAVE: tl.constexpr, QUANT: tl.constexpr):
     """One query block of one head: sparse softmax over its kk kept key blocks, linear over the rest, mixed.
 
     The linear branch reads the block's unkept sums from rest (`_unkept_sum_kernel`) after the attention
     loop, and φ's input from fq (q itself, or q·W_q of a learned feature map: R columns). α is read in its
     own dtype through strides sa_h, sa_i (sa_i = 0: one α per head). With MIX, α is per query
     (`_query_alpha`, scale c read from mix_ptr at stride sm_h) from the loop's log-sum-exp. With SAVE
-    (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N).
+    (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N). With QUANT the sparse
+    branch runs in low bit (`sla2.quant`'s QAT forward): this query block in INT8 with one scale, Q·Kᵀ as an
+    INT8 product against `_quantise_kernel`'s K, and P (exp(s − running max), scaled by 448) in FP8 e4m3
+    against its FP8 Vᵀ, accumulated in fp32; the linear branch is unchanged.
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -237,21 +275,38 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     acc = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
     blk = (bh * n_q + pid_q).to(tl.int64)
     idx_row = idx_ptr + blk * kk
+    if QUANT:
+        qf = q.to(tl.float32)
+        q_scale = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(qf), 1), 0), 1e-12), 127.0)
+        q8 = _int8(tl.math.div_rn(qf, q_scale))
+        kq_base = kq_ptr + bh.to(tl.int64) * N_PAD * D_PAD
+        vq_base = vq_ptr + bh.to(tl.int64) * N_PAD * D_PAD
     for t in range(kk):
         j = tl.load(idx_row + t)
         rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
         kvalid = rows_k < N
-        kvmask = kvalid[:, None] & dmask[None, :]
-        kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask, other=0.0)
-        vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        if QUANT:
+            k8 = tl.load(kq_base + rows_k[:, None] * D_PAD + cols[None, :])
+            scale = q_scale * tl.load(kscale_ptr + bh * n_k + j) * qk_scale
+            s = tl.dot(q8, tl.trans(k8)).to(tl.float32) * scale
+        else:
+            kvmask = kvalid[:, None] & dmask[None, :]
+            kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask, other=0.0)
+            vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         s = tl.where(kvalid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         corr = tl.exp2(m_i - m_new)
         l_i = l_i * corr + tl.sum(p, 1)
-        acc = acc * corr[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        if QUANT:
+            v8t = tl.load(vq_base + cols[:, None] * N_PAD + rows_k[None, :])
+            acc = acc * corr[:, None] + tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(v8t))
+        else:
+            acc = acc * corr[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
+    if QUANT:
+        acc = acc * (tl.load(vscale_ptr + bh * D + cols, mask=dmask, other=0.0) / 448.0)[None, :]
     out = acc / l_i[:, None]
     if SAVE:
         row_flat = bh.to(tl.int64) * N + rows_q

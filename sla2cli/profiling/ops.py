@@ -29,7 +29,7 @@ OP_NAME = "sla2cli::sla2_attention"
 
 def sla2_flops(batch: int, heads: int, tokens: int, head_dim: int, *, topk: float, block_q: int = 64,
                block_k: int = 64, router_projections: bool = True, backend: str = "torch",
-               qat: bool = False, feature_rank: int = 0) -> dict[str, int]:
+               feature_rank: int = 0) -> dict[str, int]:
     """FLOPs one SLA2 forward executes, by part: router, sparse (kept blocks only), linear, and total.
 
     router:  q̄ W_qᵀ and k̄ W_kᵀ on pooled blocks, then the n_q×n_k block scores; the Triton kernels fold the
@@ -43,7 +43,7 @@ def sla2_flops(batch: int, heads: int, tokens: int, head_dim: int, *, topk: floa
     n_q, n_k = num_blocks(N, block_q), num_blocks(N, block_k)
     kk = keep_count(topk, n_k)
     R = feature_rank or D
-    reference = backend != "triton" or qat  # QAT runs the reference in every backend
+    reference = backend != "triton"  # QAT's low-bit branch executes the Triton path's products
     router = 2 * B * H * n_q * n_k * D
     if router_projections:
         router += 2 * B * H * (n_q + n_k) * D * D if reference else 2 * H * D ** 3 + 2 * B * H * n_k * D * D
@@ -87,7 +87,7 @@ def _sla2_flop_formula(q_shape, k_shape, v_shape, alpha_shape, proj_q_shape, pro
                        feature_map, qat, backend, feature_q_shape=None, *args, out_shape=None, **kwargs) -> int:
     B, H, N, D = q_shape
     return sla2_flops(B, H, N, D, topk=topk, block_q=block_q, block_k=block_k,
-                      router_projections=proj_q_shape is not None, backend=backend, qat=qat,
+                      router_projections=proj_q_shape is not None, backend=backend,
                       feature_rank=feature_q_shape[-1] if feature_q_shape is not None else 0)["total"]
 
 
@@ -129,7 +129,7 @@ def _fvcore_sla2(inputs, outputs) -> int:
     has_proj = inputs[4].type().kind() != "NoneType"
     rank = _fv_shape(inputs[12])[-1] if len(inputs) > 12 and inputs[12].type().kind() != "NoneType" else 0
     return sla2_flops(B, H, N, D, topk=topk, block_q=block_q, block_k=block_k, router_projections=has_proj,
-                      backend=backend, qat=qat, feature_rank=rank)["total"] // 2
+                      backend=backend, feature_rank=rank)["total"] // 2
 
 
 def _fvcore_einsum(inputs, outputs) -> int:

@@ -74,7 +74,8 @@ def sla2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: f
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one B×H×N×D shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    fn = resolve(backend, q, feature_map=feature_map, qat=qat, return_stats=return_stats).fn
+    fn = resolve(backend, q, feature_map=feature_map, qat=qat, return_stats=return_stats, block_q=block_q,
+                 block_k=block_k).fn
     extra = {} if routing is None else {"routing": routing}
     extra.update({name: t for name, t in (("feature_q", feature_q), ("feature_k", feature_k),
                                             ("mix_scale", mix_scale)) if t is not None})
@@ -156,7 +157,8 @@ class SLA2Attention(nn.Module):
     def resolve_backend(self, q: torch.Tensor, return_stats: bool = False) -> Backend:
         """The backend this layer's `backend` setting runs inputs like `q` with (see `backends.resolve`)."""
         c = self.config
-        return resolve(self.backend, q, feature_map=c.feature_map, qat=c.qat, return_stats=return_stats)
+        return resolve(self.backend, q, feature_map=c.feature_map, qat=c.qat, return_stats=return_stats,
+                       block_q=c.block_q, block_k=c.block_k)
 
     def to_block_order(self, x: torch.Tensor) -> torch.Tensor:
         """B×H×N×D in the model's token order → SLA2's (prefix tokens last)."""

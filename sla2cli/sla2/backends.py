@@ -29,7 +29,8 @@ class Backend:
 
     `reference_fallback`: `fn` hands the qat / return_stats calls it has no kernel for to `sla2_reference`,
     so naming it explicitly stays valid for them, while "auto" prefers a backend that runs them itself.
-    `auto`: whether "auto" may pick it (False: only when named).
+    `auto`: whether "auto" may pick it (False: only when named). `qat_problem(q, block_q, block_k)`: why it
+    cannot run QAT itself for these inputs although it has a QAT kernel (None: it can).
     """
 
     name: str
@@ -42,8 +43,10 @@ class Backend:
     return_stats: bool = True
     reference_fallback: bool = False
     auto: bool = True
+    qat_problem: Callable[[torch.Tensor, int, int], str | None] | None = None
 
-    def problem(self, q: torch.Tensor, *, feature_map: str, qat: bool, return_stats: bool) -> str | None:
+    def problem(self, q: torch.Tensor, *, feature_map: str, qat: bool, return_stats: bool, block_q: int = 64,
+                block_k: int = 64) -> str | None:
         """What of these inputs it cannot run itself, worded to follow "cannot run" (None: it runs them all)."""
         if self.devices is not None and q.device.type not in self.devices:
             return f"{q.device.type} tensors"
@@ -55,6 +58,8 @@ class Backend:
             return f"feature map {feature_map!r}"
         if qat and not self.qat:
             return "qat"
+        if qat and self.qat_problem is not None and (why := self.qat_problem(q, block_q, block_k)):
+            return f"qat ({why})"
         if return_stats and not self.return_stats:
             return "return_stats"
         return None
@@ -109,12 +114,13 @@ def check_name(name: str, parameter: str = "backend") -> None:
         get(name, parameter)
 
 
-def resolve(name: str, q: torch.Tensor, *, feature_map: str, qat: bool, return_stats: bool) -> Backend:
+def resolve(name: str, q: torch.Tensor, *, feature_map: str, qat: bool, return_stats: bool, block_q: int = 64,
+            block_k: int = 64) -> Backend:
     """The backend that `backend=name` runs inputs like `q` with; InvalidParameter (a UsageError) where
     `name` is unknown or cannot run them."""
     if q.is_cuda:
         _load_kernels()
-    needs = dict(feature_map=feature_map, qat=qat, return_stats=return_stats)
+    needs = dict(feature_map=feature_map, qat=qat, return_stats=return_stats, block_q=block_q, block_k=block_k)
     if name == AUTO:
         for backend in reversed(_BACKENDS.values()):
             if backend.auto and backend.problem(q, **needs) is None:
@@ -123,7 +129,8 @@ def resolve(name: str, q: torch.Tensor, *, feature_map: str, qat: bool, return_s
                                choices=", ".join(_BACKENDS))
     backend = get(name)
     strict = not backend.reference_fallback  # with a fallback, the reference inside `fn` runs qat and return_stats
-    why = backend.problem(q, feature_map=feature_map, qat=qat and strict, return_stats=return_stats and strict)
+    why = backend.problem(q, feature_map=feature_map, qat=qat and strict, return_stats=return_stats and strict,
+                          block_q=block_q, block_k=block_k)
     if why is not None:
         able = [b.name for b in _BACKENDS.values() if b.problem(q, **needs) is None]
         raise InvalidParameter("backend", name, "{name} {value!r} cannot run {why}; backends that can: {choices}",
@@ -140,7 +147,8 @@ class _PredicateBackend(Backend):
 
     available: Callable[[torch.Tensor], bool] = lambda q: True
 
-    def problem(self, q: torch.Tensor, *, feature_map: str, qat: bool, return_stats: bool) -> str | None:
+    def problem(self, q: torch.Tensor, *, feature_map: str, qat: bool, return_stats: bool, block_q: int = 64,
+                block_k: int = 64) -> str | None:
         return None if self.available(q) else f"{q.device.type} tensors of dtype {q.dtype} (its predicate says no)"
 
 

@@ -114,6 +114,17 @@ def sla2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: f
     `routing` may be passed in (fine-tuning builds it with a soft mask); otherwise the router runs here.
     feature_q / feature_k (H×D×r) map q, k before φ; `mix_scale` makes α per query (`sla2_attention`).
     """
+    if qat and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            q, k, v, alpha, proj_q, proj_k, feature_q, feature_k, mix_scale, routing and routing.scores)):
+        # The low-bit forward's value with the full-precision backward (the paper's QAT, and the kernels').
+        options = dict(topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k,
+                       feature_map=feature_map, routing=routing, feature_q=feature_q, feature_k=feature_k,
+                       mix_scale=mix_scale)
+        exact = sla2_reference(q, k, v, **options)
+        with torch.no_grad():
+            low = sla2_reference(q, k, v, qat=True, return_stats=return_stats, **options)
+        out = exact + ((low[0] if return_stats else low) - exact).detach()
+        return (out, low[1]) if return_stats else out
     B, H, N, D = q.shape
     dtype = compute_dtype(q)
     scale = 1.0 / math.sqrt(D)
@@ -157,11 +168,12 @@ def sla2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: f
         s = torch.einsum("bhcqd,bhcjtd->bhcqjt", qs, kb).flatten(-2) * scale
         key_ok = _valid(N, block_k, q.device)[idx].flatten(-2)  # B×H×c×(kk·b_k)
         s = s.masked_fill(~key_ok[..., None, :], float("-inf"))
-        p = torch.softmax(s, dim=-1)
+        if qat:
+            p = quant.fp8_online_probabilities(s.unflatten(-1, (idx.shape[-1], block_k)))
+        else:
+            p = torch.softmax(s, dim=-1)
         if mix_scale is not None and not all_kept:
             lse_sparse = torch.logsumexp(s, dim=-1)  # B×H×c×b_q
-        if qat:
-            p = quant.fp8_e4m3(p)
         o = torch.einsum("bhcqn,bhcnd->bhcqd", p, vb.flatten(-3, -2))
         if return_stats:
             kb_exact = _gather_blocks(_blocks(kf, block_k), idx)

@@ -30,3 +30,30 @@ def _patch_interpreter_bf16_dot():
 
 
 _patch_interpreter_bf16_dot()
+
+
+def _patch_interpreter_fp8_cast():
+    """Triton's interpreter casts fp32 to FP8 e4m3 without the carry into the exponent when rounding up
+    (31.2 → 16, where the GPU's cvt.rn.satfinite and torch give 32); cast through torch instead.
+
+    The GPU compiler is unaffected (`bench/attention.py --low-bit` checks its kernels against the reference).
+    """
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            data = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.float8_e4m3fn).view(torch.uint8)
+            return interpreter.TensorHandle(data.numpy(), dst_type.scalar)
+        return original(self, src, dst_type, rounding_mode)
+
+    probe = interpreter.TensorHandle(np.array([31.2], dtype=np.float32), tl.float32)
+    back = original(interpreter.InterpreterBuilder(), probe, tl.float8e4nv, None)
+    if torch.from_numpy(back.data.copy()).view(torch.float8_e4m3fn).float().item() != 32.0:
+        interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
+
+
+_patch_interpreter_fp8_cast()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sla2cli.kernels import BACKEND
-from sla2cli.kernels.function import linear_stats, route_pooled, sla2_triton, sums_dtype, unkept_sums
+from sla2cli.kernels.function import linear_stats, lowbit_problem, route_pooled, sla2_triton, sums_dtype, unkept_sums
 from sla2cli.sla2 import backends
 from sla2cli.sla2.reference import sla2_reference
 from sla2cli.sla2.routing import num_blocks, route
@@ -209,10 +209,12 @@ def test_deterministic_run_to_run():
     assert torch.equal(sla2_triton(q, k, v, **kwargs), sla2_triton(q, k, v, **kwargs))
 
 
-def test_qat_is_served_by_the_reference():
+def test_qat_with_blocks_too_small_for_the_low_bit_products_is_served_by_the_reference():
     q, k, v = make_qkv(1, 2, 64, torch.float32, "bhnd", seed=12)
-    kwargs = dict(topk=0.4, alpha=torch.tensor([0.7, 0.9]), qat=True)
+    kwargs = dict(topk=0.4, alpha=torch.tensor([0.7, 0.9]), qat=True, block_q=32, block_k=16)
     assert torch.equal(sla2_triton(q, k, v, **kwargs), sla2_reference(q, k, v, **kwargs))
+    assert BACKEND.qat_problem is lowbit_problem and lowbit_problem(q, 32, 64) is None
+    assert "at least 16 queries and 32 keys, not 32/16" in lowbit_problem(q, 32, 16)
 
 
 def test_registered_as_triton_backend_for_cuda_only():
