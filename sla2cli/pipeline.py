@@ -1,11 +1,11 @@
-"""`sla2 demo`'s pipeline over the small JiT shipped inside the package (`models.shipped`, "demo").
+"""`sla2 demo`'s pipeline over a JiT shipped inside the package (`models.shipped`: "demo", or "showcase" on a GPU).
 
 The demo (the `step_*` functions, which `sla2 demo` runs in order) converts it with the balanced preset,
 calibrates α, measures every converted layer against dense attention, runs fine-tuning and profiling,
-samples dense and SLA2 from the same seeds, and measures a texture Fréchet distance. Each step returns
-plain data; the command renders it. Evaluation data are textures of seed HELD_OUT_SEED (calibration and measurement,
-never seen in training) and the reference set `textures.reference_set` (regenerated on the spot; nothing
-stored).
+samples dense and SLA2 from the same seeds, measures a texture Fréchet distance and, on a GPU, times
+sampling end to end. Each step returns plain data; the command renders it. Evaluation data are textures
+of the model's held-out seed (calibration and measurement, never seen in training) and the reference set
+`textures.reference_set` (regenerated on the spot; nothing stored), at the model's image size.
 
 Library code: nothing here prints.
 """
@@ -28,7 +28,7 @@ from .errors import InvalidParameter
 from .graphs import graphed
 from .metrics.grid import image_grid
 from .models.jit import JiT
-from .models.shipped import DEMO, DEMO_MODEL_PATH, HELD_OUT_SEED
+from .models.shipped import DEMO, SHIPPED_MODELS, ShippedModel
 from .sampling import paired_inputs, sample, to_uint8
 from .seeding import PROBE_NOISE
 from .sla2.backends import kernels_unavailable
@@ -41,7 +41,8 @@ DEMO_PRESET = "balanced"
 # What the demo converts with: the balanced preset plus the recipe's learned parts (a rank-16 feature map and α
 # per query, trained by stage 1; bench/RESULTS.md, "Quality recipe").
 DEMO_LEARNED = {"feature_rank": 16, "alpha_mode": "per_query"}
-CALIBRATION_OFFSET = 1_000  # calibration images are indices 1000.. of HELD_OUT_SEED; measurement uses 0..
+CALIBRATION_OFFSET = 1_000  # calibration images are indices 1000.. of the held-out seed; measurement uses 0..
+SPEED_CFG = 2.0  # guidance of the sampling-speed step (the quality protocol's, bench/quality.sh)
 
 
 def demo_settings():
@@ -65,13 +66,17 @@ class DemoPlan:
     train_textures: int  # the finetune's image folder: textures of the model's training seed
     profile_ms: float  # time per latency measurement
     fid_samples: int
+    speed_batch: int  # end-to-end sampling speed, dense vs SLA2, at this batch (0: not measured)
+    speed_steps: int  # its Heun steps, with guidance (SPEED_CFG) and bf16
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def plan_for(fast: bool, device: torch.device) -> DemoPlan:
-    """The demo's budget: under 3 minutes on a 2-core CPU (`--fast`: under one), 30 s on a GPU.
+    """The demo's budget: under 3 minutes on a 2-core CPU (`--fast`: under one), 30 s on a GPU for the demo
+    model. Sampling speed is measured on a GPU only, where forwards replay from CUDA graphs (on a CPU the
+    PyTorch reference of SLA2 is never faster).
 
     The finetune is stage 1 of the recipe (router, α and learned feature maps against the dense velocity) on
     textures of the training distribution, which lowers the held-out v-loss within a few steps where stage 2
@@ -83,14 +88,27 @@ def plan_for(fast: bool, device: torch.device) -> DemoPlan:
         return DemoPlan(fast=fast, eval_images=16, samples=8, sample_steps=10 if fast else 20,
                         sample_before_finetune=True, finetune_steps=20 if fast else 60, finetune_batch=8,
                         finetune_lr=1e-3, train_textures=256, profile_ms=10.0 if fast else 30.0,
-                        fid_samples=32 if fast else 128)
+                        fid_samples=32 if fast else 128, speed_batch=8, speed_steps=10 if fast else 50)
     if fast:
         return DemoPlan(fast=True, eval_images=2, samples=4, sample_steps=3, sample_before_finetune=False,
                         finetune_steps=2, finetune_batch=2, finetune_lr=1e-3, train_textures=8,
-                        profile_ms=1.0, fid_samples=4)
+                        profile_ms=1.0, fid_samples=4, speed_batch=0, speed_steps=0)
     return DemoPlan(fast=False, eval_images=12, samples=4, sample_steps=5, sample_before_finetune=True,
                     finetune_steps=12, finetune_batch=4, finetune_lr=1e-3, train_textures=64,
-                    profile_ms=10.0, fid_samples=8)
+                    profile_ms=10.0, fid_samples=8, speed_batch=0, speed_steps=0)
+
+
+def demo_model(name: str, device: torch.device) -> tuple[ShippedModel, str | None]:
+    """The shipped model `sla2 demo --model NAME` runs on `device` (checked to be installed), and a notice
+    when it is not the one asked for: a model too slow for a CPU gives way to the small demo model there."""
+    if name not in SHIPPED_MODELS:
+        raise InvalidParameter("model", name, "unknown {name} {value!r}; choose one of: {choices}",
+                               choices=", ".join(SHIPPED_MODELS))
+    shipped, notice = SHIPPED_MODELS[name], None
+    if shipped.needs_cuda and device.type != "cuda":
+        shipped, notice = DEMO, f"the {name} model needs a GPU; running the small {DEMO.name} model instead"
+    shipped.check_installed()
+    return shipped, notice
 
 
 @dataclass
@@ -101,6 +119,7 @@ class Demo:
     device: torch.device
     plan: DemoPlan
     seed: int = 0
+    shipped: ShippedModel = DEMO
     dense: JiT | None = None
     info: object = None
     candidates: list[int] = field(default_factory=list)
@@ -133,9 +152,13 @@ def load_backends(demo: Demo) -> None:
 def _eval_batch(demo: Demo, offset: int = 0) -> tuple[torch.Tensor, ...]:
     """(x, z, t, y): held-out textures, noised at t from JiT's training distribution; the same on every run."""
     n = demo.plan.eval_images
-    x, y = texture_batch(torch.arange(offset, offset + n), seed=HELD_OUT_SEED)
+    x, y = texture_batch(torch.arange(offset, offset + n), seed=demo.shipped.held_out_seed, size=_size(demo))
     z, t, _ = noised(x, range(offset, offset + n), seed=demo.seed, stream=PROBE_NOISE)
     return x.to(demo.device), z.to(demo.device), t.to(demo.device), y.to(demo.device)
+
+
+def _size(demo: Demo) -> int:
+    return demo.shipped.config.input_size
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -144,7 +167,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def step_model(demo: Demo) -> dict:
     """Load the shipped model; describe it; show that it is trained (v-loss) and attends sparsely (entropy)."""
-    demo.dense, demo.info = DEMO.load(device=demo.device)
+    demo.dense, demo.info = demo.shipped.load(device=demo.device)
     cfg = demo.dense.config
     x, z, t, y = _eval_batch(demo)
     with torch.no_grad():
@@ -159,9 +182,9 @@ def step_model(demo: Demo) -> dict:
         n_k = num_blocks(r["tokens"], 64)
         r.update({"attention_entropy": e["entropy"], "log_n": e["log_n"], "key_blocks_64": n_k})
     prov = demo.info.provenance
-    return {"path": str(DEMO_MODEL_PATH), "config": cfg.to_dict(),
+    return {"path": str(demo.shipped.path), "config": cfg.to_dict(),
             "parameters": sum(p.numel() for p in demo.dense.parameters()),
-            "file_bytes": DEMO_MODEL_PATH.stat().st_size, "classes": list(CLASS_NAMES),
+            "file_bytes": demo.shipped.path.stat().st_size, "classes": list(CLASS_NAMES),
             "trained": {k: prov.get(k) for k in ("steps", "batch_size", "train_seconds", "device", "date")},
             "held_out_v_loss": loss, "per_layer": rows}
 
@@ -193,7 +216,7 @@ def step_profile(demo: Demo) -> dict:
     report = profile_model(model, device=demo.device, dtype=dtype, batch_size=1,
                            timer=Timer(demo.device, warmup_ms=plan.profile_ms, rep_ms=plan.profile_ms,
                                        min_run_time=plan.profile_ms / 1e3),
-                           seed=demo.seed, label=f"{DEMO_MODEL_PATH.name} (candidate layers, {DEMO_PRESET})")
+                           seed=demo.seed, label=f"{demo.shipped.path.name} (candidate layers, {DEMO_PRESET})")
     del model
     recommended = list(report["recommendation"]["convert"])
     if recommended:
@@ -213,10 +236,10 @@ def step_convert(demo: Demo) -> dict:
     demo.converted = copy.deepcopy(demo.dense)
     result = convert_model(demo.converted, layer_spec=demo.layers, settings=settings, calibration=(z, t, y))
     demo.converted.eval()
-    dst = demo.out / "demo-jit-sla2.safetensors"
-    write_converted(demo.converted, DEMO_MODEL_PATH, dst, demo.info, force=True, preset=DEMO_PRESET,
+    dst = demo.out / f"{demo.shipped.path.stem}-sla2.safetensors"
+    write_converted(demo.converted, demo.shipped.path, dst, demo.info, force=True, preset=DEMO_PRESET,
                     calibration_samples=demo.plan.eval_images,
-                    calibration=f"held-out textures (seed {HELD_OUT_SEED}), noised at JiT's training t")
+                    calibration=f"held-out textures (seed {demo.shipped.held_out_seed}), noised at JiT's training t")
     demo.files["converted"] = str(dst)
     return {"layers": result.layers, "settings": settings.to_dict(), "calibrated_alpha": result.calibrated_alpha,
             "per_layer": result.rows, "output": str(dst), "warnings": result.warnings}
@@ -244,8 +267,8 @@ def step_finetune(demo: Demo) -> dict:
 
     plan = demo.plan
     src = Path(demo.files["converted"])
-    dst = demo.out / "demo-jit-sla2-finetuned.safetensors"
-    images, labels = texture_batch(torch.arange(plan.train_textures), seed=TRAIN_SEED)
+    dst = demo.out / f"{demo.shipped.path.stem}-sla2-finetuned.safetensors"
+    images, labels = texture_batch(torch.arange(plan.train_textures), seed=TRAIN_SEED, size=_size(demo))
     folder = write_textures(demo.out / "train-textures", images, labels)
     model, info = load_model(src)
     config = FinetuneConfig(steps=plan.finetune_steps, batch_size=plan.finetune_batch, lr=plan.finetune_lr,
@@ -328,10 +351,10 @@ def step_fid(demo: Demo) -> dict:
 
     plan = demo.plan
     model = Path(demo.files.get("finetuned") or demo.files["converted"])
-    reference = write_textures(demo.out / "reference", reference_set(plan.fid_samples)[0])
+    reference = write_textures(demo.out / "reference", reference_set(plan.fid_samples, size=_size(demo))[0])
     request = EvalRequest(model=model, num_samples=plan.fid_samples, ref=str(reference), features="textures",
                           out=demo.out / f"samples-{model.stem}", steps=plan.sample_steps, cfg=1.0,
-                          batch_size=min(64, plan.fid_samples), seed=demo.seed, compare_to=DEMO_MODEL_PATH,
+                          batch_size=min(64, plan.fid_samples), seed=demo.seed, compare_to=demo.shipped.path,
                           device=demo.device, dtype=torch.float32)
     report = evaluate(request)
     report["reference_set"] = (f"{plan.fid_samples} textures of seed {REFERENCE_SEED} "
@@ -339,9 +362,42 @@ def step_fid(demo: Demo) -> dict:
     return report
 
 
+def step_speed(demo: Demo) -> dict:
+    """End-to-end sampling speed of the dense and the SLA2 model (finetuned where the demo finetuned): images/s
+    of JiT's Heun sampler with guidance, bf16 autocast, every forward replayed from CUDA graphs (the path
+    `eval-fid` samples on), each whole sampling run timed by `profiling.Timer` (median and IQR)."""
+    from .metrics.generate import autocast
+    from .profiling import Timer
+
+    plan = demo.plan
+    cfg = demo.dense.config
+    noise, labels = paired_inputs(demo.seed, range(plan.speed_batch),
+                                  (cfg.in_channels, cfg.input_size, cfg.input_size), cfg.num_classes, cfg.noise_scale)
+    noise, labels = noise.to(demo.device), labels.to(demo.device)
+    timer = Timer(demo.device, warmup_ms=plan.profile_ms, rep_ms=plan.profile_ms, min_run_time=plan.profile_ms / 1e3)
+    sla2 = demo.tuned if demo.tuned is not None else demo.converted
+    models = {}
+    for name, model in (("dense", demo.dense), ("SLA2", sla2)):
+        net = graphed(model, demo.device)
+
+        def run(net=net):
+            with autocast(demo.device, torch.bfloat16):
+                return sample(net, noise, labels, steps=plan.speed_steps, cfg=SPEED_CFG)
+
+        timer.warm_up(run)
+        timing = timer.eager(run)
+        models[name] = {"ms_per_batch": timing.ms, "iqr_ms": timing.iqr_ms, "repeats": timing.samples,
+                        "images_per_second": plan.speed_batch / (timing.ms / 1e3)}
+    return {"batch": plan.speed_batch, "steps": plan.speed_steps, "cfg": SPEED_CFG, "sampler": "jit (Heun)",
+            "dtype": "bf16", "cuda_graphs": demo.device.type == "cuda", "layers": demo.layers,
+            "timer": timer.describe(), "models": models,
+            "speedup": models["SLA2"]["images_per_second"] / models["dense"]["images_per_second"]}
+
+
 def write_manifest(demo: Demo, timings: dict[str, float]) -> Path:
     path = demo.out / MANIFEST
-    document = {"format": "sla2cli-demo", "complete": True, "plan": demo.plan.to_dict(), "device": str(demo.device),
+    document = {"format": "sla2cli-demo", "complete": True, "model": demo.shipped.name,
+                "plan": demo.plan.to_dict(), "device": str(demo.device),
                 "seed": demo.seed, "layers": demo.layers, "files": demo.files, "notices": demo.notices,
                 "seconds": timings, "results": demo.results}
     path.write_text(json.dumps(document, indent=1, default=str) + "\n")

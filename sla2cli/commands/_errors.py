@@ -41,6 +41,8 @@ FLAGS: dict[str, str | dict[str, str] | None] = {
     "workers": "--workers",
     # quality
     "samples": "-n/--samples", "dense": "--dense",
+    # demo
+    "model": "--model",
 }
 
 

@@ -1,4 +1,4 @@
-"""`sla2 demo`: the whole pipeline on the small JiT shipped inside the package, nothing downloaded."""
+"""`sla2 demo`: the whole pipeline on a JiT shipped inside the package (`--model`), nothing downloaded."""
 
 from __future__ import annotations
 
@@ -133,11 +133,24 @@ def _render_fid(r: dict, console) -> None:
                   "samples make it a smoke test of the pipeline, not a quality number", style="dim")
 
 
+def _render_speed(r: dict, console) -> None:
+    table = Table(title=f"sampling speed, end to end ({r['batch']} images per batch, {r['steps']} Heun steps, CFG "
+                        f"{r['cfg']}, {r['dtype']}, CUDA graphs)", title_justify="left")
+    for name in ("model", "images/s", "ms per batch (median)", "IQR ms"):
+        table.add_column(name, justify="right")
+    for name, m in r["models"].items():
+        table.add_row(name, f"{m['images_per_second']:.2f}", f"{m['ms_per_batch']:.1f}", f"{m['iqr_ms']:.1f}")
+    console.print(table)
+    console.print(f"SLA2 (layers {', '.join(map(str, r['layers']))}) samples {r['speedup']:.2f}x as many images per "
+                  "second as the dense model", highlight=False)
+
+
 class Step(NamedTuple):
     key: str
     title: str
     function: str  # the `sla2cli.pipeline` step that runs it, imported only when the demo runs (it needs torch)
     render: Callable
+    when: str | None = None  # the DemoPlan field that must be set for this step to run (None: always)
 
     def run(self, demo):
         from .. import pipeline
@@ -154,6 +167,7 @@ STEPS: list[Step] = [
     Step("measure", "stats --measure", "step_measure", _render_measure),
     Step("samples", "dense vs SLA2 samples", "step_samples", _render_samples),
     Step("fid", "eval-fid", "step_fid", _render_fid),
+    Step("speed", "sampling speed, dense vs SLA2", "step_speed", _render_speed, when="speed_batch"),
 ]
 
 
@@ -182,6 +196,12 @@ def summary_table(r: dict, layers: list[int], timings: dict[str, float]) -> Tabl
     fid = r.get("fid")
     if fid is not None:
         table.add_row(f"{fid['features']['metric']} vs reference textures", f"{fid['fid']:.2f}")
+    speed = r.get("speed")
+    if speed is not None:
+        m = speed["models"]
+        table.add_row(f"sampling images/s, dense → SLA2 (batch {speed['batch']}, {speed['steps']} steps, CFG)",
+                      f"{m['dense']['images_per_second']:.2f} → {m['SLA2']['images_per_second']:.2f} "
+                      f"({speed['speedup']:.2f}x)")
     for step, seconds in timings.items():
         table.add_row(f"time: {step}", f"{seconds:.1f} s")
     table.add_row("time: total", f"{sum(timings.values()):.1f} s")
@@ -192,27 +212,35 @@ def command(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the converted and finetuned models, the sample "
                                           "grid and sla2-demo.json (made if absent; reused only if an earlier demo "
                                           "made it).", parser=local_path)] = Path("sla2-demo"),
+    model: Annotated[str, typer.Option("--model", help="The shipped model: demo (64x64 px, 1024 tokens; runs on a "
+                                       "CPU) or showcase (128x128 px, 4096 tokens, where attention is most of the "
+                                       "forward; needs a GPU, the demo model runs instead on a CPU).")] = "demo",
     fast: Annotated[bool, typer.Option("--fast", help="Fewer samples, steps and repetitions: the same pipeline "
                                        "in a fraction of the time, with noisier numbers (for tests).")] = False,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
     json_output: JsonOpt = False,
 ):
-    """Run stats, profile, convert, finetune, stats --measure and eval-fid on the small JiT shipped with sla2cli."""
+    """Run stats, profile, convert, finetune, stats --measure, eval-fid and (on a GPU) a sampling-speed
+    comparison on a JiT shipped with sla2cli."""
     import torch
 
     from .. import pipeline as lib
 
     out = Output(json_output)
     dev = resolve_device(device)
+    shipped, fallback = lib.demo_model(model, dev)
+    if fallback:
+        out.warn(fallback)
     lib.prepare_out(out_dir)
-    demo = lib.Demo(out=out_dir, device=dev, plan=lib.plan_for(fast, dev), seed=seed)
+    demo = lib.Demo(out=out_dir, device=dev, plan=lib.plan_for(fast, dev), seed=seed, shipped=shipped)
     lib.load_backends(demo)
+    steps = [step for step in STEPS if step.when is None or getattr(demo.plan, step.when)]
     timings: dict[str, float] = {}
     torch.manual_seed(seed)
-    for number, step in enumerate(STEPS, 1):
+    for number, step in enumerate(steps, 1):
         if not json_output:
-            out.stdout.print(Rule(f"{number}/{len(STEPS)}  {step.title}", align="left"))
+            out.stdout.print(Rule(f"{number}/{len(steps)}  {step.title}", align="left"))
         start = time.perf_counter()
         with out.progress() as progress:
             progress.add_task(step.title, total=None)
@@ -222,8 +250,9 @@ def command(
             step.render(demo.results[step.key], out.stdout)
     seconds = {k: round(v, 2) for k, v in timings.items()}
     manifest = lib.write_manifest(demo, seconds)
-    document = {"out": str(out_dir), "device": str(dev), "plan": demo.plan.to_dict(), "layers": demo.layers,
-                "files": {**demo.files, "manifest": str(manifest)}, "notices": demo.notices,
+    document = {"out": str(out_dir), "device": str(dev), "model": shipped.name, "plan": demo.plan.to_dict(),
+                "layers": demo.layers, "files": {**demo.files, "manifest": str(manifest)},
+                "notices": ([fallback] if fallback else []) + demo.notices,
                 "seconds": seconds, "results": demo.results}
     for notice in demo.notices:
         out.warn(notice)

@@ -1,10 +1,17 @@
 """Trained models shipped inside the package, by name.
 
-"demo" (`sla2cli/assets/demo-jit.safetensors`) is a class-conditional JiT (64x64 px, patch 2: 1024 image
-tokens + 8 in-context tokens, width 192, depth 6, 3 heads of 64) trained by `scripts/train_demo_model.py`
-on the procedural batik-like textures of `sla2cli.data.textures`. Its weight matrices are stored in
-float16 (vectors and the position table in float32) to keep the file under 10 MB; `load_model` reads a
-file of mixed dtypes into a float32 model.
+Both are class-conditional JiTs trained by `scripts/train_demo_model.py` on the procedural batik-like
+textures of `sla2cli.data.textures` (seed 0); their weight matrices are stored in float16 (vectors and the
+position table in float32) and `load_model` reads such a file of mixed dtypes into a float32 model.
+
+- "demo" (`assets/demo-jit.safetensors`, 9.2 MB): 64x64 px, patch 2 (1024 image tokens + 8 in-context
+  tokens), width 192, depth 6, 3 heads of 64; small enough for `sla2 demo` on a CPU, but attention is only
+  47% of its forward FLOPs, so SLA2 cannot make it much faster.
+- "showcase" (`assets/showcase-jit.safetensors`, 14.2 MB, 6.29 M parameters): 128x128 px, patch 2 (4096
+  image tokens + 8 in-context tokens), width 192, depth 8, 3 heads of 64. Attention is 78% of a forward's
+  FLOPs (103.4 of 132.5 GFLOP per image, torch and fvcore counters alike): the model on which SLA2 can
+  be both faster and as good. Width and depth are the largest that keep the file well under 16 MB (the
+  position table alone is 3.1 MB in float32); it needs a GPU.
 """
 
 from __future__ import annotations
@@ -30,12 +37,17 @@ class ShippedModel:
     path: Path
     config: JiTConfig
     held_out_seed: int
+    needs_cuda: bool = False  # too slow for a CPU
 
-    def load(self, device="cpu") -> tuple[JiT, LoadInfo]:
-        """The model (float32, eval mode) and its LoadInfo."""
+    def check_installed(self) -> None:
+        """The one-line error of a model file missing from this installation."""
         if not self.path.exists():
             raise CheckpointError(f"the {self.name} model {self.path} is missing from this installation; "
                                   "reinstall sla2cli (pip install -e .)")
+
+    def load(self, device="cpu") -> tuple[JiT, LoadInfo]:
+        """The model (float32, eval mode) and its LoadInfo."""
+        self.check_installed()
         return load_model(self.path, device=device)
 
 
@@ -46,9 +58,15 @@ SHIPPED_MODELS = {
                          ffn_hidden_dim=512, num_classes=8, bottleneck_dim=16, in_context_len=8,
                          in_context_start=2, noise_scale=1.0),
         held_out_seed=7_777),  # training drew textures of seed 0 only
+    "showcase": ShippedModel(
+        name="showcase", path=ASSETS / "showcase-jit.safetensors",
+        config=JiTConfig(input_size=128, patch_size=2, in_channels=3, hidden_size=192, depth=8, num_heads=3,
+                         ffn_hidden_dim=512, num_classes=8, bottleneck_dim=16, in_context_len=8,
+                         in_context_start=2, noise_scale=1.0),
+        held_out_seed=8_888, needs_cuda=True),  # training drew textures of seed 0 only
 }
 
-DEMO = SHIPPED_MODELS["demo"]
+DEMO, SHOWCASE = SHIPPED_MODELS["demo"], SHIPPED_MODELS["showcase"]
 DEMO_MODEL_PATH, DEMO_CONFIG, HELD_OUT_SEED = DEMO.path, DEMO.config, DEMO.held_out_seed
 
 

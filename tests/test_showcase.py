@@ -1,0 +1,239 @@
+"""The showcase model (issue 18): its architecture, the training script's options for it (resume across calls),
+and `sla2 demo --model`; the trained asset (made on a GPU by bench/showcase.sh) loads and gives its stored forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from sla2cli.data.textures import TRAIN_SEED, texture_batch
+from sla2cli.errors import CheckpointError
+from sla2cli.models.jit import JiT, JiTConfig
+from sla2cli.models.shipped import DEMO, SHIPPED_MODELS, SHOWCASE, half_storage_copy
+from sla2cli.pipeline import MANIFEST, demo_model, plan_for
+from sla2cli.profiling import model_flops
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
+MiB = 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def script():
+    """scripts/train_demo_model.py as a module (registered: its dataclass resolves annotations through it)."""
+    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+# --- the architecture -----------------------------------------------------------------------------------
+
+def test_showcase_has_4096_tokens_heads_of_64_and_a_file_under_16_mb():
+    c = SHOWCASE.config
+    assert c.grid_size ** 2 == 4096 and c.tokens(c.depth - 1) == 4096 + c.in_context_len and c.head_dim == 64
+    model = JiT(c)
+    assert sum(p.numel() for p in model.parameters()) <= 7.5e6
+    shipped = half_storage_copy(model)
+    size = len(save({k: v.contiguous() for k, v in shipped.state_dict().items()}))
+    assert size < 15 * MiB, size / MiB  # the device returns files of 16 MiB at most
+    assert SHOWCASE.held_out_seed not in (TRAIN_SEED, DEMO.held_out_seed) and SHOWCASE.needs_cuda
+
+
+def test_attention_is_most_of_the_showcase_forward():
+    flops = model_flops(JiT(SHOWCASE.config), batch_size=1, resolution=128, counter="fvcore")
+    share = sum(flops.dense_attention) / flops.dense_total
+    assert 0.75 < share < 0.8, share  # recorded in models/shipped.py: 78% (103.4 of 132.5 GFLOP)
+    demo = model_flops(JiT(DEMO.config), batch_size=1, resolution=64, counter="fvcore")
+    assert sum(demo.dense_attention) / demo.dense_total < 0.5
+
+
+def test_textures_render_at_128_px():
+    x, y = texture_batch(torch.arange(16), seed=SHOWCASE.held_out_seed, size=128)
+    assert x.shape == (16, 3, 128, 128) and x.min() >= -1 and x.max() <= 1
+    assert (x.flatten(1).std(dim=1) > 0.1).all()
+
+
+# --- the training script ----------------------------------------------------------------------------------
+
+def _args(script, tmp_path, *extra):
+    return script.parse_args(["--device", "cpu", "--out-dir", str(tmp_path), "--minutes", "100000", *map(str, extra)])
+
+
+def _state(folder: Path) -> dict:
+    return {part: torch.load(folder / f"{part}.pt", weights_only=True) for part in ("model", "ema", "exp_avg",
+                                                                                   "exp_avg_sq")}
+
+
+def test_showcase_two_step_smoke_training_with_a_compact_state(script, tmp_path):
+    args = _args(script, tmp_path, "--model", "showcase", "--max-steps", 2, "--batch-size", 1, "--save-state",
+                 "--compact-state")
+    assert (args.lr, args.warmup, args.minutes) == (6e-4, 100, 100000)  # the recipe fills what is not given
+    ema, record = script.train(args)
+    assert record["steps"] == 2 and [s for s, _ in record["history"]] == [0, 1]
+    assert ema.config == SHOWCASE.config
+    folder = script.state_folder(tmp_path, SHOWCASE)
+    for part in folder.iterdir():  # each comes back from a device call (16 MiB a file)
+        assert part.stat().st_size < 12 * MiB, part
+    state = _state(folder)
+    assert {v.dtype for v in state["model"]["weights"].values()} == {torch.float16}
+    assert {v.dtype for v in state["exp_avg_sq"]["moments"].values()} == {torch.bfloat16}
+
+
+def test_resume_continues_the_step_count_exactly(script, tmp_path):
+    """Two steps, or one step, the state, and one more step in a second call: the same weights, EMA, moments."""
+    whole, first, second = tmp_path / "whole", tmp_path / "first", tmp_path / "second"
+    common = ("--batch-size", 2, "--save-state", "--eval-images", 1, "--sample-steps", 0)
+    script.train(_args(script, whole, "--max-steps", 2, *common))
+    script.train(_args(script, first, "--max-steps", 1, *common))
+    assert script.main(["--device", "cpu", "--out-dir", str(second), "--minutes", "100000", "--max-steps", "2",
+                        "--resume", str(script.state_folder(first, DEMO)), *map(str, common)]) == 0
+    a, b = _state(script.state_folder(whole, DEMO)), _state(script.state_folder(second, DEMO))
+    assert a["model"]["step"] == b["model"]["step"] == 2 and b["model"]["calls"] == 2
+    assert a["model"]["history"] == b["model"]["history"]
+    for part, key in (("model", "weights"), ("ema", "weights"), ("exp_avg", "moments"), ("exp_avg_sq", "moments")):
+        # the cosine is a function of wall time over a budget of 10^5 minutes: equal up to rounding
+        torch.testing.assert_close(b[part][key], a[part][key], rtol=1e-6, atol=1e-7)
+    assert b["model"]["elapsed"] > _state(script.state_folder(first, DEMO))["model"]["elapsed"]
+    record = json.loads((second / "demo-train.json").read_text())
+    assert record["steps"] == 2 and record["calls"] == 2 and record["provenance"]["calls"] == 2
+    assert (second / "demo-jit.safetensors").exists() and (second / "demo-loss.png").exists()
+    assert not (second / "demo-samples.png").exists()  # --sample-steps 0: no grids
+
+
+def test_a_call_ends_after_call_minutes_and_a_resume_needs_the_same_options(script, tmp_path):
+    _, record = script.train(_args(script, tmp_path, "--batch-size", 2, "--save-state", "--call-minutes", 0))
+    assert record["steps"] == 0
+    folder = script.state_folder(tmp_path, DEMO)
+    with pytest.raises(SystemExit, match="--batch-size 2 \\(now 4\\)"):
+        script.train(_args(script, tmp_path / "next", "--batch-size", 4, "--resume", folder))
+
+
+def test_sample_grid_at_128_px_is_not_enlarged(script, tmp_path):
+    from PIL import Image
+
+    config = JiTConfig(input_size=128, patch_size=16, hidden_size=64, depth=1, num_heads=1, ffn_hidden_dim=64,
+                       num_classes=8, bottleneck_dim=16, in_context_len=0)
+    path = tmp_path / "grid.png"
+    script.sample_grid(JiT(config).eval(), SHOWCASE.held_out_seed, torch.device("cpu"), path, per_class=1, steps=1,
+                       cfg=1.0, title="t")
+    # 96 px of class names, two held-out images and one sample of 128 + 4 px, a 12 px gap; a 22 px title row
+    assert Image.open(path).size == (96 + 3 * 132 + 12, 22 + 8 * 132)
+
+
+# --- sla2 demo --model ------------------------------------------------------------------------------------
+
+def test_demo_model_choice_and_cpu_fallback():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert demo_model("demo", cpu) == (DEMO, None)
+    shipped, notice = demo_model("showcase", cpu)
+    assert shipped is DEMO and "needs a GPU" in notice and "demo model" in notice and "\n" not in notice
+    if SHOWCASE.path.exists():
+        assert demo_model("showcase", cuda) == (SHOWCASE, None)
+    else:
+        with pytest.raises(CheckpointError, match="missing from this installation"):
+            demo_model("showcase", cuda)
+    assert plan_for(False, cpu).speed_batch == 0 and plan_for(False, cuda).speed_batch == 8
+
+
+def test_demo_on_a_cpu_warns_once_that_the_showcase_needs_a_gpu(cli, tmp_path):
+    foreign = tmp_path / "mine"  # refused right after the model is chosen: the pipeline never runs
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, _, stderr = cli("demo", "--model", "showcase", "--device", "cpu", "--out", foreign)
+    assert code == 2 and "not made by 'sla2 demo'" in stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "showcase model" in warnings[0] and "needs a GPU" in warnings[0]
+
+
+def test_demo_with_the_showcase_asset_missing_is_one_line(cli, tmp_path, monkeypatch):
+    absent = dataclasses.replace(SHOWCASE, path=tmp_path / "showcase-jit.safetensors", needs_cuda=False)
+    monkeypatch.setitem(SHIPPED_MODELS, "showcase", absent)  # as on a GPU, where there is no fallback
+    with pytest.raises(CheckpointError, match="missing from this installation"):
+        absent.load()
+    out = tmp_path / "out"
+    code, stdout, stderr = cli("demo", "--model", "showcase", "--device", "cpu", "--out", out)
+    assert code != 0 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "showcase model" in lines[0] and "missing from this installation" in lines[0]
+    assert not out.exists()  # nothing made before the check
+
+
+def test_demo_refuses_an_unknown_model(cli, tmp_path):
+    code, _, stderr = cli("demo", "--model", "huge", "--out", tmp_path / "out")
+    assert code == 2 and "--model" in stderr and "demo, showcase" in stderr
+
+
+def test_speed_step_rendering():
+    from rich.console import Console
+
+    from sla2cli.commands.demo import STEPS, summary_table
+
+    speed = {"batch": 8, "steps": 50, "cfg": 2.0, "dtype": "bf16", "layers": [0, 1], "speedup": 1.6,
+             "models": {"dense": {"images_per_second": 5.0, "ms_per_batch": 1600.0, "iqr_ms": 4.0},
+                        "SLA2": {"images_per_second": 8.0, "ms_per_batch": 1000.0, "iqr_ms": 3.0}}}
+    step = next(s for s in STEPS if s.key == "speed")
+    assert step.when == "speed_batch"
+    console = Console(record=True, width=200)
+    step.render(speed, console)
+    console.print(summary_table({"speed": speed}, [0, 1], {"speed": 12.0}))
+    text = console.export_text()
+    assert "sampling speed, end to end" in text and "1.60x as many images" in text
+    assert "5.00 → 8.00 (1.60x)" in text
+
+
+def test_manifest_names_the_model(tmp_path):
+    from sla2cli.pipeline import Demo, write_manifest
+
+    demo = Demo(out=tmp_path, device=torch.device("cpu"), plan=plan_for(True, torch.device("cpu")))
+    assert json.loads(write_manifest(demo, {}).read_text())["model"] == "demo" and (tmp_path / MANIFEST).exists()
+
+
+def test_speed_step_times_dense_and_sla2_sampling(tmp_path):
+    """The step's arithmetic on a tiny model on a CPU (where `sla2 demo` never runs it: no CUDA graphs there)."""
+    import copy
+
+    from conftest import nonzero_model
+
+    from sla2cli.pipeline import Demo, demo_settings, step_speed
+    from sla2cli.sla2.layers import apply_sla2
+
+    cpu = torch.device("cpu")
+    plan = dataclasses.replace(plan_for(True, cpu), speed_batch=1, speed_steps=1, profile_ms=1.0)
+    dense = nonzero_model()
+    converted = copy.deepcopy(dense)
+    apply_sla2(converted, [0, 1], demo_settings())
+    demo = Demo(out=tmp_path, device=cpu, plan=plan, dense=dense, converted=converted.eval(), layers=[0, 1])
+    r = step_speed(demo)
+    assert (r["batch"], r["steps"], r["cfg"], r["layers"]) == (1, 1, 2.0, [0, 1])
+    for m in r["models"].values():
+        assert m["images_per_second"] == pytest.approx(1 / (m["ms_per_batch"] / 1e3)) and m["repeats"] >= 5
+    dense_ips, sla2_ips = (r["models"][k]["images_per_second"] for k in ("dense", "SLA2"))
+    assert r["speedup"] == pytest.approx(sla2_ips / dense_ips)
+
+
+# --- the trained asset ------------------------------------------------------------------------------------
+
+def test_shipped_showcase_loads_and_gives_its_stored_forward():
+    """The asset in the package (trained by bench/showcase.sh on an H200): its architecture, and one forward
+    on fixed noise against the output stored when it shipped (every 8th pixel of a 1×3×128×128 x-prediction)."""
+    from safetensors.torch import load_file
+
+    model, info = SHOWCASE.load()
+    assert model.config == SHOWCASE.config and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert info.provenance["source"] == "scripts/train_demo_model.py" and info.provenance["steps"] > 0
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x, torch.tensor([0.5]), torch.tensor([3]))
+    assert out.shape == (1, 3, 128, 128)
+    stored = load_file(Path(__file__).parent / "data" / "showcase-forward.safetensors")["output"]
+    torch.testing.assert_close(out[:, :, ::8, ::8], stored, rtol=1e-4, atol=1e-4)
