@@ -9,13 +9,16 @@
 # (a quick smoke run elsewhere: DEVICE=cpu TRAIN_IMAGES=64 EVAL_IMAGES=16 PAIRED=2 bash bench/quality.sh /tmp/q "" 2 2;
 # ROWS="95:0.015:8" runs one row: TAG:TOPK:FEATURE_RANK, 16-token blocks; DATA="--data-free ..." trains on the
 # dense model's samples or sampling trajectories instead of the training textures; CONTROL=TAG: the row that
-# also trains the dense control, 90 by default)
+# also trains the dense control, 90 by default; MODEL=showcase runs the 4096-token showcase model instead of the demo
+# model, BLOCKS its block size (16 by default), SPEED=1 adds each row's end-to-end sampling speed against dense)
 set -euo pipefail
 out=${1:?output folder}
 source "$(dirname "$0")/gpu_env.sh" "${2:-}"
 router_steps=${3:-500}
 steps=${4:-300}
-demo=sla2cli/assets/demo-jit.safetensors
+model=${MODEL:-demo}
+demo=$(python3 -c "from sla2cli.models.shipped import SHIPPED_MODELS; print(SHIPPED_MODELS['$model'].path)")
+blocks=${BLOCKS:-16}
 dev=${DEVICE:-cuda}
 train=${TRAIN_IMAGES:-16384}
 eval=${EVAL_IMAGES:-512}
@@ -23,18 +26,19 @@ paired=${PAIRED:-128}
 mkdir -p "$out"
 read -r -a data <<< "${DATA:---data $out/train}"
 [ -n "${DATA:-}" ] && train=0
-python3 - "$out" "$train" "$eval" <<'PY'
+python3 - "$out" "$train" "$eval" "$model" <<'PY'
 import sys
 from pathlib import Path
 import torch
 from sla2cli.data.textures import TRAIN_SEED, texture_batch
-from sla2cli.models.shipped import HELD_OUT_SEED
+from sla2cli.models.shipped import SHIPPED_MODELS
 from sla2cli.pipeline import write_textures
-out = Path(sys.argv[1])
+out, shipped = Path(sys.argv[1]), SHIPPED_MODELS[sys.argv[4]]
+size = shipped.config.input_size
 if int(sys.argv[2]):
-    x, y = texture_batch(torch.arange(int(sys.argv[2])), seed=TRAIN_SEED)
+    x, y = texture_batch(torch.arange(int(sys.argv[2])), seed=TRAIN_SEED, size=size)
     write_textures(out / "train", x, y)
-x, y = texture_batch(torch.arange(int(sys.argv[3])), seed=HELD_OUT_SEED)
+x, y = texture_batch(torch.arange(int(sys.argv[3])), seed=shipped.held_out_seed, size=size)
 write_textures(out / "held-out", x, y)
 PY
 quality() {  # model tag
@@ -43,7 +47,7 @@ quality() {  # model tag
 }
 for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
     IFS=: read -r tag topk rank <<< "$row"
-    sla2 convert "$demo" -o "$out/c$tag.safetensors" --layers all --topk "$topk" --block-q 16 --block-k 16 \
+    sla2 convert "$demo" -o "$out/c$tag.safetensors" --layers all --topk "$topk" --block-q "$blocks" --block-k "$blocks" \
         --feature-rank "$rank" --alpha-mode per_query --no-qat --calibrate 16 --device "$dev" --json > "$out/convert$tag.json"
     sla2 profile "$out/c$tag.safetensors" --device "$dev" --json > "$out/profile$tag.json"
     extra=(); [ "$tag" = "${CONTROL:-90}" ] && extra=(--control)
@@ -53,6 +57,19 @@ for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
     quality "$out/f$tag.safetensors.stage1.safetensors" "stage1-$tag"
     quality "$out/f$tag.safetensors" "recipe-$tag"
     [ "$tag" = "${CONTROL:-90}" ] && quality "$out/f$tag.control.safetensors" "control-$tag"
+    if [ -n "${SPEED:-}" ]; then
+        python3 - "$out" "$tag" "$demo" "$dev" <<'PY'
+import json, sys
+from pathlib import Path
+import torch
+from sla2cli.checkpoints import load_model
+from sla2cli.pipeline import Demo, plan_for, step_speed
+out, tag, dense, dev = Path(sys.argv[1]), sys.argv[2], sys.argv[3], torch.device(sys.argv[4])
+demo = Demo(out=out, device=dev, plan=plan_for(False, dev))
+demo.dense, demo.tuned = (load_model(p, device=dev)[0].eval() for p in (dense, out / f"f{tag}.safetensors"))
+(out / f"speed{tag}.json").write_text(json.dumps(step_speed(demo), indent=1))
+PY
+    fi
     python3 - "$out" "$tag" <<'PY'
 import json, sys
 from pathlib import Path
@@ -64,6 +81,10 @@ q = {k: load(f"quality-{k}-{tag}.json") for k in ("stage1", "recipe", "control")
 line = f"{tag}%: attention FLOPs removed {removed:.2%} | stage 1 {r['stage1']['seconds']:.0f} s, stage 2 {r['stage2']['seconds']:.0f} s"
 for k, d in q.items():
     line += f" | {k}: v-loss {d['v_loss']['ratio']:.4f}x dense, PSNR {d['paired']['psnr_mean']:.2f} dB, SSIM {d['paired']['ssim_mean']:.3f}"
+if (out / f"speed{tag}.json").exists():
+    v = load(f"speed{tag}.json")
+    line += (f" | sampling {v['models']['dense']['images_per_second']:.2f} -> {v['models']['SLA2']['images_per_second']:.2f}"
+             f" images/s ({v['speedup']:.2f}x)")
 if "control" in q:
     line += f" | recipe/control {q['recipe']['v_loss']['model'] / q['control']['v_loss']['model']:.4f}x"
 print(line, flush=True)
