@@ -49,7 +49,8 @@ def stats_table(rows: list[dict], measured: dict[int, dict] | None = None) -> Ta
         if not r["converted"]:
             cells = [str(r["layer"]), "dense"] + ["-"] * (len(columns) - 2)
         else:
-            cells = [str(r["layer"]), "sla2", _fmt(r["topk"], 2), _kept(r), f"{r['block_q']},{r['block_k']}",
+            mode = "sla2" + (f"/{r['path']}" if r.get("path") else "")
+            cells = [str(r["layer"]), mode, _fmt(r["topk"], 2), _kept(r), f"{r['block_q']},{r['block_k']}",
                      r["feature_map"] + (f"(x·W, rank {r['feature_rank']})" if r.get("feature_rank") else ""),
                      _fmt(r["qat"]),
                      ("base " if r["alpha_mode"] == "per_query" else "")

@@ -105,3 +105,18 @@ def test_a_backend_whose_qat_kernel_cannot_run_these_blocks_leaves_qat_to_the_re
     assert resolve("auto", Q, **{**NEEDS, "qat": True}, block_q=32, block_k=16).name == "torch"
     with pytest.raises(UsageError, match=r"cannot run qat \(blocks too small\)"):
         resolve("lowbit", Q, **{**NEEDS, "qat": True}, block_q=32, block_k=16)
+
+
+def test_a_layer_says_which_path_its_qat_runs():
+    """`SLA2Attention.path`: the backend, and for QAT the low-bit kernels or the reference with the reason."""
+    from sla2cli.sla2.attention import SLA2Attention, SLA2Config
+
+    q = torch.zeros(1, 2, 8, 64)
+    plain = SLA2Attention(2, 64, SLA2Config(topk=0.5))
+    assert plain.path(q) == "torch"
+    qat = SLA2Attention(2, 64, SLA2Config(topk=0.5, qat=True))
+    assert qat.path(q).startswith("torch, QAT by the reference (")  # on the CPU: no low-bit kernel runs
+    register(Backend("lowbit", fake, qat_problem=lambda q, bq, bk: None))
+    assert qat.path(q) == "lowbit, QAT low-bit"
+    qat.backend = "torch"
+    assert qat.path(q) == "torch, QAT by the reference (backend 'torch' has no low-bit kernel)"

@@ -103,8 +103,9 @@ def test_profile_plot_without_matplotlib(cli, official_pth, tmp_path, monkeypatc
     assert not (tmp_path / "p.png").exists()
 
 
-def _row(tokens=4128, key_blocks=65, backend="triton"):
-    return {"layer": 4, "mode": "sla2", "tokens": tokens, "key_blocks": key_blocks, "block_k": 64, "backend": backend}
+def _row(tokens=4128, key_blocks=65, backend="triton", path=None):
+    return {"layer": 4, "mode": "sla2", "tokens": tokens, "key_blocks": key_blocks, "block_k": 64, "backend": backend,
+            "path": path or backend}
 
 
 def test_layer_advice_uses_gpu_time_at_launch_bound_sizes_and_says_why():
@@ -125,6 +126,10 @@ def test_layer_advice_uses_gpu_time_at_launch_bound_sizes_and_says_why():
     # the reference backend on a GPU is named as a reason; a long sequence slower for no listed reason says so
     advice = layer_advice(_row(backend="torch"), {"dense": {"ms": 2.0}, "sla2": {"ms": 9.0}}, cuda)
     assert advice["reason_codes"] == ["reference_backend"]
+    # so is a QAT layer whose backend hands its low-bit branch to the reference (here: no FP8), with the reason
+    qat = _row(path="triton, QAT by the reference (FP8 needs compute capability 8.9 or newer; this GPU has 8.0)")
+    advice = layer_advice(qat, {"dense": {"ms": 2.0}, "sla2": {"ms": 9.0}}, cuda)
+    assert advice["reason_codes"] == ["reference_backend"] and "this GPU has 8.0" in advice["reason"]
     advice = layer_advice(_row(), {"dense": {"ms": 2.0}, "sla2": {"ms": 2.5}}, cuda)
     assert advice["reason_codes"] == ["not_faster"]
 

@@ -31,6 +31,7 @@ def test_stats_lists_every_layer_with_alpha_and_router_drift(cli, official_pth, 
     assert r["kept_blocks"] == 1 and r["key_blocks"] == 5  # 256 + 8 tokens = 5 blocks, floor(1.25 + .5) = 1
     assert len(r["alpha"]) == 2 and len(r["alpha"][0]) == 5 and len(r["alpha_per_head"]) == 2
     assert r["router_drift_q"] == 0.0 and r["router_drift_k"] == 0.0
+    assert r["path"] == "torch"  # on the CPU: the reference; a QAT layer would also say which branch
     assert doc["provenance"]["source"] == official_pth.name
 
 

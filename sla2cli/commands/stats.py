@@ -70,7 +70,7 @@ def command(
                              trust_checkpoint=trust_checkpoint)
     if resolution is not None and (resolution <= 0 or resolution % model.config.patch_size):
         raise UsageError(f"--resolution must be a positive multiple of the patch size {model.config.patch_size}")
-    rows = describe_layers(model)
+    rows = describe_layers(model, dev, dt)
     dense = not info.sla2_layers
     measured, concentration = {}, None
     if measure or dense:

@@ -82,7 +82,7 @@ def per_layer_table(report: dict, wide: bool = False) -> Table:
         table.add_column(name, justify="left" if name == "advice" else "right", no_wrap=name != "advice")
     for r in rows:
         kept = f"{r['kept_blocks']}/{r['key_blocks']}" if r["mode"] == "sla2" else "-"
-        mode = r["mode"] + (f"/{r['backend']}" if r["backend"] else "")
+        mode = r["mode"] + (f"/{r['path']}" if r["path"] else "")
         cells = [str(r["layer"]), str(r["tokens"]), mode, kept]
         if wide:
             cells += [_g(r["dense_attention_flops"]), _g(r["sla2_attention_flops"])]

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import InvalidParameter, UsageError
 from ..serialization import JsonConfig
-from .backends import Backend, resolve
+from .backends import Backend, low_bit_problem, resolve
 from .feature_maps import FEATURE_MAPS
 from .routing import num_blocks
 
@@ -159,6 +159,18 @@ class SLA2Attention(nn.Module):
         c = self.config
         return resolve(self.backend, q, feature_map=c.feature_map, qat=c.qat, return_stats=return_stats,
                        block_q=c.block_q, block_k=c.block_k)
+
+    def path(self, q: torch.Tensor) -> str:
+        """What this layer runs inputs like `q` on, in words: its backend and, with QAT, whether the sparse
+        branch runs the low-bit kernels or the fake-quant reference (and why)."""
+        c = self.config
+        backend = self.resolve_backend(q)
+        if not c.qat:
+            return backend.name
+        why = low_bit_problem(q, feature_map=c.feature_map, block_q=c.block_q, block_k=c.block_k)
+        if why is None and backend.qat_problem is None:
+            why = f"backend {backend.name!r} has no low-bit kernel"
+        return f"{backend.name}, QAT low-bit" if why is None else f"{backend.name}, QAT by the reference ({why})"
 
     def to_block_order(self, x: torch.Tensor) -> torch.Tensor:
         """B×H×N×D in the model's token order → SLA2's (prefix tokens last)."""

@@ -138,6 +138,17 @@ def resolve(name: str, q: torch.Tensor, *, feature_map: str, qat: bool, return_s
     return backend
 
 
+def low_bit_problem(q: torch.Tensor, *, feature_map: str, block_q: int, block_k: int) -> str | None:
+    """Why no registered backend runs QAT's low-bit kernels on inputs like `q` (None: one does)."""
+    if q.is_cuda:
+        _load_kernels()
+    why = [b.problem(q, feature_map=feature_map, qat=True, return_stats=False, block_q=block_q, block_k=block_k)
+           for b in _BACKENDS.values() if b.qat_problem is not None]
+    if not why:
+        return "no low-bit kernel is registered" + (f" ({_load_kernels()})" if q.is_cuda and _load_kernels() else "")
+    return None if None in why else why[0].removeprefix("qat (").removesuffix(")")
+
+
 register(Backend("torch", sla2_reference))
 
 

@@ -29,8 +29,10 @@ def _drift(w: torch.Tensor) -> float:
     return ((w.detach().float() - eye).norm() / eye.norm()).item()
 
 
-def describe_layers(model: nn.Module) -> list[dict]:
-    """One record per block: converted or dense, and for SLA2 layers their settings, α and router drift."""
+def describe_layers(model: nn.Module, device: torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> list[dict]:
+    """One record per block: converted or dense, and for SLA2 layers their settings, α and router drift, and
+    with a `device` (and `dtype`) the path they run there (`SLA2Attention.path`)."""
     converted = sla2_layers(model)
     records = []
     for i, block in enumerate(transformer_blocks(model)):
@@ -54,6 +56,8 @@ def describe_layers(model: nn.Module) -> list[dict]:
                 "alpha_per_head": per_head.tolist(), "alpha": alpha.tolist(),
                 "router_drift_q": _drift(core.proj_q), "router_drift_k": _drift(core.proj_k),
             })
+            if device is not None:
+                record["path"] = core.path(torch.empty(1, heads, 1, record["head_dim"], device=device, dtype=dtype))
         records.append(record)
     return records
 
