@@ -23,12 +23,9 @@ def int8_per_block(x: torch.Tensor, block_dims: tuple[int, ...]) -> torch.Tensor
     return _straight_through(x, (x / scale).round().clamp(-INT8_MAX, INT8_MAX) * scale)
 
 
-def fp8_e4m3(x: torch.Tensor, reduce_dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """FP8 e4m3 with a scale over `reduce_dims` (None: values already in [0, 1], scaled by the format's max)."""
-    if reduce_dims is None:
-        scale = torch.tensor(1.0 / FP8_E4M3_MAX, dtype=x.dtype, device=x.device)
-    else:
-        scale = x.detach().abs().amax(dim=reduce_dims, keepdim=True).clamp_min(1e-12) / FP8_E4M3_MAX
+def fp8_e4m3(x: torch.Tensor, reduce_dims: tuple[int, ...]) -> torch.Tensor:
+    """FP8 e4m3 with one scale (max |x| / 448) over `reduce_dims`."""
+    scale = x.detach().abs().amax(dim=reduce_dims, keepdim=True).clamp_min(1e-12) / FP8_E4M3_MAX
     quantised = (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
     return _straight_through(x, quantised)
 
