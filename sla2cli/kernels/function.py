@@ -16,8 +16,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ..sla2.quant import FP8_E4M3_MAX
-from ..sla2.reference import feature_inputs, sla2_reference
+from ..sla2.quant import FP8_E4M3_MAX, straight_through_qat
+from ..sla2.reference import feature_inputs, requires_grad, sla2_reference
 from ..sla2.routing import Routing, keep_count, num_blocks
 from .sla2_triton import (
     FEATURE_IDS,
@@ -345,12 +345,8 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
                    feature_map=feature_map, routing=routing, **learned)
     if return_stats or (qat and lowbit_problem(q, block_q, block_k)):
         return sla2_reference(q, k, v, qat=qat, return_stats=return_stats, **options)
-    if qat and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-            q, k, v, alpha, proj_q, proj_k, *learned.values(), routing and routing.scores)):
-        exact = sla2_triton(q, k, v, **options)
-        with torch.no_grad():
-            low = sla2_triton(q, k, v, qat=True, **options)
-        return exact + (low - exact).detach()
+    if qat and requires_grad(q, k, v, alpha, proj_q, proj_k, *learned.values(), routing and routing.scores):
+        return straight_through_qat(sla2_triton, q, k, v, **options)
     if not 0.0 < topk <= 1.0:
         raise ValueError(f"topk must be in (0, 1], got {topk}")
     if feature_map not in FEATURE_IDS:
@@ -374,8 +370,7 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
                           mask=torch.ones((), device=q.device, dtype=torch.bool).expand(shape))
     routing = Routing(routing.scores, _indices(routing), routing.mask)  # int32 once, for forward and backward
     mix_scale = learned.get("mix_scale")
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, fq, fk, alpha,
-                                                                                        mix_scale))):
+    if not requires_grad(q, k, v, fq, fk, alpha, mix_scale):
         return sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k, feature_map=feature_map,
                             fq=fq, mix_scale=mix_scale,  # inference: no autograd Function to set up
                             low_bit=quantise_kv(k, v, block_k, k_bar if stats is not None else None) if qat

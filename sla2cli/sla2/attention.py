@@ -13,6 +13,7 @@ from ..errors import InvalidParameter, UsageError
 from ..serialization import JsonConfig
 from .backends import Backend, low_bit_problem, resolve
 from .feature_maps import FEATURE_MAPS
+from .reference import requires_grad
 from .routing import num_blocks
 
 # α before calibration or fine-tuning: the softmax mass a trained diffusion transformer's top 5-25% of
@@ -186,8 +187,7 @@ class SLA2Attention(nn.Module):
         """SLA2 on q, k, v in the model's token order; `SLA2Stats` (with `return_stats`) are in block order."""
         c = self.config
         q, k, v = (self.to_block_order(x) for x in (q, k, v))
-        if _inference_op is not None and not return_stats and not (
-                torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters()))):
+        if _inference_op is not None and not return_stats and not requires_grad(q, k, v, *self.parameters()):
             # A meta twin (FLOP counting) holds the backend `profiling.flops.meta_twin` resolved for the real device.
             learned = self.learned_parts()
             return self.from_block_order(_inference_op(

@@ -61,6 +61,11 @@ def _alpha_per_block(alpha: torch.Tensor, n_q: int, dtype) -> torch.Tensor:
     return alpha
 
 
+def requires_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will need a backward through any of these (None skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def feature_inputs(q: torch.Tensor, k: torch.Tensor, feature_q: torch.Tensor | None,
                    feature_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """What φ is applied to: q·W_q and k·W_k (B×H×N×r) with learned feature maps, else q and k."""
@@ -114,17 +119,12 @@ def sla2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: f
     `routing` may be passed in (fine-tuning builds it with a soft mask); otherwise the router runs here.
     feature_q / feature_k (H×D×r) map q, k before φ; `mix_scale` makes α per query (`sla2_attention`).
     """
-    if qat and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-            q, k, v, alpha, proj_q, proj_k, feature_q, feature_k, mix_scale, routing and routing.scores)):
-        # The low-bit forward's value with the full-precision backward (the paper's QAT, and the kernels').
-        options = dict(topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q, proj_k=proj_k,
-                       feature_map=feature_map, routing=routing, feature_q=feature_q, feature_k=feature_k,
-                       mix_scale=mix_scale)
-        exact = sla2_reference(q, k, v, **options)
-        with torch.no_grad():
-            low = sla2_reference(q, k, v, qat=True, return_stats=return_stats, **options)
-        out = exact + ((low[0] if return_stats else low) - exact).detach()
-        return (out, low[1]) if return_stats else out
+    if qat and requires_grad(q, k, v, alpha, proj_q, proj_k, feature_q, feature_k, mix_scale,
+                             routing and routing.scores):
+        return quant.straight_through_qat(
+            sla2_reference, q, k, v, topk=topk, alpha=alpha, block_q=block_q, block_k=block_k, proj_q=proj_q,
+            proj_k=proj_k, feature_map=feature_map, routing=routing, return_stats=return_stats, feature_q=feature_q,
+            feature_k=feature_k, mix_scale=mix_scale)
     B, H, N, D = q.shape
     dtype = compute_dtype(q)
     scale = 1.0 / math.sqrt(D)
