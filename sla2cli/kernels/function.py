@@ -201,7 +201,7 @@ def quantise_kv(k: torch.Tensor, v: torch.Tensor, block_k: int, k_bar: torch.Ten
                  torch.empty(B * H, d_pad, n_pad, device=k.device, dtype=torch.float8_e4m3fn),
                  v_scale.reshape(B * H, D))
     _quantise_kernel[(n_k, B * H)](
-        k, v, k_mean, low.v_scale, low.k, low.k_scale, low.v_t, *k.stride(), *v.stride(), H, N, n_pad, n_k, D=D,
+        k, v, k_mean, low.v_scale, low.k, low.k_scale, low.v_t, *k.stride(), *v.stride(), H, N, n_k, D=D,
         ROW_ALIGN=_row_align(k, v), BLOCK_K=block_k, D_PAD=d_pad, num_warps=4)
     return low
 
@@ -233,12 +233,11 @@ def sla2_forward(q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, *
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32) if save else out
     rest = unkept_sums(stats, routing.mask, precision=_precision(q.dtype)) if stats is not None else out
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    n_k = num_blocks(N, block_k)
     low = low_bit or LowBit(out, out, out, out)
     _sla2_fwd_kernel[(n_q, B * H)](
         q, k, v, f, out, _indices(routing), alpha, mix, rest, o_s, lse, *low, *q.stride(), *k.stride(),
-        *v.stride(), *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q), mix.stride(0), H, N,
-        n_k * block_k, n_q, n_k, kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R,
+        *v.stride(), *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q), mix.stride(0), H, N, n_q,
+        num_blocks(N, block_k), kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R,
         ROW_ALIGN=_row_align(q, k, v, out), BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
         FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None, LINEAR=stats is not None, MIX=mix_scale is not None,
         PREC=_precision(q.dtype), SAVE=save, QUANT=low_bit is not None,

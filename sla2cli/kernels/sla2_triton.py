@@ -125,12 +125,13 @@ def _stats_kernel(k_ptr, v_ptr, fk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d,
 
 @triton.jit
 def _quantise_kernel(k_ptr, v_ptr, kmean_ptr, vscale_ptr, kq_ptr, kscale_ptr, vq_ptr, sk_b, sk_h, sk_n, sk_d,
-                     sv_b, sv_h, sv_n, sv_d, H, N, N_PAD, n_k, D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                     sv_b, sv_h, sv_n, sv_d, H, N, n_k, D: tl.constexpr, ROW_ALIGN: tl.constexpr,
                      BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
     """One key block for the low-bit sparse branch (`sla2.quant`'s scales): K minus its mean over all tokens
-    in INT8 with one scale per block (B·H×N_PAD×D_PAD and B·H×n_k), V in FP8 e4m3 with one scale per
-    channel, stored transposed (B·H×D_PAD×N_PAD: the P·V product's second operand contiguous along its
-    reduction, as Hopper's FP8 MMA reads it). Rows past N and padded channels are written as zeros."""
+    in INT8 with one scale per block (B·H×N_PAD×D_PAD, N_PAD = n_k·BLOCK_K, and B·H×n_k), V in FP8 e4m3
+    with one scale per channel, stored transposed (B·H×D_PAD×N_PAD: the P·V product's second operand
+    contiguous along its reduction, as Hopper's FP8 MMA reads it). Rows past N and padded channels are
+    written as zeros."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b, hh = _batch_and_head(bh, H)
@@ -141,6 +142,7 @@ def _quantise_kernel(k_ptr, v_ptr, kmean_ptr, vscale_ptr, kq_ptr, kscale_ptr, vq
     kt = tl.load(k_ptr + b * sk_b + hh * sk_h + _row_tile(rows, cols, sk_n, sk_d, ROW_ALIGN), mask=mask, other=0.0)
     ks = tl.where(mask, kt.to(tl.float32) - tl.load(kmean_ptr + bh * D + cols, mask=dmask, other=0.0)[None, :], 0.0)
     k_scale = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(ks), 1), 0), 1e-12), 127.0)
+    N_PAD = n_k * BLOCK_K
     out = bh.to(tl.int64) * N_PAD * D_PAD
     tl.store(kq_ptr + out + rows[:, None] * D_PAD + cols[None, :], _int8(tl.math.div_rn(ks, k_scale)))
     tl.store(kscale_ptr + bh * n_k + j, k_scale)
@@ -245,7 +247,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
                      kq_ptr, kscale_ptr, vq_ptr, vscale_ptr,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                      sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i, sm_h,
-                     H, N, N_PAD, n_q, n_k, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                     H, N, n_q, n_k, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                      FEATURE: tl.constexpr, LEARNED: tl.constexpr, LINEAR: tl.constexpr, MIX: tl.constexpr,
                      PREC: tl.constexpr, SAVE: tl.constexpr, QUANT: tl.constexpr):
@@ -279,6 +281,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         qf = q.to(tl.float32)
         q_scale = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(qf), 1), 0), 1e-12), 127.0)
         q8 = _int8(tl.math.div_rn(qf, q_scale))
+        N_PAD = n_k * BLOCK_K  # `_quantise_kernel`'s padded rows
         kq_base = kq_ptr + bh.to(tl.int64) * N_PAD * D_PAD
         vq_base = vq_ptr + bh.to(tl.int64) * N_PAD * D_PAD
     for t in range(kk):
