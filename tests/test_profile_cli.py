@@ -103,9 +103,10 @@ def test_profile_plot_without_matplotlib(cli, official_pth, tmp_path, monkeypatc
     assert not (tmp_path / "p.png").exists()
 
 
-def _row(tokens=4128, key_blocks=65, backend="triton", path=None):
+def _row(tokens=4128, key_blocks=65, backend="triton", qat_fallback=None):
+    path = backend if qat_fallback is None else f"{backend}, QAT by the reference ({qat_fallback})"
     return {"layer": 4, "mode": "sla2", "tokens": tokens, "key_blocks": key_blocks, "block_k": 64, "backend": backend,
-            "path": path or backend}
+            "path": path, "qat_fallback": qat_fallback}
 
 
 def test_layer_advice_uses_gpu_time_at_launch_bound_sizes_and_says_why():
@@ -127,7 +128,7 @@ def test_layer_advice_uses_gpu_time_at_launch_bound_sizes_and_says_why():
     advice = layer_advice(_row(backend="torch"), {"dense": {"ms": 2.0}, "sla2": {"ms": 9.0}}, cuda)
     assert advice["reason_codes"] == ["reference_backend"]
     # so is a QAT layer whose backend hands its low-bit branch to the reference (here: no FP8), with the reason
-    qat = _row(path="triton, QAT by the reference (FP8 needs compute capability 8.9 or newer; this GPU has 8.0)")
+    qat = _row(qat_fallback="FP8 needs compute capability 8.9 or newer; this GPU has 8.0")
     advice = layer_advice(qat, {"dense": {"ms": 2.0}, "sla2": {"ms": 9.0}}, cuda)
     assert advice["reason_codes"] == ["reference_backend"] and "this GPU has 8.0" in advice["reason"]
     advice = layer_advice(_row(), {"dense": {"ms": 2.0}, "sla2": {"ms": 2.5}}, cuda)

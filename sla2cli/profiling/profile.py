@@ -262,7 +262,7 @@ def _why_not_faster(row: dict, timing: dict, device: torch.device) -> list[tuple
         reasons.append(("few_key_blocks", f"too few key blocks ({blocks}; SLA2 needs about "
                         f"{MIN_KEY_BLOCKS_TO_PAY_OFF}+): routing and the kept blocks cost about as much as dense "
                         "attention"))
-    if device.type == "cuda" and (row["backend"] != "triton" or "by the reference" in row["path"]):
+    if device.type == "cuda" and (row["backend"] != "triton" or row["qat_fallback"]):
         reasons.append(("reference_backend", f"it runs the PyTorch reference ({row['path']}), not a fused kernel"))
     dense, sla2 = _gpu_ms(timing["dense"]), _gpu_ms(timing["sla2"])
     if dense < LAUNCH_BOUND_MS:
@@ -409,7 +409,8 @@ def profile_model(model: JiT, *, device: torch.device, dtype: torch.dtype, batch
         t = timings[i]
         dense_t, rest_t = t["attention"]["dense"], t["rest"]
         row = {"layer": i, "tokens": tokens, "heads": config.num_heads, "head_dim": config.head_dim,
-               "mode": "dense", "backend": None, "path": None, "kept_blocks": None, "key_blocks": None,
+               "mode": "dense", "backend": None, "path": None, "qat_fallback": None, "kept_blocks": None,
+               "key_blocks": None,
                "dense_attention_flops": flops.dense_attention[i], "sla2_attention_flops": None,
                "executed_attention_flops": flops.attention[i], "rest_of_block_flops": flops.rest_of_block[i],
                "dense_attention_ms": dense_t["ms"], "dense_attention_iqr_ms": dense_t["iqr_ms"],
@@ -426,7 +427,7 @@ def profile_model(model: JiT, *, device: torch.device, dtype: torch.dtype, batch
             n_k = num_blocks(tokens, c.block_k)
             sla2_t = t["attention"]["sla2"]
             row.update({"mode": "sla2", "backend": core.resolve_backend(probe).name, "path": core.path(probe),
-                        "topk": c.topk,
+                        "qat_fallback": core.qat_fallback(probe), "topk": c.topk,
                         "block_q": c.block_q, "block_k": c.block_k, "kept_blocks": keep_count(c.topk, n_k),
                         "key_blocks": n_k, "sla2_attention_flops": flops.attention[i],
                         "sla2_attention_ms": sla2_t["ms"], "sla2_attention_iqr_ms": sla2_t["iqr_ms"],

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import InvalidParameter, UsageError
 from ..serialization import JsonConfig
-from .backends import Backend, low_bit_problem, resolve
+from .backends import Backend, qat_fallback, resolve
 from .feature_maps import FEATURE_MAPS
 from .reference import requires_grad
 from .routing import num_blocks
@@ -161,17 +161,23 @@ class SLA2Attention(nn.Module):
         return resolve(self.backend, q, feature_map=c.feature_map, qat=c.qat, return_stats=return_stats,
                        block_q=c.block_q, block_k=c.block_k)
 
+    def qat_fallback(self, q: torch.Tensor) -> str | None:
+        """Why this layer's QAT sparse branch runs in the fake-quant reference on inputs like `q` (None: no
+        QAT, or the backend's low-bit kernels run it)."""
+        c = self.config
+        if not c.qat:
+            return None
+        return qat_fallback(self.resolve_backend(q), q, feature_map=c.feature_map, block_q=c.block_q,
+                            block_k=c.block_k)
+
     def path(self, q: torch.Tensor) -> str:
         """What this layer runs inputs like `q` on, in words: its backend and, with QAT, whether the sparse
         branch runs the low-bit kernels or the fake-quant reference (and why)."""
-        c = self.config
-        backend = self.resolve_backend(q)
-        if not c.qat:
-            return backend.name
-        why = low_bit_problem(q, feature_map=c.feature_map, block_q=c.block_q, block_k=c.block_k)
-        if why is None and backend.qat_problem is None:
-            why = f"backend {backend.name!r} has no low-bit kernel"
-        return f"{backend.name}, QAT low-bit" if why is None else f"{backend.name}, QAT by the reference ({why})"
+        name = self.resolve_backend(q).name
+        if not self.config.qat:
+            return name
+        why = self.qat_fallback(q)
+        return f"{name}, QAT low-bit" if why is None else f"{name}, QAT by the reference ({why})"
 
     def to_block_order(self, x: torch.Tensor) -> torch.Tensor:
         """B×H×N×D in the model's token order → SLA2's (prefix tokens last)."""

@@ -138,15 +138,20 @@ def resolve(name: str, q: torch.Tensor, *, feature_map: str, qat: bool, return_s
     return backend
 
 
-def low_bit_problem(q: torch.Tensor, *, feature_map: str, block_q: int, block_k: int) -> str | None:
-    """Why no registered backend runs QAT's low-bit kernels on inputs like `q` (None: one does)."""
-    if q.is_cuda:
-        _load_kernels()
-    why = [b.problem(q, feature_map=feature_map, qat=True, return_stats=False, block_q=block_q, block_k=block_k)
-           for b in _BACKENDS.values() if b.qat_problem is not None]
-    if not why:
-        return "no low-bit kernel is registered" + (f" ({_load_kernels()})" if q.is_cuda and _load_kernels() else "")
-    return None if None in why else why[0].removeprefix("qat (").removesuffix(")")
+def qat_fallback(backend: Backend, q: torch.Tensor, *, feature_map: str, block_q: int, block_k: int) -> str | None:
+    """Why `backend` leaves QAT's sparse branch on inputs like `q` to the reference (None: its own low-bit
+    kernels run it)."""
+    def why_not(b: Backend) -> str | None:
+        return (b.problem(q, feature_map=feature_map, qat=False, return_stats=False)
+                or b.qat_problem(q, block_q, block_k))
+
+    if backend.qat_problem is not None:
+        return why_not(backend)
+    broken = _load_kernels() if q.is_cuda else None
+    reasons = [why_not(b) for b in _BACKENDS.values() if b.qat_problem is not None]
+    if not reasons:
+        return "no low-bit kernel is registered" + (f" ({broken})" if broken else "")
+    return f"backend {backend.name!r} has no low-bit kernel" if None in reasons else reasons[0]
 
 
 register(Backend("torch", sla2_reference))
