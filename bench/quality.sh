@@ -10,7 +10,8 @@
 # ROWS="95:0.015:8" runs one row: TAG:TOPK:FEATURE_RANK, 16-token blocks; DATA="--data-free ..." trains on the
 # dense model's samples or sampling trajectories instead of the training textures; CONTROL=TAG: the row that
 # also trains the dense control, 90 by default; MODEL=showcase runs the 4096-token showcase model instead of the demo
-# model, BLOCKS its block size (16 by default), SPEED=1 adds each row's end-to-end sampling speed against dense)
+# model, BLOCKS its block size (16 by default), SPEED=1 adds each row's end-to-end sampling speed against dense (`sla2 demo`'s speed step: CUDA graphs, blocks
+# compiled) and texture Fréchet distances of it and the dense model against the reference textures (its FID step))
 set -euo pipefail
 out=${1:?output folder}
 source "$(dirname "$0")/gpu_env.sh" "${2:-}"
@@ -58,16 +59,21 @@ for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
     quality "$out/f$tag.safetensors" "recipe-$tag"
     [ "$tag" = "${CONTROL:-90}" ] && quality "$out/f$tag.control.safetensors" "control-$tag"
     if [ -n "${SPEED:-}" ]; then
-        python3 - "$out" "$tag" "$demo" "$dev" <<'PY'
+        python3 - "$out" "$tag" "$model" "$dev" <<'PY'
 import json, sys
 from pathlib import Path
 import torch
 from sla2cli.checkpoints import load_model
-from sla2cli.pipeline import Demo, plan_for, step_speed
-out, tag, dense, dev = Path(sys.argv[1]), sys.argv[2], sys.argv[3], torch.device(sys.argv[4])
-demo = Demo(out=out, device=dev, plan=plan_for(False, dev))
-demo.dense, demo.tuned = (load_model(p, device=dev)[0].eval() for p in (dense, out / f"f{tag}.safetensors"))
+from sla2cli.models.shipped import SHIPPED_MODELS
+from sla2cli.pipeline import Demo, plan_for, step_fid, step_speed
+out, tag, model, dev = Path(sys.argv[1]), sys.argv[2], sys.argv[3], torch.device(sys.argv[4])
+shipped, tuned = SHIPPED_MODELS[model], out / f"f{tag}.safetensors"
+demo = Demo(out=out / f"fid{tag}", device=dev, plan=plan_for(False, dev), shipped=shipped, files={"finetuned": str(tuned)})
+demo.dense, demo.tuned = (load_model(p, device=dev)[0].eval() for p in (shipped.path, tuned))
 (out / f"speed{tag}.json").write_text(json.dumps(step_speed(demo), indent=1))
+demo.out.mkdir(exist_ok=True)
+fid = step_fid(demo)
+(out / f"fid{tag}.json").write_text(json.dumps({k: fid[k] for k in ("fid", "compare", "samples", "steps")}, indent=1, default=str))
 PY
     fi
     python3 - "$out" "$tag" <<'PY'
@@ -85,6 +91,9 @@ if (out / f"speed{tag}.json").exists():
     v = load(f"speed{tag}.json")
     line += (f" | sampling {v['models']['dense']['images_per_second']:.2f} -> {v['models']['SLA2']['images_per_second']:.2f}"
              f" images/s ({v['speedup']:.2f}x)")
+if (out / f"fid{tag}.json").exists():
+    f = load(f"fid{tag}.json")
+    line += f" | texture FD {f['fid']['fid']:.2f} (dense {f['compare']['fid_other']:.2f})"
 if "control" in q:
     line += f" | recipe/control {q['recipe']['v_loss']['model'] / q['control']['v_loss']['model']:.4f}x"
 print(line, flush=True)

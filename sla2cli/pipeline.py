@@ -364,8 +364,9 @@ def step_fid(demo: Demo) -> dict:
 
 def step_speed(demo: Demo) -> dict:
     """End-to-end sampling speed of the dense and the SLA2 model (finetuned where the demo finetuned): images/s
-    of JiT's Heun sampler with guidance, bf16 autocast, every forward replayed from CUDA graphs (the path
-    `eval-fid` samples on), each whole sampling run timed by `profiling.Timer` (median and IQR)."""
+    of JiT's Heun sampler with guidance, bf16 autocast, every forward replayed from CUDA graphs with the blocks'
+    non-attention work compiled (`eval-fid --compile`'s path, the fastest for both), each whole sampling run
+    timed by `profiling.Timer` (median and IQR)."""
     from .metrics.generate import autocast
     from .profiling import Timer
 
@@ -378,7 +379,7 @@ def step_speed(demo: Demo) -> dict:
     sla2 = demo.tuned if demo.tuned is not None else demo.converted
     models = {}
     for name, model in (("dense", demo.dense), ("SLA2", sla2)):
-        net = graphed(model, demo.device)
+        net = graphed(model, demo.device, compile_blocks=True)
 
         def run(net=net):
             with autocast(demo.device, torch.bfloat16):
@@ -389,7 +390,8 @@ def step_speed(demo: Demo) -> dict:
         models[name] = {"ms_per_batch": timing.ms, "iqr_ms": timing.iqr_ms, "repeats": timing.samples,
                         "images_per_second": plan.speed_batch / (timing.ms / 1e3)}
     return {"batch": plan.speed_batch, "steps": plan.speed_steps, "cfg": SPEED_CFG, "sampler": "jit (Heun)",
-            "dtype": "bf16", "cuda_graphs": demo.device.type == "cuda", "layers": demo.layers,
+            "dtype": "bf16", "cuda_graphs": demo.device.type == "cuda",
+            "compile_blocks": demo.device.type == "cuda", "layers": demo.layers,
             "timer": timer.describe(), "models": models,
             "speedup": models["SLA2"]["images_per_second"] / models["dense"]["images_per_second"]}
 

@@ -132,3 +132,13 @@ def test_bad_inputs_fail_clearly_and_write_nothing(cli, files, inception_weights
     _assert_clean_failure(code, stderr, 1, "weights-inception-2015-12-05-6726825d.pth",
                           str(tmp_path / "torch-home" / "hub" / "checkpoints"), "--inception-weights")
     assert not out.exists() and not (tmp_path / "torch-home" / "hub" / "checkpoints").exists()
+
+
+def test_compile_on_a_cpu_says_it_samples_uncompiled(cli, files, inception_weights, tmp_path):
+    """`--compile` fuses work inside CUDA graphs; on a CPU the run goes on as without it, and says so."""
+    out = tmp_path / "samples"
+    code, stdout, stderr = cli(*base_args(files, inception_weights, out, n=2), "--compile", "--json")
+    assert code == 0, stderr
+    r = one_json(stdout)
+    assert r["compile_blocks"] is False and r["generation"]["written"] == 2
+    assert any("uncompiled" in w for w in r["warnings"])

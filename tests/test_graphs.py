@@ -18,3 +18,44 @@ def test_graphed_wrapper_exposes_what_the_sampler_reads():
     wrapper = Graphed(model)
     assert wrapper.num_classes == model.num_classes and wrapper.config is model.config
     assert [p for p in wrapper.parameters()] == [p for p in model.parameters()]
+
+
+def test_compiled_blocks_leave_attention_out_and_the_model_as_it_was(monkeypatch):
+    """The capture's compile context: each block's forward compiled with its attention core left out (the core
+    runs as an opaque call), the same outputs, and afterwards the model's own methods back (no instance
+    attributes left). torch.compile is pointed at its "eager" backend: dynamo traces, inductor is not needed."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = JiT(JiTConfig(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=3,
+                          bottleneck_dim=8, in_context_len=2, in_context_start=1)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    z, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.7]), torch.tensor([0, 2])
+    with torch.no_grad():
+        eager = model(z, t, y)
+        wrapper = Graphed(model, compile_blocks=True)
+        with wrapper._blocks_compiled():
+            assert all("forward" in vars(b) and "forward" in vars(b.attn.core) for b in model.blocks)
+            compiled = model(z, t, y)
+        assert all("forward" not in vars(m) for b in model.blocks for m in (b, b.attn.core))
+        again = model(z, t, y)
+    torch.testing.assert_close(compiled, eager)
+    assert torch.equal(again, eager)
+    assert counters["stats"]["unique_graphs"] >= 2  # the blocks were traced ...
+    breaks = " ".join(counters["graph_break"])
+    assert "DenseAttention.forward" in breaks and "torch.compiler.disable" in breaks  # ... around their cores
+    torch._dynamo.reset()
+
+
+def test_graphed_does_not_compile_unless_asked():
+    model = JiT(JiTConfig(input_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=3))
+    wrapper = Graphed(model)
+    with wrapper._blocks_compiled():
+        assert "forward" not in vars(model.blocks[0])
+    assert wrapper._compiled is None

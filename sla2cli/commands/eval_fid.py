@@ -79,6 +79,11 @@ def command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --grid file.")] = False,
     sla2_backend: Annotated[str, typer.Option("--sla2-backend", help="SLA2 implementation for converted layers: "
                                               "auto (Triton kernels on CUDA when available), torch, triton.")] = "auto",
+    compile_blocks: Annotated[bool, typer.Option("--compile", help="On CUDA, run the blocks' non-attention work "
+                                                 "(norms, RoPE, adaLN, MLP) as torch.compile'd fused kernels inside "
+                                                 "the CUDA graphs, attention as it is: up to 2.4x faster forwards on "
+                                                 "small-width models; the first batch waits for the compile, and "
+                                                 "samples differ from eager ones by float rounding.")] = False,
     weights: WeightsOpt = "auto",
     in_context_start: InContextStartOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -96,7 +101,8 @@ def command(
         cfg=cfg, cfg_interval=_interval(cfg_interval), time_shift=time_shift, batch_size=batch_size, seed=seed,
         inception_weights=inception_weights, isc=isc, compare_to=compare_to, keep_samples=keep_samples,
         device=resolve_device(device), dtype=resolve_dtype(dtype), weights=weights,
-        in_context_start=in_context_start, trust_checkpoint=trust_checkpoint, sla2_backend=sla2_backend)
+        in_context_start=in_context_start, trust_checkpoint=trust_checkpoint, sla2_backend=sla2_backend,
+        compile_blocks=compile_blocks)
     with out.progress() as bar:
         tasks: dict[str, int] = {}
 

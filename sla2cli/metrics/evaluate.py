@@ -82,6 +82,7 @@ class EvalRequest:
     in_context_start: int | None = None
     trust_checkpoint: bool = False
     sla2_backend: str = "auto"
+    compile_blocks: bool = False  # on CUDA: the blocks' non-attention work compiled (`sla2cli.graphs`)
 
 
 @dataclass
@@ -179,6 +180,8 @@ def _evaluate(r: EvalRequest, space: FeatureSpace, reference: Reference | None, 
 
     other: _Subject | None = None
     warnings: list[str] = []
+    if r.compile_blocks and device.type != "cuda":
+        warnings.append(f"compiling the blocks needs CUDA graphs: sampling on {device} runs uncompiled")
     if r.compare_to is not None and r.compare_to.is_dir():
         if main.folder.exists() and r.compare_to.resolve() == main.folder.resolve():
             raise InvalidParameter("compare_to", r.compare_to, "{name} {value} is this run's own sample folder; "
@@ -214,7 +217,7 @@ def _evaluate(r: EvalRequest, space: FeatureSpace, reference: Reference | None, 
         task = "sampling" if s is main else f"sampling {s.path.name}"
         s.generation = generate_samples(s.model, s.folder, r.num_samples, settings=settings, seed=r.seed,
                                         batch_size=per_process, device=device, dtype=r.dtype, group=group,
-                                        progress=progress, task=task)
+                                        progress=progress, task=task, compile_blocks=r.compile_blocks)
     if not group.is_main:
         return None
 
@@ -224,6 +227,7 @@ def _evaluate(r: EvalRequest, space: FeatureSpace, reference: Reference | None, 
         "samples": r.num_samples, "resolution": main.info.config.input_size, **settings.to_dict(),
         "seed": r.seed, "dtype": DTYPE_NAMES[r.dtype], "device": str(device), "world_size": group.world_size,
         "batch_size": r.batch_size, "batch_per_process": per_process,
+        "compile_blocks": r.compile_blocks and device.type == "cuda",
         "fid": None, "kid": None, "isc": None, "reference": None, "features": None, "torch_fidelity": None,
         "notes": [], "out": str(main.folder), "kept_samples": keep,
         "generation": main.generation.to_dict(),

@@ -66,13 +66,14 @@ def _write_batch(folder: Path, indices: range, missing: list[int], images: torch
 def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settings: SamplerSettings, seed: int,
                      batch_size: int, device: torch.device, dtype: torch.dtype,
                      group: ProcessGroup = ProcessGroup(), progress: Progress | None = None,
-                     task: str = "sampling", graphs: bool = True) -> Generation:
+                     task: str = "sampling", graphs: bool = True, compile_blocks: bool = False) -> Generation:
     """Write samples 0..num_samples-1 of `model` into `folder` (which must exist), skipping those present.
 
     `graphs`: on CUDA, replay the model's forward from CUDA graphs (`sla2cli.graphs`; same outputs, no
-    per-kernel launch cost), so sampling runs at the speed `sla2 profile` reports for graphs.
+    per-kernel launch cost), so sampling runs at the speed `sla2 profile` reports for graphs; with
+    `compile_blocks` the graphs hold the blocks' non-attention work compiled (faster; float rounding differs).
     """
-    net = graphed(model, device) if graphs else model
+    net = graphed(model, device, compile_blocks) if graphs else model
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     mine = [b for k, b in enumerate(batches(num_samples, batch_size)) if k % group.world_size == group.rank]
