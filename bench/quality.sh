@@ -11,7 +11,8 @@
 # dense model's samples or sampling trajectories instead of the training textures; CONTROL=TAG: the row that
 # also trains the dense control, 90 by default; MODEL=showcase runs the 4096-token showcase model instead of the demo
 # model, BLOCKS its block size (16 by default), SPEED=1 adds each row's end-to-end sampling speed against dense (`sla2 demo`'s speed step: CUDA graphs, blocks
-# compiled) and texture Fréchet distances of it and the dense model against the reference textures (its FID step))
+# compiled) and texture Fréchet distances of it and the dense model against the reference textures (its FID step);
+# QUALITY=0 skips `sla2 quality`, for a rerun of the speed and texture columns)
 set -euo pipefail
 out=${1:?output folder}
 source "$(dirname "$0")/gpu_env.sh" "${2:-}"
@@ -55,9 +56,11 @@ for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
     sla2 finetune "$out/c$tag.safetensors" -o "$out/f$tag.safetensors" --recipe --keep-stage1 "${extra[@]}" \
         "${data[@]}" --eval-samples 128 --batch-size 32 --dtype bf16 --device "$dev" --save-every 0 \
         --router-steps "$router_steps" --steps "$steps" --json > "$out/recipe$tag.json"
-    quality "$out/f$tag.safetensors.stage1.safetensors" "stage1-$tag"
-    quality "$out/f$tag.safetensors" "recipe-$tag"
-    [ "$tag" = "${CONTROL:-90}" ] && quality "$out/f$tag.control.safetensors" "control-$tag"
+    if [ "${QUALITY:-1}" != 0 ]; then
+        quality "$out/f$tag.safetensors.stage1.safetensors" "stage1-$tag"
+        quality "$out/f$tag.safetensors" "recipe-$tag"
+        [ "$tag" = "${CONTROL:-90}" ] && quality "$out/f$tag.control.safetensors" "control-$tag"
+    fi
     if [ -n "${SPEED:-}" ]; then
         python3 - "$out" "$tag" "$model" "$dev" <<'PY'
 import json, sys

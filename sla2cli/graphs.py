@@ -24,6 +24,7 @@ from torch import nn
 from .sla2.layers import transformer_blocks
 
 WARMUP_CALLS = 2  # eager calls on a side stream before capture: Triton compiles, cuBLAS picks its kernels
+RECOMPILE_LIMIT = 64  # compiled entries per code object while capturing (torch's default, 8, is one model's worth)
 
 
 class Graphed(nn.Module):
@@ -38,7 +39,7 @@ class Graphed(nn.Module):
         self.compile_blocks = compile_blocks
         self._graphs: dict[tuple, tuple | None] = {}  # None: this signature could not be captured
         self._pool = None
-        self._compiled: list[tuple[nn.Module, object, nn.Module, object]] | None = None
+        self._compiled: list[tuple[nn.Module, object]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -73,6 +74,9 @@ class Graphed(nn.Module):
             else torch.autocast("cuda", enabled=False)
         side = torch.cuda.Stream(z.device)
         side.wait_stream(torch.cuda.current_stream(z.device))
+        if self.compile_blocks:
+            with torch.cuda.stream(side), cast:
+                self.model(*inputs)  # eager first: the forward's caches (RoPE tables) are full before tracing
         with self._blocks_compiled():
             with torch.cuda.stream(side), cast:
                 for _ in range(WARMUP_CALLS):  # the first also compiles, when compile_blocks
@@ -87,24 +91,25 @@ class Graphed(nn.Module):
 
     @contextmanager
     def _blocks_compiled(self):
-        """While capturing: each block's forward compiled (static shapes, one compile per input signature),
-        its attention core left out of the compiled code. The compiled callables are made once and kept, so a
-        later capture reuses their compiled code; the model's own forwards are restored on exit."""
+        """While capturing: each block's forward compiled (static shapes), its attention core outside the
+        compiled code (`models.jit.attend`). The compiled callables are made once and kept, so a later capture
+        reuses their code; the model's own forwards are restored on exit. Blocks share their compiled code,
+        guarded by input signature, core type and RoPE table (a dense and an SLA2 model at two batch sizes
+        make 8 entries): the recompile limit is raised for the capture so none falls back to eager."""
         if not self.compile_blocks:
             yield
             return
         if self._compiled is None:
-            self._compiled = [(block, torch.compile(block.forward, dynamic=False),
-                               block.attn.core, torch.compiler.disable(block.attn.core.forward))
+            self._compiled = [(block, torch.compile(block.forward, dynamic=False))
                               for block in transformer_blocks(self.model)]
         try:
-            for block, forward, core, core_forward in self._compiled:
-                block.forward, core.forward = forward, core_forward  # instance attributes shadow the methods
-            yield
+            for block, forward in self._compiled:
+                block.forward = forward  # an instance attribute shadows the method
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                yield
         finally:
-            for block, _, core, _ in self._compiled:
-                for module in (block, core):
-                    module.__dict__.pop("forward", None)
+            for block, _ in self._compiled:
+                block.__dict__.pop("forward", None)
 
 
 def graphed(model: nn.Module, device: torch.device | str, compile_blocks: bool = False) -> nn.Module:

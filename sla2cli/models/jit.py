@@ -169,6 +169,13 @@ class DenseAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+@torch.compiler.disable
+def attend(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`core(q, k, v)`, never traced by torch.compile: cuDNN SDPA and SLA2's kernels run as they are inside a
+    compiled block (`sla2cli.graphs`), and one function, not one per layer, is what compiled code calls."""
+    return core(q, k, v)
+
+
 class Attention(nn.Module):
     """Self-attention with fused qkv, per-head RMS qk-norm and RoPE; `core` does the token mixing."""
 
@@ -199,7 +206,7 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = rope(self.q_norm(q))
         k = rope(self.k_norm(k))
-        x = self.core(q, k, v)
+        x = attend(self.core, q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
