@@ -40,6 +40,7 @@ class Graphed(nn.Module):
         self._graphs: dict[tuple, tuple | None] = {}  # None: this signature could not be captured
         self._pool = None
         self._compiled: list[tuple[nn.Module, object]] | None = None
+        self.compile_error: str | None = None  # why compile_blocks was dropped, if it was
 
     @property
     def num_classes(self) -> int:
@@ -54,10 +55,7 @@ class Graphed(nn.Module):
         key = tuple((tuple(a.shape), a.dtype) for a in (z, t, y)) + (
             autocast, torch.get_autocast_dtype("cuda") if autocast else None)
         if key not in self._graphs:
-            try:
-                self._graphs[key] = self._capture(z, t, y, autocast)
-            except RuntimeError:  # e.g. an op that synchronises with the host: keep the eager forward
-                self._graphs[key] = None
+            self._graphs[key] = self._first_capture(z, t, y, autocast)
         if self._graphs[key] is None:
             return self.model(z, t, y)
         graph, inputs, out = self._graphs[key]
@@ -65,6 +63,18 @@ class Graphed(nn.Module):
             buffer.copy_(value)
         graph.replay()
         return out.clone()
+
+    def _first_capture(self, z, t, y, autocast: bool):
+        """The graph of a new signature; None keeps the eager forward (e.g. an op that synchronises with the
+        host). A compile that fails (no toolchain, an op inductor cannot lower) costs only the compile: the
+        wrapper drops compile_blocks, keeps the reason in `compile_error`, and captures uncompiled."""
+        try:
+            return self._capture(z, t, y, autocast)
+        except RuntimeError as exc:  # torch's compile errors are RuntimeErrors too
+            if not self.compile_blocks:
+                return None
+            self.compile_blocks, self.compile_error = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            return self._first_capture(z, t, y, autocast)
 
     @torch.no_grad()
     def _capture(self, z, t, y, autocast: bool):

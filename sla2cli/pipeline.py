@@ -388,10 +388,11 @@ def step_speed(demo: Demo) -> dict:
         timer.warm_up(run)
         timing = timer.eager(run)
         models[name] = {"ms_per_batch": timing.ms, "iqr_ms": timing.iqr_ms, "repeats": timing.samples,
-                        "images_per_second": plan.speed_batch / (timing.ms / 1e3)}
+                        "images_per_second": plan.speed_batch / (timing.ms / 1e3),
+                        "compile_blocks": getattr(net, "compile_blocks", False),
+                        "compile_error": getattr(net, "compile_error", None)}
     return {"batch": plan.speed_batch, "steps": plan.speed_steps, "cfg": SPEED_CFG, "sampler": "jit (Heun)",
-            "dtype": "bf16", "cuda_graphs": demo.device.type == "cuda",
-            "compile_blocks": demo.device.type == "cuda", "layers": demo.layers,
+            "dtype": "bf16", "cuda_graphs": demo.device.type == "cuda", "layers": demo.layers,
             "timer": timer.describe(), "models": models,
             "speedup": models["SLA2"]["images_per_second"] / models["dense"]["images_per_second"]}
 

@@ -59,3 +59,26 @@ def test_graphed_does_not_compile_unless_asked():
     with wrapper._blocks_compiled():
         assert "forward" not in vars(model.blocks[0])
     assert wrapper._compiled is None
+
+
+def test_a_failed_compile_falls_back_to_uncompiled_graphs(monkeypatch):
+    """`--compile` never costs more than the compile: a capture that fails while compiled is retried uncompiled
+    (and the reason kept); one that fails uncompiled keeps the eager forward, as without compile."""
+    model = JiT(JiTConfig(input_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=3))
+    wrapper = Graphed(model, compile_blocks=True)
+    calls = []
+
+    def capture(z, t, y, autocast):
+        calls.append(wrapper.compile_blocks)
+        if wrapper.compile_blocks:
+            raise RuntimeError("BackendCompilerFailed: inductor cannot lower this\nsecond line")
+        return "graph"
+
+    monkeypatch.setattr(wrapper, "_capture", capture)
+    assert wrapper._first_capture(None, None, None, False) == "graph"
+    assert calls == [True, False] and wrapper.compile_blocks is False
+    assert wrapper.compile_error == "RuntimeError: BackendCompilerFailed: inductor cannot lower this"
+
+    plain = Graphed(model)
+    monkeypatch.setattr(plain, "_capture", lambda *a: (_ for _ in ()).throw(RuntimeError("sync")))
+    assert plain._first_capture(None, None, None, False) is None and plain.compile_error is None

@@ -179,8 +179,11 @@ def test_speed_step_rendering():
     from sla2cli.commands.demo import STEPS, summary_table
 
     speed = {"batch": 8, "steps": 50, "cfg": 2.0, "dtype": "bf16", "layers": [0, 1], "speedup": 1.6,
-             "models": {"dense": {"images_per_second": 5.0, "ms_per_batch": 1600.0, "iqr_ms": 4.0},
-                        "SLA2": {"images_per_second": 8.0, "ms_per_batch": 1000.0, "iqr_ms": 3.0}}}
+             "cuda_graphs": True,
+             "models": {"dense": {"images_per_second": 5.0, "ms_per_batch": 1600.0, "iqr_ms": 4.0,
+                                  "compile_blocks": True, "compile_error": None},
+                        "SLA2": {"images_per_second": 8.0, "ms_per_batch": 1000.0, "iqr_ms": 3.0,
+                                 "compile_blocks": True, "compile_error": None}}}
     step = next(s for s in STEPS if s.key == "speed")
     assert step.when == "speed_batch"
     console = Console(record=True, width=200)
@@ -188,7 +191,13 @@ def test_speed_step_rendering():
     console.print(summary_table({"speed": speed}, [0, 1], {"speed": 12.0}))
     text = console.export_text()
     assert "sampling speed, end to end" in text and "1.60x as many images" in text
-    assert "5.00 → 8.00 (1.60x)" in text
+    assert "5.00 → 8.00 (1.60x)" in text and "CUDA graphs, blocks compiled)" in " ".join(text.split())
+    speed["models"]["SLA2"].update(compile_blocks=False, compile_error="RuntimeError: no compiler")
+    console = Console(record=True, width=200)
+    step.render(speed, console)
+    text = " ".join(console.export_text().split())  # the title wraps
+    assert "CUDA graphs)" in text and "blocks compiled" not in text
+    assert "SLA2: compiling the blocks failed (RuntimeError: no compiler); timed uncompiled" in text
 
 
 def test_manifest_names_the_model(tmp_path):
@@ -219,6 +228,8 @@ def test_speed_step_times_dense_and_sla2_sampling(tmp_path):
         assert m["images_per_second"] == pytest.approx(1 / (m["ms_per_batch"] / 1e3)) and m["repeats"] >= 5
     dense_ips, sla2_ips = (r["models"][k]["images_per_second"] for k in ("dense", "SLA2"))
     assert r["speedup"] == pytest.approx(sla2_ips / dense_ips)
+    assert all(m["compile_blocks"] is False and m["compile_error"] is None for m in r["models"].values())  # CPU
+
 
 
 # --- the trained asset ------------------------------------------------------------------------------------

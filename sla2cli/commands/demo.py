@@ -134,8 +134,10 @@ def _render_fid(r: dict, console) -> None:
 
 
 def _render_speed(r: dict, console) -> None:
+    compiled = all(m.get("compile_blocks") for m in r["models"].values())
+    path = "CUDA graphs, blocks compiled" if compiled else "CUDA graphs" if r["cuda_graphs"] else "eager"
     table = Table(title=f"sampling speed, end to end ({r['batch']} images per batch, {r['steps']} Heun steps, CFG "
-                        f"{r['cfg']}, {r['dtype']}, CUDA graphs)", title_justify="left")
+                        f"{r['cfg']}, {r['dtype']}, {path})", title_justify="left")
     for name in ("model", "images/s", "ms per batch (median)", "IQR ms"):
         table.add_column(name, justify="right")
     for name, m in r["models"].items():
@@ -143,6 +145,10 @@ def _render_speed(r: dict, console) -> None:
     console.print(table)
     console.print(f"SLA2 (layers {', '.join(map(str, r['layers']))}) samples {r['speedup']:.2f}x as many images per "
                   "second as the dense model", highlight=False)
+    for name, m in r["models"].items():
+        if m.get("compile_error"):
+            console.print(f"{name}: compiling the blocks failed ({m['compile_error']}); timed uncompiled",
+                          highlight=False)
 
 
 class Step(NamedTuple):

@@ -218,6 +218,9 @@ def _evaluate(r: EvalRequest, space: FeatureSpace, reference: Reference | None, 
         s.generation = generate_samples(s.model, s.folder, r.num_samples, settings=settings, seed=r.seed,
                                         batch_size=per_process, device=device, dtype=r.dtype, group=group,
                                         progress=progress, task=task, compile_blocks=r.compile_blocks)
+        if s.generation.compile_error:
+            warnings.append(f"compiling the blocks failed ({s.generation.compile_error}); {s.path.name} was "
+                            "sampled from uncompiled CUDA graphs")
     if not group.is_main:
         return None
 
@@ -227,7 +230,7 @@ def _evaluate(r: EvalRequest, space: FeatureSpace, reference: Reference | None, 
         "samples": r.num_samples, "resolution": main.info.config.input_size, **settings.to_dict(),
         "seed": r.seed, "dtype": DTYPE_NAMES[r.dtype], "device": str(device), "world_size": group.world_size,
         "batch_size": r.batch_size, "batch_per_process": per_process,
-        "compile_blocks": r.compile_blocks and device.type == "cuda",
+        "compile_blocks": r.compile_blocks and device.type == "cuda" and main.generation.compile_error is None,
         "fid": None, "kid": None, "isc": None, "reference": None, "features": None, "torch_fidelity": None,
         "notes": [], "out": str(main.folder), "kept_samples": keep,
         "generation": main.generation.to_dict(),

@@ -37,6 +37,7 @@ class Generation:
     written: int
     reused: int
     seconds: float
+    compile_error: str | None = None  # why `compile_blocks` fell back to uncompiled graphs (`graphs.Graphed`)
 
     @property
     def images_per_second(self) -> float | None:
@@ -45,7 +46,7 @@ class Generation:
     def to_dict(self) -> dict:
         return {"folder": str(self.folder), "requested": self.requested, "generated": self.generated,
                 "written": self.written, "reused": self.reused, "seconds": self.seconds,
-                "images_per_second": self.images_per_second}
+                "images_per_second": self.images_per_second, "compile_error": self.compile_error}
 
 
 def batches(num_samples: int, batch_size: int) -> list[range]:
@@ -113,4 +114,4 @@ def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settin
         dist.all_gather_object(counts, (generated, written, reused, seconds))
     return Generation(folder=Path(folder), requested=num_samples, generated=sum(c[0] for c in counts),
                       written=sum(c[1] for c in counts), reused=sum(c[2] for c in counts),
-                      seconds=max(c[3] for c in counts))
+                      seconds=max(c[3] for c in counts), compile_error=getattr(net, "compile_error", None))
