@@ -248,3 +248,43 @@ def test_shipped_showcase_loads_and_gives_its_stored_forward():
     assert out.shape == (1, 3, 128, 128)
     stored = load_file(Path(__file__).parent / "data" / "showcase-forward.safetensors")["output"]
     torch.testing.assert_close(out[:, :, ::8, ::8], stored, rtol=1e-4, atol=1e-4)
+
+
+def test_showcase_conversion_is_the_recipe_without_qat_within_an_error_budget(tmp_path):
+    """The showcase's demo converts each layer as sparse as its error budget allows, QAT off; run here on the small
+    model's weights under the showcase's name (the showcase itself is too slow for a CPU test)."""
+    from sla2cli.checkpoints import load_model
+    from sla2cli.models.shipped import DEMO
+    from sla2cli.pipeline import (DEMO_CONVERSIONS, SHOWCASE_MAX_ERROR, Demo, demo_settings, step_convert,
+                                  step_plan_layers)
+
+    assert DEMO_CONVERSIONS["demo"].max_error is None and demo_settings().qat  # the small model: balanced, QAT
+    settings = demo_settings(SHOWCASE)
+    assert not settings.qat and settings.feature_rank == 16 and settings.alpha_mode == "per_query"
+    cpu = torch.device("cpu")
+    shipped = dataclasses.replace(DEMO, name="showcase")
+    demo = Demo(out=tmp_path, device=cpu, plan=plan_for(True, cpu), shipped=shipped)
+    demo.dense, demo.info = shipped.load()
+    step_plan_layers(demo)
+    r = step_convert(demo)
+    assert r["conversion"] == f"balanced preset, no QAT, per-layer error <= {SHOWCASE_MAX_ERROR:g}"
+    records = {b["layer"]: b for b in r["budget"]}
+    assert sorted(records) == demo.candidates and demo.layers == r["layers"]
+    within = [i for i, b in records.items() if b["reason"] == "within_budget"]
+    assert within == r["layers"] and within  # some layer fits the budget at this size
+    for i in within:
+        assert records[i]["error"] <= SHOWCASE_MAX_ERROR
+    model, info = load_model(r["output"])
+    assert info.sla2_layers == within and not info.sla2_config.qat
+    assert info.provenance["max_error"] == SHOWCASE_MAX_ERROR and info.provenance["preset"] == "balanced"
+    per_layer_topk = {row["layer"]: row["topk"] for row in r["per_layer"] if row["converted"]}
+    assert per_layer_topk == {i: records[i]["topk"] for i in within}
+    from rich.console import Console
+
+    from sla2cli.commands.demo import STEPS
+
+    console = Console(record=True, width=200)
+    next(s for s in STEPS if s.key == "convert").render(r, console)
+    text = " ".join(console.export_text().split())
+    assert "no QAT, per-layer error <= 0.02) → SLA2 topk=per layer" in text
+    assert f"layer {within[0]}: fewest blocks with error" in text

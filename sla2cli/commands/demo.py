@@ -44,7 +44,8 @@ def _render_model(r: dict, console) -> None:
 
 def _render_plan(r: dict, console) -> None:
     console.print(f"candidates: layers {', '.join(map(str, r['candidates'])) or 'none'} ({r['rule']}); "
-                  f"preset {r['preset']}: topk {r['settings']['topk']}, QAT {'on' if r['settings']['qat'] else 'off'}",
+                  f"conversion: {r['conversion']} (topk {r['settings']['topk']}, QAT "
+                  f"{'on' if r['settings']['qat'] else 'off'})",
                   highlight=False)
 
 
@@ -60,9 +61,12 @@ def _render_profile(r: dict, console) -> None:
 
 def _render_convert(r: dict, console) -> None:
     s = r["settings"]
-    title = (f"convert → SLA2 topk={s['topk']} blocks=({s['block_q']},{s['block_k']}) φ={s['feature_map']} "
-             f"QAT={'on' if s['qat'] else 'off'}")
+    topk = "per layer" if r.get("budget") else s["topk"]
+    title = (f"convert ({r['conversion']}) → SLA2 topk={topk} blocks=({s['block_q']},{s['block_k']}) "
+             f"φ={s['feature_map']} QAT={'on' if s['qat'] else 'off'}")
     console.print(layers_table(r["per_layer"], title))
+    for record in r.get("budget") or []:
+        console.print(f"layer {record['layer']}: {record['why']}", highlight=False)
     alphas = ", ".join(f"{i}: {sum(a) / len(a):.2f}" for i, a in r["calibrated_alpha"].items())
     console.print(f"α calibrated on held-out textures (layer: mean over heads) {alphas}", highlight=False)
     console.print(f"wrote {r['output']}", highlight=False)
@@ -168,7 +172,7 @@ STEPS: list[Step] = [
     Step("model", "stats: the shipped model", "step_model", _render_model),
     Step("plan", "which layers could be converted", "step_plan_layers", _render_plan),
     Step("profile", "profile: is SLA2 faster, layer by layer?", "step_profile", _render_profile),
-    Step("convert", "convert (balanced preset)", "step_convert", _render_convert),
+    Step("convert", "convert", "step_convert", _render_convert),
     Step("finetune", "finetune (short, data-free)", "step_finetune", _render_finetune),
     Step("measure", "stats --measure", "step_measure", _render_measure),
     Step("samples", "dense vs SLA2 samples", "step_samples", _render_samples),
