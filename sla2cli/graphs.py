@@ -9,7 +9,7 @@ output is copied out, so callers may keep or change what they pass and get.
 With `compile_blocks`, the captured forward runs each block's non-attention work (RMSNorms, RoPE, adaLN
 modulation and gates, the MLP) as torch.compile'd fused kernels, while the attention cores (cuDNN SDPA or
 SLA2's kernels) run as they are. Eager, those elementwise chains cost more GPU time than attention itself
-on a small-width model at 4096 tokens (the showcase: 16.5 of 19.8 ms per batch-16 forward, 3.4 compiled),
+on a small-width model at 4096 tokens (the showcase: 16.5 of 19.8 ms per batch-16 forward, 3.4-4.1 compiled),
 which hides what attention costs; dense and SLA2 models gain alike. The fused kernels round like the eager
 ones up to the order of their float32 reductions, so samples match eager ones closely, not bit for bit.
 """

@@ -80,7 +80,7 @@ def demo_conversion(shipped: ShippedModel = DEMO) -> DemoConversion:
 
 
 def demo_settings(shipped: ShippedModel = DEMO) -> SLA2Config:
-    """The demo's SLA2 settings for `shipped` (its conversion's topk is the start of a budgeted search)."""
+    """The demo's SLA2 settings for `shipped` (a budgeted conversion replaces their topk layer by layer)."""
     return demo_conversion(shipped).settings()
 
 
