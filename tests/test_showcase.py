@@ -255,8 +255,14 @@ def test_showcase_conversion_is_the_recipe_without_qat_within_an_error_budget(tm
     model's weights under the showcase's name (the showcase itself is too slow for a CPU test)."""
     from sla2cli.checkpoints import load_model
     from sla2cli.models.shipped import DEMO
-    from sla2cli.pipeline import (DEMO_CONVERSIONS, SHOWCASE_MAX_ERROR, Demo, demo_settings, step_convert,
-                                  step_plan_layers)
+    from sla2cli.pipeline import (
+        DEMO_CONVERSIONS,
+        SHOWCASE_MAX_ERROR,
+        Demo,
+        demo_settings,
+        step_convert,
+        step_plan_layers,
+    )
 
     assert DEMO_CONVERSIONS["demo"].max_error is None and demo_settings().qat  # the small model: balanced, QAT
     settings = demo_settings(SHOWCASE)
