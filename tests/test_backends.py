@@ -120,3 +120,19 @@ def test_a_layer_says_which_path_its_qat_runs():
     assert qat.path(q) == "lowbit, QAT low-bit"
     qat.backend = "torch"
     assert qat.path(q) == "torch, QAT by the reference (backend 'torch' has no low-bit kernel)"
+
+
+def test_a_run_says_once_when_its_qat_layers_fall_back_to_the_reference():
+    """`qat_reference_notice`: one line for all QAT layers a run leaves to the fake-quant reference (on a CPU:
+    the low-bit kernels need CUDA), none for a run without QAT or whose QAT layers run low-bit kernels."""
+    from sla2cli.sla2.attention import SLA2Attention, SLA2Config, qat_reference_notice
+
+    cpu = torch.device("cpu")
+    qat = [SLA2Attention(2, 64, SLA2Config(topk=0.5, qat=True)) for _ in range(3)]
+    plain = [SLA2Attention(2, 64, SLA2Config(topk=0.5))]
+    notice = qat_reference_notice(qat + plain, cpu, torch.float32)
+    assert notice.startswith("QAT's sparse branch of 3 layer(s) runs in the fake-quant PyTorch reference")
+    assert "(the low-bit kernels run on CUDA only, not cpu)" in notice and "\n" not in notice
+    assert qat_reference_notice(plain, cpu, torch.float32) is None
+    register(Backend("lowbit", fake, qat_problem=lambda q, bq, bk: None))
+    assert qat_reference_notice(qat, cpu, torch.float32) is None  # auto picks the low-bit backend

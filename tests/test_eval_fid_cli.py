@@ -142,3 +142,23 @@ def test_compile_on_a_cpu_says_it_samples_uncompiled(cli, files, inception_weigh
     r = one_json(stdout)
     assert r["compile_blocks"] is False and r["generation"]["written"] == 2
     assert any("uncompiled" in w for w in r["warnings"])
+
+
+def test_qat_layers_on_a_cpu_are_said_once(cli, files, inception_weights, tmp_path):
+    """A QAT model sampled where no low-bit kernel runs: one warning for all its QAT layers, then it samples."""
+    from sla2cli.sla2.attention import SLA2Config
+    from sla2cli.sla2.layers import apply_sla2
+
+    model = nonzero_model(SMALL)
+    apply_sla2(model, [0, 1], SLA2Config(topk=0.5, block_q=16, block_k=16, qat=True))
+    path = save_model(model, tmp_path / "qat.safetensors")
+    args = base_args(files, inception_weights, tmp_path / "samples", n=2)
+    args[1] = path
+    code, stdout, stderr = cli(*args, "--json")
+    assert code == 0, stderr
+    r = one_json(stdout)
+    qat = [w for w in r["warnings"] if "fake-quant PyTorch reference" in w]
+    assert qat == ["qat.safetensors: QAT's sparse branch of 2 layer(s) runs in the fake-quant PyTorch reference, "
+                   "not in low-bit kernels (the low-bit kernels run on CUDA only, not cpu): correct, but slower "
+                   "than the same layers without QAT"]
+    assert r["generation"]["written"] == 2

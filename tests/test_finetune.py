@@ -7,6 +7,7 @@ import os
 import torch
 from conftest import one_json
 from finetune_support import (  # noqa: F401
+    CONVERT_ARGS,
     DEMO,
     converted_file,
     demo_held_out,
@@ -141,3 +142,13 @@ def test_bf16_compute_and_an_explicit_backend(cli, tmp_path):
     doc = one_json(out)
     assert doc["backend"] == "torch" and doc["options"]["dtype"] == "bf16"
     assert all(r["error_after"] > 0 for r in doc["per_layer"])
+
+
+def test_qat_layers_on_a_cpu_are_said_once(cli, tmp_path):
+    """A QAT model finetuned where no low-bit kernel runs: one warning for all its QAT layers."""
+    src = converted_file(cli, tmp_path, *CONVERT_ARGS, "--qat")
+    code, out, err = cli("finetune", src, "-o", tmp_path / "ft.safetensors", "--data-free", "--data-free-samples",
+                         "4", "--steps", "1", *FAST, "--json")
+    assert code == 0, err
+    warnings = [w for w in json.loads(out)["warnings"] if "fake-quant PyTorch reference" in w]
+    assert len(warnings) == 1 and "(the low-bit kernels run on CUDA only, not cpu)" in warnings[0]

@@ -28,7 +28,7 @@ from ..data.images import ImageFolder
 from ..distributed import ProcessGroup, barrier
 from ..errors import InvalidParameter, Param, ParameterError, UsageError
 from ..models.jit import JiT
-from ..sla2.attention import backends_in_use
+from ..sla2.attention import backends_in_use, qat_reference_notice
 from ..sla2.backends import kernels_unavailable
 from ..sla2.layers import remove_sla2, sla2_layers
 from ..sla2.probe import record_dense_qkv
@@ -237,7 +237,10 @@ def run_finetune(model: JiT, info: LoadInfo, *, source: Path, dst: Path, config:
     if backend is not None:
         for core in cores.values():
             core.backend = backend
-    backend_used = backends_in_use(cores.values(), device, torch.bfloat16 if config.dtype == "bf16" else torch.float32)
+    compute_dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+    backend_used = backends_in_use(cores.values(), device, compute_dtype)
+    if notice := qat_reference_notice(cores.values(), device, compute_dtype):
+        warnings.append(notice)
     layers = sorted(cores)
     stored_dtype = next(model.parameters()).dtype
     model.to(device=device, dtype=torch.float32)  # fp32 master weights; --dtype bf16 computes under autocast

@@ -21,7 +21,7 @@ from ..distributed import ProcessGroup, barrier, init_from_env, rank_device, shu
 from ..errors import InvalidParameter, Param
 from ..sampling import SamplerSettings, sample_label, sampler_settings
 from ..seeding import check_seed
-from ..sla2.attention import SLA2Attention, backends_in_use
+from ..sla2.attention import SLA2Attention, backends_in_use, qat_reference_notice
 from ..sla2.backends import check_name
 from .features import FeatureSpace, create_extractor, dataset_features, feature_space
 from .fid import (
@@ -137,14 +137,16 @@ def default_folder(r: EvalRequest, settings: SamplerSettings) -> Path:
                                    f"-seed{r.seed}-{DTYPE_NAMES[r.dtype]}")
 
 
-def _sla2_backend(model: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Point converted layers at an SLA2 implementation; returns the one(s) they run (None: dense)."""
+def _sla2_backend(model: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype
+                  ) -> tuple[str | None, str | None]:
+    """Point converted layers at an SLA2 implementation; returns the one(s) they run (None: dense) and
+    `qat_reference_notice`'s line."""
     cores = [m for m in model.modules() if isinstance(m, SLA2Attention)]
     if not cores:
-        return None
+        return None, None
     for core in cores:
         core.backend = name
-    return backends_in_use(cores, device, dtype)
+    return backends_in_use(cores, device, dtype), qat_reference_notice(cores, device, dtype)
 
 
 def evaluate(r: EvalRequest, progress: Progress | None = None) -> dict | None:
@@ -175,11 +177,11 @@ def _evaluate(r: EvalRequest, space: FeatureSpace, reference: Reference | None, 
                                 time_shift=r.time_shift, preset=main.info.preset)
     main.folder = r.out if r.out is not None else default_folder(r, settings)
     main.manifest = _manifest(main.info, r.model, settings, r)
-    main.backend = _sla2_backend(main.model, r.sla2_backend, device, r.dtype)
+    main.backend, qat_notice = _sla2_backend(main.model, r.sla2_backend, device, r.dtype)
     keep = r.keep_samples or r.out is not None
 
     other: _Subject | None = None
-    warnings: list[str] = []
+    warnings: list[str] = [f"{r.model.name}: {qat_notice}"] if qat_notice else []
     if r.compile_blocks and device.type != "cuda":
         warnings.append(f"compiling the blocks needs CUDA graphs: sampling on {device} runs uncompiled")
     if r.compare_to is not None and r.compare_to.is_dir():
@@ -197,7 +199,9 @@ def _evaluate(r: EvalRequest, space: FeatureSpace, reference: Reference | None, 
                                    "{model} {a}px over {ac}: they cannot be paired", b=b.input_size,
                                    bc=b.num_classes, model=r.model.name, a=a.input_size, ac=a.num_classes)
         other.manifest = _manifest(other.info, r.compare_to, settings, r)
-        other.backend = _sla2_backend(other.model, r.sla2_backend, device, r.dtype)
+        other.backend, qat_notice = _sla2_backend(other.model, r.sla2_backend, device, r.dtype)
+        if qat_notice:
+            warnings.append(f"{r.compare_to.name}: {qat_notice}")
 
     subjects = [main] + ([other] if other is not None and other.model is not None else [])
     inputs = [Path(p) for p in (r.model, r.compare_to, r.ref, weights and weights[0]) if p and Path(p).exists()]

@@ -213,11 +213,22 @@ class SLA2Attention(nn.Module):
                 f"feature_rank={c.feature_rank}, qat={c.qat}, alpha={c.alpha_mode}, prefix_tokens={self.prefix_tokens}")
 
 
+def _probe(core: SLA2Attention, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(1, 1, 1, core.proj_q.shape[0], device=device, dtype=dtype)
+
+
 def backends_in_use(cores: Iterable[SLA2Attention], device: torch.device, dtype: torch.dtype) -> str:
     """The backend(s) `cores` run `dtype` inputs on `device` with, comma-separated; raises where a layer's
     explicitly named backend cannot run them (so a run fails before its slow work)."""
-    chosen = set()
-    for core in cores:
-        probe = torch.empty(1, 1, 1, core.proj_q.shape[0], device=device, dtype=dtype)
-        chosen.add(core.resolve_backend(probe).name)
-    return ",".join(sorted(chosen))
+    return ",".join(sorted({core.resolve_backend(_probe(core, device, dtype)).name for core in cores}))
+
+
+def qat_reference_notice(cores: Iterable[SLA2Attention], device: torch.device, dtype: torch.dtype) -> str | None:
+    """The one line a run says when its QAT layers' sparse branch runs in the fake-quant PyTorch reference
+    instead of low-bit kernels (on a CPU, a GPU without FP8, ...), with the first reason; None when no layer
+    has QAT or every QAT layer runs the low-bit kernels."""
+    reasons = [why for core in cores if core.config.qat and (why := core.qat_fallback(_probe(core, device, dtype)))]
+    if not reasons:
+        return None
+    return (f"QAT's sparse branch of {len(reasons)} layer(s) runs in the fake-quant PyTorch reference, not in "
+            f"low-bit kernels ({reasons[0]}): correct, but slower than the same layers without QAT")

@@ -149,9 +149,11 @@ def qat_fallback(backend: Backend, q: torch.Tensor, *, feature_map: str, block_q
         return why_not(backend)
     broken = _load_kernels() if q.is_cuda else None
     reasons = [why_not(b) for b in _BACKENDS.values() if b.qat_problem is not None]
-    if not reasons:
-        return "no low-bit kernel is registered" + (f" ({broken})" if broken else "")
-    return f"backend {backend.name!r} has no low-bit kernel" if None in reasons else reasons[0]
+    if None in reasons:
+        return f"backend {backend.name!r} has no low-bit kernel"
+    if not q.is_cuda:
+        return f"the low-bit kernels run on CUDA only, not {q.device.type}"
+    return reasons[0] if reasons else "no low-bit kernel is registered" + (f" ({broken})" if broken else "")
 
 
 register(Backend("torch", sla2_reference))
