@@ -135,7 +135,8 @@ def _render(console, r: dict) -> None:
         ("model", f"{r['model']} ({r['preset'] or 'custom'}, {r['weights']}; SLA2 layers: {layers}"
                   + (f", {r['sla2_backend']} backend" if r["sla2_backend"] else "") + ")"),
         ("samples", f"{r['samples']} at {r['resolution']} px, seed {r['seed']}, {r['dtype']} on {r['device']}"
-                    + (f" x{r['world_size']} ranks" if r["world_size"] > 1 else "")),
+                    + (f" x{r['world_size']} ranks" if r["world_size"] > 1 else "")
+                    + (", blocks compiled" if r["compile_blocks"] else "")),
         ("sampler", f"{r['sampler']}, {r['steps']} steps{shift}"),
         ("CFG", f"{r['cfg']:g} on t in {tuple(r['cfg_interval'])}"),
     ]
