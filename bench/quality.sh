@@ -7,7 +7,8 @@
 # textures of HELD_OUT_SEED, PSNR/SSIM of 128 paired samples (50 Heun steps, CFG 2.0); `sla2 profile` counts the
 # FLOPs. Usage on a GPU machine: bash bench/quality.sh OUT_DIR [WHEEL_DIR] [STAGE1_STEPS] [STAGE2_STEPS]
 # (a quick smoke run elsewhere: DEVICE=cpu TRAIN_IMAGES=64 EVAL_IMAGES=16 PAIRED=2 bash bench/quality.sh /tmp/q "" 2 2;
-# ROWS="95:0.015:8" runs one row: TAG:TOPK:FEATURE_RANK, 16-token blocks; DATA="--data-free ..." trains on the
+# ROWS="95:0.015:8" runs one row: TAG:TOPK:FEATURE_RANK, 16-token blocks (TOPK "e0.02": each layer's topk chosen
+# within that error budget, `sla2 convert --max-error 0.02`, as the showcase's demo converts); DATA="--data-free ..." trains on the
 # dense model's samples or sampling trajectories instead of the training textures; CONTROL=TAG: the row that
 # also trains the dense control, 90 by default; MODEL=showcase runs the 4096-token showcase model instead of the demo
 # model, BLOCKS its block size (16 by default), SPEED=1 adds each row's end-to-end sampling speed against dense (`sla2 demo`'s speed step: CUDA graphs, blocks
@@ -49,7 +50,8 @@ quality() {  # model tag
 }
 for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
     IFS=: read -r tag topk rank <<< "$row"
-    sla2 convert "$demo" -o "$out/c$tag.safetensors" --layers all --topk "$topk" --block-q "$blocks" --block-k "$blocks" \
+    sparsity=(--topk "$topk"); [ "${topk:0:1}" = e ] && sparsity=(--max-error "${topk#e}")
+    sla2 convert "$demo" -o "$out/c$tag.safetensors" --layers all "${sparsity[@]}" --block-q "$blocks" --block-k "$blocks" \
         --feature-rank "$rank" --alpha-mode per_query --no-qat --calibrate 16 --device "$dev" --json > "$out/convert$tag.json"
     sla2 profile "$out/c$tag.safetensors" --device "$dev" --json > "$out/profile$tag.json"
     extra=(); [ "$tag" = "${CONTROL:-90}" ] && extra=(--control)
