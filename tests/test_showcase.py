@@ -294,3 +294,9 @@ def test_showcase_conversion_is_the_recipe_without_qat_within_an_error_budget(tm
     text = " ".join(console.export_text().split())
     assert "no QAT, per-layer error <= 0.02) → SLA2 topk=per layer" in text
     assert f"layer {within[0]}: fewest blocks with error" in text
+    from sla2cli.commands.demo import summary_table
+
+    console = Console(record=True, width=200)
+    console.print(summary_table({"convert": r}, r["layers"], {"convert": 1.0}))
+    assert f"layers converted (balanced preset, no QAT, per-layer error <= {SHOWCASE_MAX_ERROR:g})" in \
+        console.export_text()

@@ -186,7 +186,8 @@ def summary_table(r: dict, layers: list[int], timings: dict[str, float]) -> Tabl
     table = Table(title="Summary", title_justify="left")
     table.add_column("what")
     table.add_column("result", justify="right")
-    table.add_row("layers converted (balanced: topk 0.15, QAT)", ", ".join(map(str, layers)) or "none")
+    how = f" ({r['convert']['conversion']})" if "convert" in r else ""
+    table.add_row(f"layers converted{how}", ", ".join(map(str, layers)) or "none")
     for name, m in r.get("measure", {}).items():
         errors = [x["relative_error"] for x in m["per_layer"]]
         if errors:
