@@ -12,7 +12,8 @@
 # dense model's samples or sampling trajectories instead of the training textures; CONTROL=TAG: the row that
 # also trains the dense control, 90 by default; MODEL=showcase runs the 4096-token showcase model instead of the demo
 # model, BLOCKS its block size (16 by default), SPEED=1 adds each row's end-to-end sampling speed against dense (`sla2 demo`'s speed step: CUDA graphs, blocks
-# compiled) and texture Fréchet distances of it and the dense model against the reference textures (its FID step);
+# compiled) and the texture Fréchet distances of stage 1, the recipe, the control and the dense model against the
+# reference textures (its FID step);
 # QUALITY=0 skips `sla2 quality`, for a rerun of the speed and texture columns)
 set -euo pipefail
 out=${1:?output folder}
@@ -77,8 +78,12 @@ demo = Demo(out=out / f"fid{tag}", device=dev, plan=plan_for(False, dev), shippe
 demo.dense, demo.tuned = (load_model(p, device=dev)[0].eval() for p in (shipped.path, tuned))
 (out / f"speed{tag}.json").write_text(json.dumps(step_speed(demo), indent=1))
 demo.out.mkdir(exist_ok=True)
-fid = step_fid(demo)
-(out / f"fid{tag}.json").write_text(json.dumps({k: fid[k] for k in ("fid", "compare", "samples", "steps")}, indent=1, default=str))
+for kind, path in (("stage1", f"{tuned}.stage1.safetensors"), ("recipe", tuned), ("control", out / f"f{tag}.control.safetensors")):
+    if Path(path).exists():  # stage 2 can cost texture FD that held-out v-loss does not show: each model's own FD
+        demo.files["finetuned"] = str(path)
+        fid = step_fid(demo)
+        (out / f"fid-{kind}-{tag}.json").write_text(json.dumps({k: fid[k] for k in ("fid", "compare", "samples", "steps")},
+                                                            indent=1, default=str))
 PY
     fi
     python3 - "$out" "$tag" <<'PY'
@@ -96,9 +101,10 @@ if (out / f"speed{tag}.json").exists():
     v = load(f"speed{tag}.json")
     line += (f" | sampling {v['models']['dense']['images_per_second']:.2f} -> {v['models']['SLA2']['images_per_second']:.2f}"
              f" images/s ({v['speedup']:.2f}x)")
-if (out / f"fid{tag}.json").exists():
-    f = load(f"fid{tag}.json")
-    line += f" | texture FD {f['fid']['fid']:.2f} (dense {f['compare']['fid_other']:.2f})"
+for kind in ("stage1", "recipe", "control"):
+    if (out / f"fid-{kind}-{tag}.json").exists():
+        f = load(f"fid-{kind}-{tag}.json")
+        line += f" | {kind} texture FD {f['fid']['fid']:.2f} (dense {f['compare']['fid_other']:.2f})"
 if "control" in q:
     line += f" | recipe/control {q['recipe']['v_loss']['model'] / q['control']['v_loss']['model']:.4f}x"
 print(line, flush=True)

@@ -244,7 +244,7 @@ def command(
     if fallback:
         out.warn(fallback)
     lib.prepare_out(out_dir)
-    demo = lib.Demo(out=out_dir, device=dev, plan=lib.plan_for(fast, dev), seed=seed, shipped=shipped)
+    demo = lib.Demo(out=out_dir, device=dev, plan=lib.plan_for(fast, dev, shipped), seed=seed, shipped=shipped)
     lib.load_backends(demo)
     steps = [step for step in STEPS if step.when is None or getattr(demo.plan, step.when)]
     timings: dict[str, float] = {}

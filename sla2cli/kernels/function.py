@@ -9,7 +9,6 @@ of the forward again and a torch-built reverse index of the routing.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import NamedTuple
 
@@ -17,7 +16,7 @@ import torch
 import triton
 
 from ..sla2.quant import FP8_E4M3_MAX, straight_through_qat
-from ..sla2.reference import feature_inputs, requires_grad, sla2_reference
+from ..sla2.reference import check_features, requires_grad, sla2_reference
 from ..sla2.routing import Routing, keep_count, num_blocks
 from .sla2_triton import (
     FEATURE_IDS,
@@ -30,6 +29,7 @@ from .sla2_triton import (
 from .sla2_triton_bwd import _bwd_key_kernel, _bwd_query_kernel
 
 ROUTE_CHUNK = 64  # key blocks scored per step by the router
+PROJ_ROWS = 16  # rows of the router's projections read per step
 UNKEPT_TILES = (64, 256, 32)  # rows (blocks), statistics columns, blocks summed per step of `unkept_sums`
 
 
@@ -57,22 +57,28 @@ def _stats_warps(block_k: int, d_pad: int) -> int:
     return 2 if block_k * d_pad <= 64 * 128 else 4
 
 
+def _weights(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """A learned feature map (H×D×R, any float dtype, read through its strides) as the kernels take it; without
+    one, a placeholder 3-d view of x that they never read."""
+    return x[0] if w is None else w
+
+
 def linear_stats(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: str,
-                 fk: torch.Tensor | None = None, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 wk: torch.Tensor | None = None, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over K and V: the linear branch's statistics s_j = [h_j, z_j] per key block (B·H×n_k×(R·D + R)
     in k's dtype; R = D, or a learned feature map's rank) and the block means of k (B·H×n_k×D, fp32).
-    `fk` (B×H×N×R): what φ reads instead of k (a learned feature map's k·W_k)."""
+    `wk` (H×D×R): a learned feature map W_k; φ then reads k·W_k, computed in the kernel."""
     B, H, N, D = k.shape
-    R = D if fk is None else fk.shape[-1]
+    R = D if wk is None else wk.shape[-1]
     n_k = num_blocks(N, block_k)
     d_pad = _d_pad(D)
     stats = torch.empty(B * H, n_k, R * D + R, device=k.device, dtype=k.dtype)
     k_bar = torch.empty(B * H, n_k, D, device=k.device, dtype=torch.float32)
-    f = k if fk is None else fk
+    w = _weights(k, wk)
     _stats_kernel[(n_k, B * H)](
-        k, v, f, stats, k_bar, *k.stride(), *v.stride(), *f.stride(), H, N, n_k, D=D, R=R,
+        k, v, w, stats, k_bar, *k.stride(), *v.stride(), *w.stride(), H, N, n_k, D=D, R=R,
         ROW_ALIGN=_row_align(k, v), BLOCK_K=block_k, D_PAD=d_pad, R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map],
-        LEARNED=fk is not None, PREC=_precision(k.dtype),
+        LEARNED=wk is not None, PREC=_precision(k.dtype),
         num_warps=num_warps or _stats_warps(block_k, max(d_pad, _d_pad(R))))
     return stats, k_bar
 
@@ -109,30 +115,30 @@ def unkept_sums(stats: torch.Tensor, kept: torch.Tensor, *, per_key_block: bool 
 def route_pooled(q: torch.Tensor, k_bar: torch.Tensor, *, topk: float, block_q: int, block_k: int,
                  proj_q: torch.Tensor | None, proj_k: torch.Tensor | None) -> Routing:
     """The reference router's kept blocks (indices B×H×n_q×kk, ascending, int32, and the kept mask) from
-    `linear_stats`' key-block means, in one Triton launch.
+    `linear_stats`' key-block means, in one Triton launch and no torch op.
 
-    (q̄ W_qᵀ)·(k̄_j W_kᵀ) = q̄·(k̄_j W_kᵀ W_q), so the projections meet in one D×D matrix applied to the n_k
-    key-block means (no torch op at all without projections), and 1/√D is applied in-kernel. k is not
-    centred: that shifts each query block's scores by one constant and changes no decision, so the
+    (q̄ W_qᵀ)·(k̄_j W_kᵀ) = (q̄ W_qᵀ W_k)·k̄_j, so the kernel maps each pooled query through both projections
+    (in fp32, also under autocast; one absent projection is the identity) and 1/√D is applied in-kernel. k
+    is not centred: that shifts each query block's scores by one constant and changes no decision, so the
     returned scores differ from the reference router's by a constant per row.
     """
     B, H, N, D = q.shape
     n_q, n_k = num_blocks(N, block_q), k_bar.shape[1]
     kk = keep_count(topk, n_k)
-    if proj_q is not None or proj_k is not None:
-        autocast = torch.is_autocast_enabled(q.device.type)  # the routing decisions in fp32, also under autocast
-        with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            m = proj_k.detach().float().T if proj_k is not None else None
-            if proj_q is not None:
-                m = proj_q.detach().float() if m is None else m @ proj_q.detach().float()
-            k_bar = k_bar @ m
+    proj = proj_q is not None or proj_k is not None
+    if proj and (proj_q is None or proj_k is None):
+        eye = torch.eye(D, device=q.device)
+        proj_q, proj_k = (eye if p is None else p for p in (proj_q, proj_k))
+    pq, pk = (proj_q.detach(), proj_k.detach()) if proj else (k_bar, k_bar)
+    if proj and pq.stride() != pk.stride():
+        pq, pk = pq.contiguous(), pk.contiguous()
     scores = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.float32)
     indices = torch.empty(B, H, n_q, kk, device=q.device, dtype=torch.int32)
     kept = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.bool)
     _route_kernel[(n_q, B * H)](
-        q, k_bar, scores, indices, kept.view(torch.uint8), *q.stride(), H, N, n_q, n_k, kk, 1.0 / math.sqrt(D), D=D,
-        ROW_ALIGN=_row_align(q), BLOCK_Q=block_q, D_PAD=_d_pad(D), NK_PAD=triton.next_power_of_2(n_k),
-        CHUNK=ROUTE_CHUNK, num_warps=2)
+        q, k_bar, pq, pk, scores, indices, kept.view(torch.uint8), *q.stride(), *pq.stride()[-2:], H, N, n_q, n_k, kk,
+        1.0 / math.sqrt(D), D=D, ROW_ALIGN=_row_align(q), BLOCK_Q=block_q, D_PAD=_d_pad(D),
+        NK_PAD=triton.next_power_of_2(n_k), CHUNK=ROUTE_CHUNK, PROJ=proj, PROJ_ROWS=PROJ_ROWS, num_warps=2)
     return Routing(scores=scores, indices=indices, mask=kept)
 
 
@@ -213,19 +219,19 @@ def _indices(routing: Routing) -> torch.Tensor:
 
 def sla2_forward(q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, *, block_q: int, block_k: int,
                  feature_map: str, save: bool = False, num_warps: int | None = None,
-                 num_stages: int | None = None, fq: torch.Tensor | None = None,
+                 num_stages: int | None = None, wq: torch.Tensor | None = None,
                  mix_scale: torch.Tensor | None = None, low_bit: LowBit | None = None):
     """The unkept sums and the fused kernel; `stats` (`linear_stats`) None means every key block is kept
     (output = O_sparse). With `low_bit` (`quantise_kv`) the sparse branch runs in INT8 / FP8.
 
     Returns O, or with `save` (O, O_sparse, lse) for the backward: B·H×N×D and B·H×N (log2 units).
-    `fq` (B×H×N×R): what φ reads instead of q (a learned feature map's q·W_q); `mix_scale` (H,): α per
-    query. α and the mix scale are read as they are (any float dtype, through their strides): no torch op
-    before the launches.
+    `wq` (H×D×R): a learned feature map W_q (φ then reads q·W_q, computed in the kernel); `mix_scale` (H,):
+    α per query. α, W_q and the mix scale are read as they are (any float dtype, through their strides): no
+    torch op before the launches.
     """
     B, H, N, D = q.shape
-    R = D if fq is None else fq.shape[-1]
-    f = q if fq is None else fq
+    R = D if wq is None else wq.shape[-1]
+    w = _weights(q, wq)
     mix = alpha if mix_scale is None else mix_scale
     n_q, kk = num_blocks(N, block_q), routing.indices.shape[-1]
     out = _alloc_like_layout(q)
@@ -235,11 +241,11 @@ def sla2_forward(q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, *
     extra = {} if num_stages is None else {"num_stages": num_stages}
     low = low_bit or LowBit(out, out, out, out)
     _sla2_fwd_kernel[(n_q, B * H)](
-        q, k, v, f, out, _indices(routing), alpha, mix, rest, o_s, lse, *low, *q.stride(), *k.stride(),
-        *v.stride(), *f.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q), mix.stride(0), H, N, n_q,
+        q, k, v, w, out, _indices(routing), alpha, mix, rest, o_s, lse, *low, *q.stride(), *k.stride(),
+        *v.stride(), *w.stride(), *out.stride(), *_alpha_strides(alpha, H, n_q), mix.stride(0), H, N, n_q,
         num_blocks(N, block_k), kk, 1.0 / math.sqrt(D) * math.log2(math.e), D=D, R=R,
         ROW_ALIGN=_row_align(q, k, v, out), BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
-        FEATURE=FEATURE_IDS[feature_map], LEARNED=fq is not None, LINEAR=stats is not None, MIX=mix_scale is not None,
+        FEATURE=FEATURE_IDS[feature_map], LEARNED=wq is not None, LINEAR=stats is not None, MIX=mix_scale is not None,
         PREC=_precision(q.dtype), SAVE=save, QUANT=low_bit is not None,
         num_warps=num_warps or _num_warps(block_q, D), **extra)
     return (out, o_s, lse) if save else out
@@ -258,14 +264,14 @@ def reverse_index(indices: torch.Tensor, n_k: int) -> tuple[torch.Tensor, torch.
 
 
 def sla2_backward(grad_out, q, k, v, alpha, routing: Routing, stats: torch.Tensor | None, o_s, lse, *,
-                  block_q: int, block_k: int, feature_map: str, fq=None, fk=None, mix_scale=None,
+                  block_q: int, block_k: int, feature_map: str, wq=None, wk=None, mix_scale=None,
                   num_warps: int | None = None, num_stages: int = 1):
-    """dq, dk, dv (B×H×N×D), dF_Q, dF_K (B×H×N×R, fp32; None without a learned feature map `fq`, `fk`), dα
+    """dq, dk, dv (B×H×N×D), dW_q, dW_k (the learned feature maps' shapes and dtypes; None without them), dα
     (alpha's shape) and d`mix_scale` (None without it) of the SLA2 forward on the same routing. `num_warps`
     and `num_stages` are the two kernels' launch settings (None: 8 warps at padded head dim 128, else 4)."""
     B, H, N, D = q.shape
-    R = D if fq is None else fq.shape[-1]
-    learned, mix = fq is not None, mix_scale is not None
+    R = D if wq is None else wq.shape[-1]
+    learned, mix = wq is not None, mix_scale is not None
     n_q, n_k, kk = num_blocks(N, block_q), num_blocks(N, block_k), routing.indices.shape[-1]
     a, a_strides = alpha.detach(), _alpha_strides(alpha, H, n_q)
     idx = _indices(routing)
@@ -283,51 +289,61 @@ def sla2_backward(grad_out, q, k, v, alpha, routing: Routing, stats: torch.Tenso
     d_mix = torch.zeros(B * H, n_q, device=dev, dtype=torch.float32) if mix else delta
     a_row = torch.empty(B * H, N, device=dev, dtype=torch.float32) if mix else delta
     c = mix_scale.detach() if mix else delta
-    fq_, fk_ = (fq, fk) if learned else (q, k)
+    w_q, w_k = _weights(q, wq), _weights(k, wk)
     common = dict(D=D, R=R, BLOCK_Q=block_q, BLOCK_K=block_k, D_PAD=_d_pad(D), R_PAD=_d_pad(R),
                   FEATURE=FEATURE_IDS[feature_map], LEARNED=learned, LINEAR=linear, MIX=mix, PREC=prec,
                   num_warps=num_warps or (8 if _d_pad(D) >= 128 else 4), num_stages=num_stages)
     scales = (1.0 / math.sqrt(D) * math.log2(math.e), 1.0 / math.sqrt(D))
     _bwd_query_kernel[(n_q, B * H)](
-        q, k, v, fq_, grad_out, o_s, lse, idx, a, c, rest, dq, d_fq, d_stats, d_alpha, d_mix, a_row, delta,
-        *q.stride(), *k.stride(), *v.stride(), *fq_.stride(), *grad_out.stride(), *a_strides, c.stride(0), H, N, n_q,
+        q, k, v, w_q, grad_out, o_s, lse, idx, a, c, rest, dq, d_fq, d_stats, d_alpha, d_mix, a_row, delta,
+        *q.stride(), *k.stride(), *v.stride(), *w_q.stride(), *grad_out.stride(), *a_strides, c.stride(0), H, N, n_q,
         kk, *scales, **common)
     offsets, query_blocks = reverse_index(idx, n_k)
     d_rest = unkept_sums(d_stats, routing.mask, per_key_block=True, precision=prec) if linear else delta
     _bwd_key_kernel[(n_k, B * H)](
-        q, k, v, fk_, grad_out, lse, delta, a, a_row, offsets, query_blocks, d_rest, dk, dv,
-        d_fk, *q.stride(), *k.stride(), *v.stride(), *fk_.stride(), *grad_out.stride(), *a_strides, H, N, n_q, n_k,
+        q, k, v, w_k, grad_out, lse, delta, a, a_row, offsets, query_blocks, d_rest, dk, dv,
+        d_fk, *q.stride(), *k.stride(), *v.stride(), *w_k.stride(), *grad_out.stride(), *a_strides, H, N, n_q, n_k,
         *scales, **common)
     d_alpha = d_alpha.view(B, H, n_q).sum(0)
     if alpha.dim() == 1:
         d_alpha = d_alpha.sum(-1)
     d_mix = d_mix.view(B, H, n_q).sum((0, 2)).to(mix_scale.dtype) if mix else None
-    return dq, dk, dv, (d_fq if learned else None), (d_fk if learned else None), d_alpha.to(alpha.dtype), d_mix
+    d_wq = d_wk = None
+    if learned:  # F = x·W: dx += dF·Wᵀ, dW = Σ xᵀ·dF, in fp32
+        dq, d_wq = _through_features(q, dq, wq, d_fq)
+        dk, d_wk = _through_features(k, dk, wk, d_fk)
+    return dq, dk, dv, d_wq, d_wk, d_alpha.to(alpha.dtype), d_mix
+
+
+def _through_features(x: torch.Tensor, dx: torch.Tensor, w: torch.Tensor, d_f: torch.Tensor):
+    """dx and dW of a feature input F = x·W (B×H×N×R) from its gradient d_f (fp32)."""
+    dx = (dx.float() + torch.einsum("bhnr,hdr->bhnd", d_f, w.float())).to(dx.dtype)
+    return dx, torch.einsum("bhnd,bhnr->hdr", x.float(), d_f).to(w.dtype)
 
 
 class _SLA2Function(torch.autograd.Function):
-    """Triton forward and backward on one routing (no gradient flows through the hard top-k). `fq`, `fk`:
-    a learned feature map's inputs q·W_q, k·W_k (None: φ reads q, k); `mix_scale`: α per query (None)."""
+    """Triton forward and backward on one routing (no gradient flows through the hard top-k). `wq`, `wk`:
+    a learned feature map W_q, W_k (None: φ reads q, k); `mix_scale`: α per query (None)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, alpha, mix_scale, routing, stats, block_q, block_k, feature_map):
+    def forward(ctx, q, k, v, wq, wk, alpha, mix_scale, routing, stats, block_q, block_k, feature_map):
         ctx.block_q, ctx.block_k, ctx.feature_map = block_q, block_k, feature_map
         ctx.routing, ctx.stats = routing, stats
-        options = dict(block_q=block_q, block_k=block_k, feature_map=feature_map, fq=fq, mix_scale=mix_scale)
+        options = dict(block_q=block_q, block_k=block_k, feature_map=feature_map, wq=wq, mix_scale=mix_scale)
         if not any(ctx.needs_input_grad[:7]):
             return sla2_forward(q, k, v, alpha, routing, stats, **options)
         out, o_s, lse = sla2_forward(q, k, v, alpha, routing, stats, save=True, **options)
-        ctx.save_for_backward(q, k, v, fq, fk, alpha, mix_scale, o_s, lse)
+        ctx.save_for_backward(q, k, v, wq, wk, alpha, mix_scale, o_s, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, fq, fk, alpha, mix_scale, o_s, lse = ctx.saved_tensors
-        dq, dk, dv, d_fq, d_fk, d_alpha, d_mix = sla2_backward(
+        q, k, v, wq, wk, alpha, mix_scale, o_s, lse = ctx.saved_tensors
+        dq, dk, dv, d_wq, d_wk, d_alpha, d_mix = sla2_backward(
             grad_out, q, k, v, alpha, ctx.routing, ctx.stats, o_s, lse, block_q=ctx.block_q, block_k=ctx.block_k,
-            feature_map=ctx.feature_map, fq=fq, fk=fk, mix_scale=mix_scale)
+            feature_map=ctx.feature_map, wq=wq, wk=wk, mix_scale=mix_scale)
         linear = ctx.stats is not None
-        grads = (dq, dk, dv, d_fq, d_fk, d_alpha if linear else None, d_mix if linear else None)
+        grads = (dq, dk, dv, d_wq, d_wk, d_alpha if linear else None, d_mix if linear else None)
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:7])) + (None,) * 5
 
 
@@ -354,11 +370,10 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     n_q, n_k = num_blocks(N, block_q), num_blocks(N, block_k)
     kk = routing.kept_per_query_block if routing is not None else keep_count(topk, n_k)
     stats = None
-    fq = fk = None
-    if "feature_q" in learned or "feature_k" in learned:
-        fq, fk = feature_inputs(q, k, learned.get("feature_q"), learned.get("feature_k"))
+    wq, wk = learned.get("feature_q"), learned.get("feature_k")
+    check_features(wq, wk)
     if kk < n_k:
-        stats, k_bar = linear_stats(k, v, block_k, feature_map, fk)
+        stats, k_bar = linear_stats(k, v, block_k, feature_map, wk)
         if routing is None:
             routing = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q,
                                    proj_k=proj_k)
@@ -369,9 +384,9 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
                           mask=torch.ones((), device=q.device, dtype=torch.bool).expand(shape))
     routing = Routing(routing.scores, _indices(routing), routing.mask)  # int32 once, for forward and backward
     mix_scale = learned.get("mix_scale")
-    if not requires_grad(q, k, v, fq, fk, alpha, mix_scale):
+    if not requires_grad(q, k, v, wq, wk, alpha, mix_scale):
         return sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k, feature_map=feature_map,
-                            fq=fq, mix_scale=mix_scale,  # inference: no autograd Function to set up
+                            wq=wq, mix_scale=mix_scale,  # inference: no autograd Function to set up
                             low_bit=quantise_kv(k, v, block_k, k_bar if stats is not None else None) if qat
                             else None)
-    return _SLA2Function.apply(q, k, v, fq, fk, alpha, mix_scale, routing, stats, block_q, block_k, feature_map)
+    return _SLA2Function.apply(q, k, v, wq, wk, alpha, mix_scale, routing, stats, block_q, block_k, feature_map)

@@ -1,16 +1,17 @@
 """Triton kernels of SLA2's forward: block statistics, the router, the unkept sums and the fused attention.
 
-Four launches per call (five with QAT's low-bit sparse branch: `_quantise_kernel`). `_stats_kernel`: one
-pass over K and V giving the key-block means the router needs and each key block's linear-branch statistics
-s_j = [h_j, z_j], h_j = φ(K_j)ᵀV_j (R×D) and z_j = Σφ(K_j) (R), flat in one row of R·D + R values in the
-input's dtype; with a learned feature map φ reads k·W_k (R columns). `_route_kernel`: per query block, the
-pooled query's scores against every (projected) key block, its top kk as an ascending index table and as a
-kept mask. `_unkept_sum_kernel`: the linear branch's statistics over the key blocks a query block did not
-keep, Σ_j (1 − kept_ij)·s_j, as one tensor-core product of the complement mask with the stacked s_j (each
-s_j read once per tile of query blocks instead of once per query block that keeps it; the backward sums its
-per-query-block gradients for the key blocks the same way, through the transposed mask). `_sla2_fwd_kernel`:
-per query block, online-softmax attention over the kept key blocks only, then the linear branch from its
-unkept sums and the α mix (per head, or per query from the loop's log-sum-exp), and one store.
+Four launches per call (five with QAT's low-bit sparse branch: `_quantise_kernel`). `_stats_kernel`: one pass
+over K and V giving the key-block means the router needs and each key block's linear-branch statistics s_j =
+[h_j, z_j], h_j = φ(K_j)ᵀV_j (R×D) and z_j = Σφ(K_j) (R), flat in one row of R·D + R values in the input's
+dtype; with a learned feature map φ reads k·W_k (R columns, computed in the kernel). `_route_kernel`: per
+query block, the pooled query's scores against every (projected) key block, its top kk as an ascending index
+table and as a kept mask (the router's projections applied to the pooled query). `_unkept_sum_kernel`: the
+linear branch's statistics over the key blocks a query block did not keep, Σ_j (1 − kept_ij)·s_j, as one
+tensor-core product of the complement mask with the stacked s_j (each s_j read once per tile of query blocks
+instead of once per query block that keeps it; the backward sums its per-query-block gradients for the key
+blocks the same way, through the transposed mask). `_sla2_fwd_kernel`: per query block, online-softmax
+attention over the kept key blocks only, then the linear branch from its unkept sums and the α mix (per head,
+or per query from the loop's log-sum-exp), and one store.
 Every tensor is read through explicit strides, so the B×N×3×H×D views JiT makes need no copy.
 Head dims that are not powers of two are padded in registers only (masked loads, nothing written padded);
 the head dim is a compile-time constant and ROW_ALIGN states what the token strides are multiples of, so
@@ -53,12 +54,15 @@ def _row_tile(rows, cols, s_n, s_d, ROW_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _feature_tile(f_ptr, b, hh, s_b, s_h, s_n, s_d, rows, rvalid, rcols, rmask, own, LEARNED: tl.constexpr):
-    """What φ reads for these rows: a learned feature map's input (R columns of f), else `own` (the q or k
-    tile already loaded, as it is: no second copy stays live in the forward's loop)."""
+def _feature_tile(w_ptr, hh, s_wh, s_wd, s_wr, cols, dmask, rcols, rmask, own, LEARNED: tl.constexpr,
+                  PREC: tl.constexpr):
+    """What φ reads for these rows: with a learned feature map own·W_h (W H×D×R read through its strides,
+    rounded to own's dtype as the reference's product is), so q·W_q and k·W_k never go through memory;
+    else `own` (the q or k tile already loaded) as it is."""
     if LEARNED:
-        tile = tl.load(f_ptr + b * s_b + hh * s_h + _row_tile(rows, rcols, s_n, s_d, 1),
-                       mask=rvalid[:, None] & rmask[None, :], other=0.0)
+        w = tl.load(w_ptr + hh * s_wh + cols[:, None] * s_wd + rcols[None, :] * s_wr,
+                    mask=dmask[:, None] & rmask[None, :], other=0.0)
+        tile = tl.dot(own, w.to(own.dtype), input_precision=PREC).to(own.dtype)
     else:
         tile = own
     return tile
@@ -93,12 +97,12 @@ def _int8(x):
 
 
 @triton.jit
-def _stats_kernel(k_ptr, v_ptr, fk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                  sf_b, sf_h, sf_n, sf_d, H, N, n_k, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
+def _stats_kernel(k_ptr, v_ptr, wk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+                  sw_h, sw_d, sw_r, H, N, n_k, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                   BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr,
                   LEARNED: tl.constexpr, PREC: tl.constexpr):
     """One key block: k's block mean (fp32) and s_j = [h_j, z_j] (in s's dtype), h_j = φ(F_j)ᵀV_j and
-    z_j = Σφ(F_j), F the feature input (k itself, or k·W_k of a learned feature map: R columns)."""
+    z_j = Σφ(F_j), F the feature input (k itself, or k·W_k of a learned feature map W_k: R columns)."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b, hh = _batch_and_head(bh, H)
@@ -113,7 +117,7 @@ def _stats_kernel(k_ptr, v_ptr, fk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d,
     vt = tl.load(v_ptr + b * sv_b + hh * sv_h + _row_tile(rows, cols, sv_n, sv_d, ROW_ALIGN), mask=mask, other=0.0)
     kf = kt.to(tl.float32)
     k_sum = tl.sum(kf, 0)  # the column sums before the product, so no fp32 tile stays live across it (spills)
-    ft = _feature_tile(fk_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows, rvalid, rcols, rmask, kf, LEARNED).to(tl.float32)
+    ft = _feature_tile(wk_ptr, hh, sw_h, sw_d, sw_r, cols, dmask, rcols, rmask, kt, LEARNED, PREC).to(tl.float32)
     phik = tl.where(rvalid[:, None], _phi(ft, rmask, FEATURE), 0.0).to(vt.dtype)
     z_j = tl.sum(phik.to(tl.float32), 0)
     h = tl.dot(tl.trans(phik), vt, input_precision=PREC)
@@ -153,14 +157,16 @@ def _quantise_kernel(k_ptr, v_ptr, kmean_ptr, vscale_ptr, kq_ptr, kscale_ptr, vq
 
 
 @triton.jit
-def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, kept_ptr, sq_b, sq_h, sq_n, sq_d, H, N, n_q, n_k, kk, scale,
-                  D: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr,
-                  NK_PAD: tl.constexpr, CHUNK: tl.constexpr):
+def _route_kernel(q_ptr, kbar_ptr, pq_ptr, pk_ptr, scores_ptr, idx_ptr, kept_ptr, sq_b, sq_h, sq_n, sq_d,
+                  sp_r, sp_c, H, N, n_q, n_k, kk, scale, D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr, NK_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                  PROJ: tl.constexpr, PROJ_ROWS: tl.constexpr):
     """Scores of one pooled query block against all key blocks, then its top kk as ascending indices and as
     a kept mask (one byte per key block).
 
-    `kbar` holds the key blocks already mapped so that scale·q̄·kbar_j is the score (see `route_pooled`).
-    Ties go to the lower block index.
+    The score of key block j is scale·(q̄ W_qᵀ)·(k̄_j W_kᵀ) = scale·(q̄ W_qᵀ W_k)·k̄_j: with PROJ the pooled
+    query goes through both D×D projections (strides sp_r, sp_c; PROJ_ROWS rows at a time), so the key-block
+    means `kbar` are read as `_stats_kernel` wrote them. Ties go to the lower block index.
     """
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -171,6 +177,15 @@ def _route_kernel(q_ptr, kbar_ptr, scores_ptr, idx_ptr, kept_ptr, sq_b, sq_h, sq
     q = tl.load(q_ptr + b * sq_b + hh * sq_h + _row_tile(rows, cols, sq_n, sq_d, ROW_ALIGN),
                 mask=(rows < N)[:, None] & dmask[None, :], other=0.0)
     u = tl.sum(q.to(tl.float32), 0) * (scale / tl.minimum(N - pid_q * BLOCK_Q, BLOCK_Q).to(tl.float32))
+    if PROJ:
+        mapped = tl.zeros([D_PAD], dtype=tl.float32)
+        for e0 in range(0, D, PROJ_ROWS):
+            es = e0 + tl.arange(0, PROJ_ROWS)
+            pmask = (es < D)[:, None] & dmask[None, :]
+            offs = es[:, None] * sp_r + cols[None, :] * sp_c
+            a = tl.sum(tl.load(pq_ptr + offs, mask=pmask, other=0.0).to(tl.float32) * u[None, :], 1)  # (q̄ W_qᵀ)_e
+            mapped += tl.sum(tl.load(pk_ptr + offs, mask=pmask, other=0.0).to(tl.float32) * a[:, None], 0)
+        u = mapped
     row = (bh * n_q + pid_q).to(tl.int64)
     kbar_base = kbar_ptr + (bh * n_k).to(tl.int64) * D
     for c0 in range(0, n_k, CHUNK):
@@ -243,10 +258,10 @@ def _query_alpha(a, c, evidence, den):
 
 
 @triton.jit
-def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr, os_ptr, lse_ptr,
+def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, o_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr, os_ptr, lse_ptr,
                      kq_ptr, kscale_ptr, vq_ptr, vscale_ptr,
                      sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                     sf_b, sf_h, sf_n, sf_d, so_b, so_h, so_n, so_d, sa_h, sa_i, sm_h,
+                     sw_h, sw_d, sw_r, so_b, so_h, so_n, so_d, sa_h, sa_i, sm_h,
                      H, N, n_q, n_k, kk, qk_scale, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
                      FEATURE: tl.constexpr, LEARNED: tl.constexpr, LINEAR: tl.constexpr, MIX: tl.constexpr,
@@ -254,7 +269,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     """One query block of one head: sparse softmax over its kk kept key blocks, linear over the rest, mixed.
 
     The linear branch reads the block's unkept sums from rest (`_unkept_sum_kernel`) after the attention
-    loop, and φ's input from fq (q itself, or q·W_q of a learned feature map: R columns). α is read in its
+    loop, and φ's input is q itself, or q·W_q of a learned feature map W_q (wq_ptr, H×D×R: R columns). α is read in its
     own dtype through strides sa_h, sa_i (sa_i = 0: one α per head). With MIX, α is per query
     (`_query_alpha`, scale c read from mix_ptr at stride sm_h) from the loop's log-sum-exp. With SAVE
     (autograd needs it) also writes O_sparse (B·H×N×D) and its log2-sum-exp (B·H×N). With QUANT the sparse
@@ -319,7 +334,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
         rcols = tl.arange(0, R_PAD)
         rmask = rcols < R
         h_rest, z_rest = _load_flat(_flat_row(rest_ptr, blk, R, D), rcols, rmask, cols, dmask, R, D)
-        fq = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rows_q < N, rcols, rmask, q, LEARNED)
+        fq = _feature_tile(wq_ptr, hh, sw_h, sw_d, sw_r, cols, dmask, rcols, rmask, q, LEARNED, PREC)
         lin, den = _linear_out(fq, h_rest, z_rest, rmask, FEATURE, PREC)
         a = tl.load(alpha_ptr + hh * sa_h + pid_q * sa_i).to(tl.float32)
         if MIX:

@@ -11,8 +11,9 @@ keeps both kernels inside the shared memory of one SM at D = 128.
 for the flash dk, dv, and reads the block's statistics gradient, the sum of ds_i over the query blocks
 that did not keep it (each key block's s_j feeds exactly those; `_unkept_sum_kernel` through the
 transposed mask), then goes back through h_j = φ(K_j)ᵀV_j and φ. With a learned feature map the linear
-branch's gradients go to its inputs F_Q = q·W_q and F_K = k·W_k (fp32 buffers; torch's autograd takes them
-on to q, k and W). No atomics: every output element is written by one program.
+branch's gradients go to its inputs F_Q = q·W_q and F_K = k·W_k (recomputed in the kernels, as in the
+forward; fp32 buffers that `sla2_backward` takes on to q, k and W). No atomics: every output element is
+written by one program.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def _phi_backward(x, y, dy, dmask, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr,
+def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, do_ptr, os_ptr, lse_ptr, idx_ptr, alpha_ptr, mix_ptr, rest_ptr,
                       dq_ptr, dfq_ptr, ds_ptr, dalpha_ptr, dmix_ptr, arow_ptr, delta_ptr,
                       sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                      sf_b, sf_h, sf_n, sf_d, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i, sm_h,
+                      sw_h, sw_d, sw_r, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i, sm_h,
                       H, N, n_q, kk, qk_scale, sm_scale,
                       D: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                       D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr, LEARNED: tl.constexpr,
@@ -82,8 +83,7 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
         rcols = tl.arange(0, R_PAD)
         rmask = rcols < R
         h_rest, z_rest = _load_flat(_flat_row(rest_ptr, blk, R, D), rcols, rmask, cols, dmask, R, D)
-        ff = _feature_tile(fq_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_q, rvalid, rcols, rmask, q,
-                           LEARNED).to(tl.float32)
+        ff = _feature_tile(wq_ptr, hh, sw_h, sw_d, sw_r, cols, dmask, rcols, rmask, q, LEARNED, PREC).to(tl.float32)
         phiq = tl.where(rvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)
         num = tl.dot(phiq.to(q.dtype), h_rest.to(q.dtype), input_precision=PREC)
         den = tl.sum(phiq * z_rest[None, :], 1)
@@ -142,10 +142,10 @@ def _bwd_query_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, do_ptr, os_ptr, lse_ptr, idx_
 
 
 @triton.jit
-def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, arow_ptr, rev_off_ptr,
+def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, wk_ptr, do_ptr, lse_ptr, delta_ptr, alpha_ptr, arow_ptr, rev_off_ptr,
                     rev_q_ptr, drest_ptr, dk_ptr, dv_ptr, dfk_ptr,
                     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-                    sf_b, sf_h, sf_n, sf_d, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
+                    sw_h, sw_d, sw_r, sg_b, sg_h, sg_n, sg_d, sa_h, sa_i,
                     H, N, n_q, n_k, qk_scale, sm_scale,
                     D: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                     D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr, LEARNED: tl.constexpr,
@@ -198,8 +198,7 @@ def _bwd_key_kernel(q_ptr, k_ptr, v_ptr, fk_ptr, do_ptr, lse_ptr, delta_ptr, alp
         rmask = rcols < R
         dh, dz = _load_flat(_flat_row(drest_ptr, (bh * n_k + pid_k).to(tl.int64), R, D), rcols, rmask, cols, dmask,
                             R, D)
-        ff = _feature_tile(fk_ptr, b, hh, sf_b, sf_h, sf_n, sf_d, rows_k, kvalid, rcols, rmask, kt,
-                           LEARNED).to(tl.float32)
+        ff = _feature_tile(wk_ptr, hh, sw_h, sw_d, sw_r, cols, dmask, rcols, rmask, kt, LEARNED, PREC).to(tl.float32)
         phik = tl.where(kvalid[:, None], _phi(ff, rmask, FEATURE), 0.0)
         d_phik = tl.dot(vt, tl.trans(dh.to(vt.dtype)), input_precision=PREC) + dz[None, :]
         dv += tl.dot(phik.to(vt.dtype), dh.to(vt.dtype), input_precision=PREC)

@@ -66,14 +66,19 @@ def requires_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def feature_inputs(q: torch.Tensor, k: torch.Tensor, feature_q: torch.Tensor | None,
-                   feature_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What φ is applied to: q·W_q and k·W_k (B×H×N×r) with learned feature maps, else q and k."""
+def check_features(feature_q: torch.Tensor | None, feature_k: torch.Tensor | None) -> None:
+    """Learned feature maps W_q, W_k (H×D×r) come together, with one rank."""
     if (feature_q is None) != (feature_k is None) or (
             feature_q is not None and feature_q.shape[-1] != feature_k.shape[-1]):
         raise ValueError("feature_q and feature_k come together, with one rank: got "
                          f"{None if feature_q is None else tuple(feature_q.shape)} and "
                          f"{None if feature_k is None else tuple(feature_k.shape)}")
+
+
+def feature_inputs(q: torch.Tensor, k: torch.Tensor, feature_q: torch.Tensor | None,
+                   feature_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What φ is applied to: q·W_q and k·W_k (B×H×N×r) with learned feature maps, else q and k."""
+    check_features(feature_q, feature_k)
     if feature_q is not None:
         q = torch.einsum("bhnd,hdr->bhnr", q, feature_q.to(q.dtype))
     if feature_k is not None:

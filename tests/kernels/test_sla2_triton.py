@@ -237,7 +237,7 @@ def test_unkept_sums_equal_the_masked_sums_of_the_stored_statistics(D, rank, blo
     monkeypatch.setattr(function, "UNKEPT_TILES", (16, 64, 16))
     q, k, v = make_qkv(2, 2, D, dtype, "jit", seed=19)
     fk = learned_parts(2, D, rank, False)["feature_k"] if rank else None
-    stats, _ = linear_stats(k, v, block_k, "softmax", None if fk is None else torch.einsum("bhnd,hdr->bhnr", k, fk))
+    stats, _ = linear_stats(k, v, block_k, "softmax", fk)
     R = rank or D
     assert stats.shape == (4, num_blocks(N, block_k), R * D + R) and stats.dtype == dtype
     routing = route(q, k, topk=0.3, block_q=block_q, block_k=block_k)
