@@ -146,6 +146,29 @@ def test_feature_maps_come_in_pairs():
         sla2_triton(q, k, v, topk=0.3, alpha=torch.tensor([0.5, 0.5]), block_q=64, block_k=64, feature_q=one)
 
 
+def test_inference_runs_no_torch_product_between_the_launches(monkeypatch):
+    """The learned feature maps (q·W_q, k·W_k) and the router's projections are applied inside the kernels: on
+    the inference path no einsum or matmul runs (they cost an SLA2 layer of the showcase 42% of its time as
+    torch ops: two copies of q and k and four products per call, bench/RESULTS.md session 9)."""
+    H, D = 2, 64
+    q, k, v = make_qkv(1, H, D, torch.bfloat16, "jit", seed=21)
+    parts = learned_parts(H, D, 16, True, seed=22)
+    proj_q, proj_k = projections(D, seed=23)
+    kwargs = dict(topk=0.3, alpha=torch.tensor([0.3, 0.7]), block_q=32, block_k=32, proj_q=proj_q, proj_k=proj_k,
+                  **parts)
+    ref = sla2_reference(q, k, v, **kwargs)
+
+    def refuse(*args, **kw):
+        raise AssertionError("a torch product ran on SLA2's inference path")
+
+    for owner, name in ((torch, "einsum"), (torch, "matmul"), (torch, "bmm"), (torch.Tensor, "__matmul__")):
+        monkeypatch.setattr(owner, name, refuse)
+    with torch.no_grad():
+        out = sla2_triton(q, k, v, **kwargs)
+    monkeypatch.undo()
+    assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("layout", ["bhnd", "jit"])
 @pytest.mark.parametrize("D,block_q,block_k", [(64, 64, 64), (80, 128, 64), (72, 64, 128)])
 def test_router_matches_reference(D, block_q, block_k, layout):
