@@ -129,9 +129,8 @@ def route_pooled(q: torch.Tensor, k_bar: torch.Tensor, *, topk: float, block_q: 
     if proj and (proj_q is None or proj_k is None):
         eye = torch.eye(D, device=q.device)
         proj_q, proj_k = (eye if p is None else p for p in (proj_q, proj_k))
-    pq, pk = (proj_q.detach(), proj_k.detach()) if proj else (k_bar, k_bar)
-    if proj and pq.stride() != pk.stride():
-        pq, pk = pq.contiguous(), pk.contiguous()
+    # the kernel reads both D×D projections through one pair of strides (contiguous parameters: no copy)
+    pq, pk = (proj_q.detach().contiguous(), proj_k.detach().contiguous()) if proj else (k_bar, k_bar)
     scores = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.float32)
     indices = torch.empty(B, H, n_q, kk, device=q.device, dtype=torch.int32)
     kept = torch.empty(B, H, n_q, n_k, device=q.device, dtype=torch.bool)
