@@ -10,11 +10,16 @@ from .seeding import PROBE_NOISE, generator
 P_MEAN = -0.8
 P_STD = 0.8
 T_EPS = 5e-2
+# Distributions of t for training: "jit" is JiT's logit-normal (most draws fall in 0.1-0.7, almost none
+# above 0.9); "uniform" is the Heun sampler's evenly spaced grid, whose every step counts alike in a sample.
+T_DISTRIBUTIONS = ("jit", "uniform")
 
 
 def sample_t(n: int, *, generator: torch.Generator | None = None, device="cpu",
-             p_mean: float = P_MEAN, p_std: float = P_STD) -> torch.Tensor:
-    """JiT's training distribution of t: logit-normal, sigmoid(N(p_mean, p_std²))."""
+             p_mean: float = P_MEAN, p_std: float = P_STD, distribution: str = "jit") -> torch.Tensor:
+    """n draws of t: JiT's training distribution, logit-normal sigmoid(N(p_mean, p_std²)), or uniform."""
+    if distribution == "uniform":
+        return torch.rand(n, generator=generator, device=device)
     return torch.sigmoid(torch.randn(n, generator=generator, device=device) * p_std + p_mean)
 
 
@@ -30,8 +35,10 @@ def velocity(x_pred: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_eps: floa
 
 
 def noised(x: torch.Tensor, positions=None, *, seed: int, stream: int, noise_scale: float = 1.0,
-           t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z, t, ε) for clean images x: z = t·x + (1−t)·ε·noise_scale, t from JiT's logit-normal unless given.
+           t: torch.Tensor | None = None, t_distribution: str = "jit"
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, t, ε) for clean images x: z = t·x + (1−t)·ε·noise_scale, t drawn from `t_distribution` (see
+    T_DISTRIBUTIONS) unless given.
 
     Sample i's t and ε are drawn from (seed, stream, positions[i]) alone (positions default to 0, 1, ...),
     so a sample is noised alike whatever batch or process holds it; a given t leaves ε unchanged.
@@ -41,7 +48,7 @@ def noised(x: torch.Tensor, positions=None, *, seed: int, stream: int, noise_sca
     ts, eps = [], []
     for p in positions:
         g = generator(seed, stream, p, device=device)
-        ts.append(sample_t(1, generator=g, device=device))
+        ts.append(sample_t(1, generator=g, device=device, distribution=t_distribution))
         eps.append(torch.randn(x.shape[1:], generator=g, device=device))
     if t is None:
         t = torch.cat(ts) if ts else torch.empty(0, device=device)

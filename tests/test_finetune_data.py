@@ -103,6 +103,31 @@ def test_draws_depend_on_the_sample_position_only():
     assert 0 < t.min() and t.max() < 1
 
 
+def test_uniform_t_covers_the_samplers_late_steps():
+    """JiT's logit-normal t almost never reaches the sampler's last steps (t > 0.9); uniform draws do, as
+    pure functions of the position like JiT's, and the noise of a sample does not depend on its t."""
+    x = torch.zeros(4000, 1, 1, 1)
+    _, jit, _ = noised(x, seed=1, stream=1)
+    _, uniform, eps = noised(x, seed=1, stream=1, t_distribution="uniform")
+    assert (jit > 0.9).float().mean() < 0.002 and abs((uniform > 0.9).float().mean() - 0.1) < 0.02
+    assert abs(uniform.mean() - 0.5) < 0.02 and 0 <= uniform.min() and uniform.max() < 1
+    _, again, eps2 = noised(x[7:9], range(7, 9), seed=1, stream=1, t_distribution="uniform")
+    assert torch.equal(again, uniform[7:9]) and torch.equal(eps2, eps[7:9])
+
+
+def test_folder_source_draws_t_from_its_distribution(tmp_path):
+    for i in range(4):
+        _save(tmp_path / "c0" / f"{i}.png", colour=(40 * i, 0, 0))
+    folder = ImageFolder.open(tmp_path, 8)
+    steps = [range(0, 64)]
+    source = FolderSource(folder, seed=0, eval_samples=2, t_distribution="uniform")
+    (_, _, t, _), = source.train_batches(steps, "cpu")
+    (_, _, t_jit, _), = FolderSource(folder, seed=0, eval_samples=2).train_batches(steps, "cpu")
+    assert t.max() > 0.9 > t_jit.max() and source.describe()["t_distribution"] == "uniform"
+    _, eval_t, _ = source.eval_states("cpu")  # held-out states stay JiT's: the v-loss is comparable across runs
+    torch.testing.assert_close(eval_t, FolderSource(folder, seed=0, eval_samples=2).eval_states("cpu")[1])
+
+
 def test_folder_source_batches_are_deterministic(tmp_path):
     for c in range(2):
         for i in range(3):

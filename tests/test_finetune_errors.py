@@ -83,6 +83,9 @@ CASES = [
     (("--data-free-cfg", "0"), 2, "--data-free-cfg must be a finite number > 0"),
     (("--data-free-cfg", "inf"), 2, "'--data-free-cfg': inf is not a finite number"),
     (("--data-free-states", "images"), 2, "--data-free-states must be one of noised, trajectory"),
+    (("--t-distribution", "normal"), 2, "--t-distribution must be one of jit, uniform, got 'normal'"),
+    (("--t-distribution", "uniform", "--data-free-states", "trajectory"), 2,
+     "--t-distribution 'uniform' draws t for noised states; the sampler's trajectory states come with their own t"),
     (("--data-free-states", "trajectory", "--full", "--objective", "v"), 2,
      "--objective 'v' needs clean images; the sampler's trajectory --data-free-states has none: use --objective "
      "distill"),

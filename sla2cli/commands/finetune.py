@@ -66,6 +66,9 @@ def command(
                                                             "trajectory (the inputs its sampler fed the network: "
                                                             "train where sampling happens; distillation only); "
                                                             "default noised.")] = None,
+    t_distribution: Annotated[str, typer.Option("--t-distribution", help="t of the noised training states: jit "
+                                                "(JiT's logit-normal, few draws above 0.9) or uniform (the "
+                                                "sampler's evenly spaced steps, the late ones included).")] = "jit",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (split across torchrun "
                                             "processes).")] = 8,
@@ -154,6 +157,7 @@ def command(
     config = FinetuneConfig(steps=steps, full=full or recipe, **common, **stage2)
     router_config = FinetuneConfig(steps=router_steps, **common, **RECIPE_ROUTER) if recipe else None
     spec = DataSpec(folder=data, class_index=class_index, teacher_samples=data_free_samples, workers=workers,
+                    t_distribution=t_distribution,
                     **teacher)
     written = recipe_outputs(output, control) if recipe else [output, state_path(output)]
     check_output(output, force, (model_path,), derived=written)  # fail before any slow work

@@ -1,7 +1,7 @@
 """Training inputs: the network's inputs (z_t, t, label) with the clean image where there is one.
 
-Three sources: an image folder or a pool of the dense teacher's own samples, both noised by JiT's t
-distribution (`diffusion.noised`), or the dense sampler's own trajectories (every input its network
+Three sources: an image folder or a pool of the dense teacher's own samples, both noised at t drawn from
+JiT's distribution or uniformly (`diffusion.noised`), or the dense sampler's own trajectories (every input its network
 evaluations saw, conditional and unconditional: the states a converted model meets when it samples).
 Every random draw is a pure function of (seed, stream, global sample position): which image or state a
 step uses, its t and its noise. A run therefore needs no RNG state to resume exactly, and K processes
@@ -53,19 +53,22 @@ class FolderSource:
 
     kind = "folder"
 
-    def __init__(self, folder: ImageFolder, seed: int, eval_samples: int, noise_scale: float = 1.0, workers: int = 0):
+    def __init__(self, folder: ImageFolder, seed: int, eval_samples: int, noise_scale: float = 1.0, workers: int = 0,
+                 t_distribution: str = "jit"):
         self.folder, self.workers, self.seed, self.noise_scale = folder, workers, seed, noise_scale
+        self.t_distribution = t_distribution
         self.order = _Shuffled(len(folder), seed, TRAIN_ORDER)
         self.eval_indices = _Shuffled(len(folder), seed, EVAL_ORDER)(range(eval_samples))
 
     def describe(self) -> dict:
         return {"source": "folder", "path": str(self.folder.root), "images": len(self.folder),
-                "classes": len(self.folder.mapping), "resolution": self.folder.resolution}
+                "classes": len(self.folder.mapping), "resolution": self.folder.resolution,
+                "t_distribution": self.t_distribution}
 
     def train_batches(self, steps: list[range], device):
         """(x, z, t, y) for each step's positions, in order."""
         images = image_loader(self.folder, [self.order(positions) for positions in steps], self.workers)
-        return _noised(images, steps, device, self.seed, self.noise_scale)
+        return _noised(images, steps, device, self.seed, self.noise_scale, self.t_distribution)
 
     def eval_images(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed evaluation subset, clean (x in [-1, 1], labels)."""
@@ -82,14 +85,16 @@ class TeacherSource:
     kind = "teacher"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int, eval_samples: int, noise_scale: float,
-                 sampling: dict):
+                 sampling: dict, t_distribution: str = "jit"):
         self.train_x, self.train_y = images[:-eval_samples], labels[:-eval_samples]
         self.eval_x, self.eval_y = images[-eval_samples:], labels[-eval_samples:]
         self.order = _Shuffled(len(self.train_x), seed, TRAIN_ORDER)
         self.seed, self.noise_scale, self.sampling = seed, noise_scale, sampling
+        self.t_distribution = t_distribution
 
     def describe(self) -> dict:
-        return {"source": "teacher", "samples": len(self.train_x), **self.sampling, "labels": "uniform random"}
+        return {"source": "teacher", "samples": len(self.train_x), **self.sampling, "labels": "uniform random",
+                "t_distribution": self.t_distribution}
 
     def train_batches(self, steps: list[range], device):
         """(x, z, t, y) for each step's positions, in order."""
@@ -97,7 +102,7 @@ class TeacherSource:
             for positions in steps:
                 idx = torch.tensor(self.order(positions), dtype=torch.long, device=self.train_x.device)
                 yield self.train_x[idx], self.train_y[idx]
-        return _noised(images(), steps, device, self.seed, self.noise_scale)
+        return _noised(images(), steps, device, self.seed, self.noise_scale, self.t_distribution)
 
     def eval_states(self, device) -> tuple[torch.Tensor, ...]:
         return _eval_noised(self.eval_x.to(device), self.eval_y.to(device), self.seed, self.noise_scale)
@@ -134,11 +139,12 @@ class TrajectorySource:
         return tuple(v.to(device) for v in self.eval)
 
 
-def _noised(images, steps: list[range], device, seed: int, noise_scale: float):
-    """(x, z, t, y): each step's clean images noised by their global positions (JiT's t distribution)."""
+def _noised(images, steps: list[range], device, seed: int, noise_scale: float, t_distribution: str):
+    """(x, z, t, y): each step's clean images noised by their global positions, t from `t_distribution`."""
     for positions, (x, y) in zip(steps, images):
         x, y = x.to(device), y.to(device)
-        z, t, _ = noised(x, positions, seed=seed, stream=TRAIN_NOISE, noise_scale=noise_scale)
+        z, t, _ = noised(x, positions, seed=seed, stream=TRAIN_NOISE, noise_scale=noise_scale,
+                         t_distribution=t_distribution)
         yield x, z, t, y
 
 
@@ -220,13 +226,13 @@ def build_source(model, spec: DataSpec, *, seed: int, eval_samples: int, device:
     """The run's source of training inputs; `batch_size` bounds the teacher's sampling batch (at least 16)."""
     noise_scale = model.config.noise_scale
     if spec.kind == "folder":
-        return FolderSource(folder, seed, eval_samples, noise_scale, spec.workers)
+        return FolderSource(folder, seed, eval_samples, noise_scale, spec.workers, spec.t_distribution)
     sampling = {"sampling_steps": spec.sampling_steps, "cfg": spec.cfg, "sampler": "heun"}
     batch = max(batch_size, SAMPLING_BATCH)
     if spec.kind == "teacher":
         x, y = teacher_samples(model, spec.teacher_samples + eval_samples, steps=spec.sampling_steps, cfg=spec.cfg,
                                seed=seed, device=device, batch_size=batch, group=group, autocast=autocast)
-        return TeacherSource(x, y, seed, eval_samples, noise_scale, sampling)
+        return TeacherSource(x, y, seed, eval_samples, noise_scale, sampling, spec.t_distribution)
     held = math.ceil(eval_samples / EVAL_STATES_PER_TRAJECTORY)
     _, _, z, t, y = teacher_samples(model, spec.teacher_samples + held, steps=spec.sampling_steps, cfg=spec.cfg,
                                     seed=seed, device=device, batch_size=batch, group=group, autocast=autocast,
