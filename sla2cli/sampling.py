@@ -16,6 +16,11 @@ z in its own parameter dtype, so it runs under `torch.autocast` or with low-prec
 Conditional and unconditional passes run as one batch. Where guidance is off (outside the interval or
 w = 1) only the conditional pass runs: the originals compute v_u + 1·(v_c − v_u) there, which is v_c
 up to rounding.
+
+`dense_until` (ours, not the originals'): an evaluation at t < dense_until runs `dense_model`, the model with
+every SLA2 layer attending densely (`sla2.layers.dense_twin`). A converted model's error costs its samples most
+in the first, noisiest steps (bench/RESULTS.md, "Session 10"), so a few dense steps buy back much of the
+quality for a small part of the speed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from torch import nn
 
 from .diffusion import T_EPS
-from .errors import InvalidParameter
+from .errors import InvalidParameter, Param
 from .seeding import SAMPLE_LABELS, SAMPLE_NOISE, generator
 
 # Guidance scales of the official evaluations (JiT README: ImageNet 256/512, 50 Heun steps, interval
@@ -59,10 +64,14 @@ class SamplerSettings:
     cfg: float = 1.0
     cfg_interval: tuple[float, float] = (0.1, 1.0)
     time_shift: float | None = None
+    dense_until: float = 0.0  # evaluations at t < dense_until attend densely in every layer (0: none do)
 
     def to_dict(self) -> dict:
+        """The settings as sample folders' manifests record them (dense_until only where set, so folders of
+        earlier versions still resume)."""
         return {"sampler": self.sampler, "steps": self.steps, "cfg": self.cfg,
-                "cfg_interval": list(self.cfg_interval), "time_shift": self.time_shift}
+                "cfg_interval": list(self.cfg_interval), "time_shift": self.time_shift,
+                **({"dense_until": self.dense_until} if self.dense_until else {})}
 
 
 def _state_dtype(noise: torch.Tensor) -> torch.dtype:
@@ -113,18 +122,28 @@ def _pixelgen_guided(t: torch.Tensor, interval: tuple[float, float]) -> bool:
     return bool(t > low) and bool(t <= high)
 
 
+def _networks(model: nn.Module, dense_model: nn.Module | None, dense_until: float) -> Callable:
+    """host t → the network that evaluates there (`dense_model` below `dense_until`)."""
+    if dense_until > 0 and dense_model is None:
+        raise InvalidParameter("dense_until", dense_until, "{name} > 0 needs the model's dense twin as {dense}",
+                               dense=Param("dense_model"))
+    return lambda host_t: dense_model if float(host_t) < dense_until else model
+
+
 def jit_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, steps: int, cfg: float,
                cfg_interval: tuple[float, float], method: str = "heun", t_eps: float = T_EPS,
-               trajectory: list | None = None, **_) -> torch.Tensor:
+               trajectory: list | None = None, dense_model: nn.Module | None = None, dense_until: float = 0.0,
+               **_) -> torch.Tensor:
     """LTH14/JiT `Denoiser.generate`: Heun (or Euler) steps on linspace(0, 1, steps+1), last step Euler."""
     if method not in ("heun", "euler"):
         raise InvalidParameter("method", method, "unknown JiT sampling {name} {value!r}; choose heun or euler")
     host_grid = jit_time_grid(steps, _state_dtype(noise))
     grid = host_grid.to(noise.device)
     z = noise.to(_state_dtype(noise))
+    net = _networks(model, dense_model, dense_until)
 
     def v_at(z, i):
-        return _velocity(model, z, grid[i], labels, cfg, _jit_guided(host_grid[i], cfg_interval), t_eps)
+        return _velocity(net(host_grid[i]), z, grid[i], labels, cfg, _jit_guided(host_grid[i], cfg_interval), t_eps)
 
     for i in range(steps - 1):
         t, t_next = grid[i], grid[i + 1]
@@ -143,19 +162,21 @@ def jit_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, s
 
 def pixelgen_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, steps: int, cfg: float,
                     cfg_interval: tuple[float, float], time_shift: float = 2.0, t_eps: float = T_EPS,
-                    trajectory: list | None = None, **_) -> torch.Tensor:
+                    trajectory: list | None = None, dense_model: nn.Module | None = None, dense_until: float = 0.0,
+                    **_) -> torch.Tensor:
     """Zehong-Ma/PixelGen `HeunSamplerJiT` with exact Heun: shifted grid, guidance judged at t_cur."""
     host_grid = pixelgen_time_grid(steps, time_shift, _state_dtype(noise))
     grid = host_grid.to(noise.device)
     z = noise.to(_state_dtype(noise))
+    net = _networks(model, dense_model, dense_until)
     for i in range(steps):
         t, t_next = grid[i], grid[i + 1]
         guide = _pixelgen_guided(host_grid[i], cfg_interval)
-        v = _velocity(model, z, t, labels, cfg, guide, t_eps)
+        v = _velocity(net(host_grid[i]), z, t, labels, cfg, guide, t_eps)
         dt = t_next - t
         if i < steps - 1:
             z_hat = z + v * dt
-            v_hat = _velocity(model, z_hat, t_next, labels, cfg, guide, t_eps)
+            v_hat = _velocity(net(host_grid[i + 1]), z_hat, t_next, labels, cfg, guide, t_eps)
             z = z + (v + v_hat) / 2 * dt
         else:
             z = z + v * dt
@@ -185,7 +206,7 @@ def sampler_spec(sampler: str) -> SamplerSpec:
 
 
 def sampler_settings(sampler: str, *, steps: int, cfg: float | None, cfg_interval: tuple[float, float] | None,
-                     time_shift: float | None, preset: str | None) -> SamplerSettings:
+                     time_shift: float | None, preset: str | None, dense_until: float = 0.0) -> SamplerSettings:
     """Fill a sampler's defaults (interval, shift, per-preset CFG) and check every value."""
     spec = sampler_spec(sampler)
     if steps < 1:
@@ -209,30 +230,36 @@ def sampler_settings(sampler: str, *, steps: int, cfg: float | None, cfg_interva
         time_shift = spec.time_shift if time_shift is None else float(time_shift)
         if not (math.isfinite(time_shift) and time_shift > 0):
             raise InvalidParameter("time_shift", time_shift, "{name} must be a finite number > 0, got {value}")
+    if not (math.isfinite(dense_until) and 0.0 <= dense_until <= 1.0):
+        raise InvalidParameter("dense_until", dense_until, "{name} must be a number in [0, 1] (a time t: "
+                               "evaluations before it attend densely), got {value}")
     return SamplerSettings(sampler=sampler, steps=steps, cfg=float(cfg), cfg_interval=interval,
-                           time_shift=time_shift)
+                           time_shift=time_shift, dense_until=float(dense_until))
 
 
 @torch.no_grad()
 def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, steps: int = 50, cfg: float = 1.0,
            cfg_interval: tuple[float, float] | None = None, sampler: str = "jit", method: str = "heun",
-           time_shift: float | None = None, trajectory: list | None = None) -> torch.Tensor:
+           time_shift: float | None = None, trajectory: list | None = None, dense_model: nn.Module | None = None,
+           dense_until: float = 0.0) -> torch.Tensor:
     """Integrate from z_0 = noise (already scaled by noise_scale) to t = 1; returns the image in [-1, 1].
 
-    The result has the noise's dtype. `trajectory`, if a list, receives z after every step.
+    The result has the noise's dtype. `trajectory`, if a list, receives z after every step. Evaluations at
+    t < `dense_until` run `dense_model` (the model's `sla2.layers.dense_twin`) instead of `model`.
     """
     spec = sampler_spec(sampler)
     interval = spec.cfg_interval if cfg_interval is None else cfg_interval
     shift = spec.time_shift if time_shift is None else time_shift
     z = spec.run(model, noise, labels, steps=steps, cfg=cfg, cfg_interval=interval, method=method,
-                 time_shift=shift, trajectory=trajectory)
+                 time_shift=shift, trajectory=trajectory, dense_model=dense_model, dense_until=dense_until)
     return z.to(noise.dtype)
 
 
 def sample_with(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, settings: SamplerSettings,
-                trajectory: list | None = None) -> torch.Tensor:
+                trajectory: list | None = None, dense_model: nn.Module | None = None) -> torch.Tensor:
     return sample(model, noise, labels, steps=settings.steps, cfg=settings.cfg, cfg_interval=settings.cfg_interval,
-                  sampler=settings.sampler, time_shift=settings.time_shift, trajectory=trajectory)
+                  sampler=settings.sampler, time_shift=settings.time_shift, trajectory=trajectory,
+                  dense_model=dense_model, dense_until=settings.dense_until)
 
 
 # --- pairing: every sample's noise and label are functions of (seed, index) -----------------------

@@ -115,6 +115,19 @@ def test_uniform_t_covers_the_samplers_late_steps():
     assert torch.equal(again, uniform[7:9]) and torch.equal(eps2, eps[7:9])
 
 
+def test_named_and_custom_t_distributions():
+    """"early" puts most draws among the sampler's first steps; "logit-normal:M,S" is JiT's family with other
+    parameters ("jit" is -0.8, 0.8)."""
+    x = torch.zeros(4000, 1, 1, 1)
+    _, early, _ = noised(x, seed=2, stream=1, t_distribution="early")
+    assert 0.15 < early.median() < 0.19 and 0.24 < (early < 0.1).float().mean() < 0.30
+    _, jit, _ = noised(x, seed=2, stream=1)
+    _, same, _ = noised(x, seed=2, stream=1, t_distribution="logit-normal:-0.8,0.8")
+    assert torch.equal(jit, same)
+    _, late, _ = noised(x, seed=2, stream=1, t_distribution="logit-normal:2,0.5")
+    assert late.median() > 0.85
+
+
 def test_folder_source_draws_t_from_its_distribution(tmp_path):
     for i in range(4):
         _save(tmp_path / "c0" / f"{i}.png", colour=(40 * i, 0, 0))
@@ -142,7 +155,7 @@ def test_folder_source_batches_are_deterministic(tmp_path):
     (resumed, *_), = source.train_batches(steps[1:], "cpu")  # a resumed run reads the same images at the same positions
     assert torch.equal(resumed, a2)
     assert source.describe() == {"source": "folder", "path": str(tmp_path), "images": 6, "classes": 2,
-                                 "resolution": 8}
+                                 "resolution": 8, "t_distribution": "jit"}
 
 
 def test_a_fifo_named_like_an_image_is_one_line_not_a_hang(tmp_path):

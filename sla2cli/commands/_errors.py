@@ -38,7 +38,7 @@ FLAGS: dict[str, str | dict[str, str] | None] = {
     "resume=True": "--resume", "dtype='fp32'": "--dtype fp32",
     "schedule": "--schedule", "warmup": "--warmup", "ema": "--ema", "objective": "--objective", "full": "--full",
     "objective='distill'": "--objective distill",
-    "workers": "--workers", "t_distribution": "--t-distribution",
+    "workers": "--workers", "t_distribution": "--t-distribution", "dense_until": "--dense-until",
     # quality
     "samples": "-n/--samples", "dense": "--dense",
     # demo

@@ -64,6 +64,10 @@ def command(
     sampler: Annotated[str, typer.Option(help="Sampler: jit, pixelgen.")] = "jit",
     time_shift: Annotated[Optional[float], typer.Option("--time-shift", help="PixelGen's time shift "
                                                         "(default 2.0).", parser=finite)] = None,
+    dense_until: Annotated[float, typer.Option("--dense-until", help="Run the model's evaluations at t below this "
+                                               "(0 = noise, 1 = image) with every SLA2 layer dense: the first, "
+                                               "noisiest steps are where SLA2's error costs samples most.",
+                                               parser=finite)] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch, global: under torchrun each "
                                             "of K processes samples batch-size / K at a time.")] = 64,
     seed: SeedOpt = 0,
@@ -102,7 +106,7 @@ def command(
         inception_weights=inception_weights, isc=isc, compare_to=compare_to, keep_samples=keep_samples,
         device=resolve_device(device), dtype=resolve_dtype(dtype), weights=weights,
         in_context_start=in_context_start, trust_checkpoint=trust_checkpoint, sla2_backend=sla2_backend,
-        compile_blocks=compile_blocks)
+        compile_blocks=compile_blocks, dense_until=dense_until)
     with out.progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -137,7 +141,8 @@ def _render(console, r: dict) -> None:
         ("samples", f"{r['samples']} at {r['resolution']} px, seed {r['seed']}, {r['dtype']} on {r['device']}"
                     + (f" x{r['world_size']} ranks" if r["world_size"] > 1 else "")
                     + (", blocks compiled" if r["compile_blocks"] else "")),
-        ("sampler", f"{r['sampler']}, {r['steps']} steps{shift}"),
+        ("sampler", f"{r['sampler']}, {r['steps']} steps{shift}"
+                    + (f"; dense attention for t < {r['dense_until']:g}" if r.get("dense_until") else "")),
         ("CFG", f"{r['cfg']:g} on t in {tuple(r['cfg_interval'])}"),
     ]
     if ref is None:

@@ -66,9 +66,10 @@ def command(
                                                             "trajectory (the inputs its sampler fed the network: "
                                                             "train where sampling happens; distillation only); "
                                                             "default noised.")] = None,
-    t_distribution: Annotated[str, typer.Option("--t-distribution", help="t of the noised training states: jit "
-                                                "(JiT's logit-normal, few draws above 0.9) or uniform (the "
-                                                "sampler's evenly spaced steps, the late ones included).")] = "jit",
+    t_distribution: Annotated[str, typer.Option("--t-distribution", help="Where the noised training states' t lie: "
+                                                "jit (JiT's logit-normal), uniform (the sampler's evenly spaced "
+                                                "steps), early (its first steps, where SLA2's error costs the "
+                                                "samples most) or logit-normal:MEAN,STD.")] = "jit",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (split across torchrun "
                                             "processes).")] = 8,

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..diffusion import T_DISTRIBUTIONS
+from ..diffusion import T_DISTRIBUTIONS, TDistribution
 from ..errors import InvalidParameter, Param
 from .schedule import EMA, LRSchedule
 
@@ -60,8 +60,9 @@ class DataSpec:
     """Where training inputs come from: an image folder, or the dense teacher's own samples (`folder=None`),
     drawn with `sampling_steps` Heun steps at guidance `cfg`. `states` "noised": clean images noised by JiT's
     t distribution; "trajectory" (teacher only): the inputs the teacher's sampler fed its network, so stage 1
-    trains where sampling happens. `t_distribution` (noised states): the training draws' t, JiT's ("jit") or
-    uniform (the sampler's grid: its late steps, which set fine texture, are ones JiT's t almost never draws).
+    trains where sampling happens. `t_distribution` (noised states): where the training draws' t lie, as
+    `diffusion.TDistribution.parse` reads it: JiT's ("jit"), "uniform", "early" (the sampler's first steps,
+    where a converted model's error costs its samples most) or "logit-normal:MEAN,STD".
     `workers`: processes that decode the folder's images ahead of each step (0: the training process)."""
 
     folder: Path | None = None
@@ -90,10 +91,7 @@ class DataSpec:
         if self.states not in STATES:
             raise InvalidParameter("states", self.states, "{name} must be one of " + ", ".join(STATES)
                                    + ", got {value!r}")
-        if self.t_distribution not in T_DISTRIBUTIONS:
-            raise InvalidParameter("t_distribution", self.t_distribution, "{name} must be one of "
-                                   + ", ".join(T_DISTRIBUTIONS) + ", got {value!r}")
-        if self.t_distribution != "jit" and self.states == "trajectory":
+        if TDistribution.parse(self.t_distribution) != T_DISTRIBUTIONS["jit"] and self.states == "trajectory":
             raise InvalidParameter("t_distribution", self.t_distribution, "{name} {value!r} draws t for noised "
                                    "states; the sampler's trajectory states come with their own t")
         if self.states == "trajectory" and self.folder is not None:

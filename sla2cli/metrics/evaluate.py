@@ -83,6 +83,7 @@ class EvalRequest:
     trust_checkpoint: bool = False
     sla2_backend: str = "auto"
     compile_blocks: bool = False  # on CUDA: the blocks' non-attention work compiled (`sla2cli.graphs`)
+    dense_until: float = 0.0  # evaluations at t < dense_until attend densely (`sampling.SamplerSettings`)
 
 
 @dataclass
@@ -133,8 +134,9 @@ def _load(path: Path, r: EvalRequest, device: torch.device) -> tuple[torch.nn.Mo
 def default_folder(r: EvalRequest, settings: SamplerSettings) -> Path:
     """Where samples go without --out: one folder per model and settings, so a re-run resumes."""
     shift = f"-shift{settings.time_shift:g}" if settings.time_shift is not None else ""
+    dense = f"-dense{settings.dense_until:g}" if settings.dense_until else ""
     return Path("sla2-samples") / (f"{r.model.stem}-{settings.sampler}{shift}-{settings.steps}steps-cfg{settings.cfg:g}"
-                                   f"-seed{r.seed}-{DTYPE_NAMES[r.dtype]}")
+                                   f"{dense}-seed{r.seed}-{DTYPE_NAMES[r.dtype]}")
 
 
 def _sla2_backend(model: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype
@@ -174,7 +176,7 @@ def _evaluate(r: EvalRequest, space: FeatureSpace, reference: Reference | None, 
     main = _Subject(path=r.model, folder=Path())
     main.model, main.info = _load(r.model, r, device)
     settings = sampler_settings(r.sampler, steps=r.steps, cfg=r.cfg, cfg_interval=r.cfg_interval,
-                                time_shift=r.time_shift, preset=main.info.preset)
+                                time_shift=r.time_shift, preset=main.info.preset, dense_until=r.dense_until)
     main.folder = r.out if r.out is not None else default_folder(r, settings)
     main.manifest = _manifest(main.info, r.model, settings, r)
     main.backend, qat_notice = _sla2_backend(main.model, r.sla2_backend, device, r.dtype)

@@ -22,6 +22,7 @@ from torch import nn
 from ..distributed import ProcessGroup
 from ..graphs import graphed
 from ..sampling import SamplerSettings, paired_inputs, sample_with, to_uint8
+from ..sla2.layers import dense_twin
 from .samples import missing_indices, write_sample
 
 Progress = Callable[[str, int, int], None]  # (task, images done, images to do)
@@ -75,6 +76,10 @@ def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settin
     `compile_blocks` the graphs hold the blocks' non-attention work compiled (faster; float rounding differs).
     """
     net = graphed(model, device, compile_blocks) if graphs else model
+    dense = None
+    if settings.dense_until > 0:  # the steps before it run the model with every layer dense
+        twin = dense_twin(model)
+        dense = graphed(twin, device, compile_blocks) if graphs else twin
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     mine = [b for k, b in enumerate(batches(num_samples, batch_size)) if k % group.world_size == group.rank]
@@ -97,7 +102,8 @@ def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settin
             noise, labels = upcoming.result()
             upcoming = inputs(k + 1) if k + 1 < len(todo) else None
             with autocast(device, dtype):
-                images = to_uint8(sample_with(net, noise.to(device), labels.to(device), settings)).cpu()
+                images = to_uint8(sample_with(net, noise.to(device), labels.to(device), settings,
+                                               dense_model=dense)).cpu()
             if writing is not None:
                 writing.result()  # surfaces a failed write; keeps one batch in flight
             writing = io.submit(_write_batch, folder, b, missing, images)

@@ -144,6 +144,6 @@ def check_pairing(folder: Path, count: int, manifest: dict) -> list[str]:
     if broken:
         raise InvalidParameter("compare_to", folder, "{name} {value} is not paired with this run ({broken})",
                                broken="; ".join(broken))
-    other = [k for k in manifest if k not in PAIRING_KEYS and k != "model"]
+    other = sorted((set(manifest) | set(found)) - set(PAIRING_KEYS) - {"model", "format"})
     return [f"{folder} was sampled with different settings: {d}"
             for d in _differences(found, manifest, other)]

@@ -7,7 +7,9 @@ copied or changed: the block's own linear layers stay in place and only the toke
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import re
 import warnings
 
@@ -143,6 +145,15 @@ def set_sla2_layers(model: nn.Module, layers, config: SLA2Config,
     for topk, group in groups.items():
         apply_sla2(model, group, dataclasses.replace(config, topk=topk))
     return list(layers)
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every layer attending densely that shares its weights and buffers (no second
+    copy in memory): what the sampler's `dense_until` steps run."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    twin = copy.deepcopy(model, memo=shared)
+    remove_sla2(twin)
+    return twin
 
 
 def remove_sla2(model: nn.Module, layers=None) -> list[int]:
