@@ -75,11 +75,12 @@ DEMO_CONVERSIONS = {
 CALIBRATION_OFFSET = 1_000  # calibration images are indices 1000.. of the held-out seed; measurement uses 0..
 SPEED_CFG = 2.0  # guidance of the sampling-speed step (the quality protocol's, bench/quality.sh)
 # The showcase's stage 1 on a GPU: the recipe's as bench/quality.sh runs it (100 steps of 32 at the router's
-# learning rate, bf16, 2,048 training textures; 93 s on an H200). It takes a uniform 95% conversion's texture
-# FD from 93.4 to 17.3 (dense 4.45); the recipe's stage 2 takes it back to 93.4, and the dense model trained
-# the same way to 62.8 (bench/RESULTS.md, "Showcase model", session 9): the demo runs no stage 2.
+# learning rate, bf16, 2,048 training textures; 93 s on an H200), on t drawn among the sampler's first steps
+# ("early"), where SLA2's error costs the samples most. It takes a uniform 95% conversion's texture FD from 93.4
+# to 11.8 (dense 4.45; on JiT's t: 17.3); the recipe's stage 2 took it back to 93.4, and the dense model trained
+# the same way to 62.8 (bench/RESULTS.md, "Showcase model", sessions 9 and 10): the demo runs no stage 2.
 SHOWCASE_STAGE1 = {"finetune_steps": 100, "finetune_batch": 32, "finetune_lr": None, "finetune_dtype": "bf16",
-                   "train_textures": 2048}
+                   "finetune_t": "early", "train_textures": 2048}
 
 
 def demo_conversion(shipped: ShippedModel = DEMO) -> DemoConversion:
@@ -105,6 +106,7 @@ class DemoPlan:
     finetune_batch: int
     finetune_lr: float | None  # None: stage 1's default rate (finetune.config.ROUTER_LR)
     finetune_dtype: str  # "fp32", or "bf16" where the Triton kernels train (a GPU)
+    finetune_t: str  # where stage 1's training t lie (`finetune --t-distribution`)
     train_textures: int  # the finetune's image folder: textures of the model's training seed
     profile_ms: float  # time per latency measurement
     fid_samples: int
@@ -125,22 +127,22 @@ def plan_for(fast: bool, device: torch.device, shipped: ShippedModel = DEMO) -> 
     (every weight) first makes it worse (bench/RESULTS.md, "Quality recipe"): on a CPU 12 steps of batch 4 take
     the conversion from 1.215x to 1.161x dense on 12 held-out textures (16 steps: 1.154x, 19 s more; about
     half of a step is the router's SoftTop-k gradient). The showcase's (`shipped`) full GPU run takes the
-    recipe's stage 1 as `bench/quality.sh` runs it (SHOWCASE_STAGE1).
+    recipe's stage 1 as `bench/quality.sh` runs it, on t among the sampler's first steps (SHOWCASE_STAGE1).
     """
     if device.type == "cuda":
         plan = DemoPlan(fast=fast, eval_images=16, samples=8, sample_steps=10 if fast else 20,
                         sample_before_finetune=True, finetune_steps=20 if fast else 60, finetune_batch=8,
-                        finetune_lr=1e-3, finetune_dtype="fp32", train_textures=256,
+                        finetune_lr=1e-3, finetune_dtype="fp32", finetune_t="jit", train_textures=256,
                         profile_ms=10.0 if fast else 30.0, fid_samples=32 if fast else 128, speed_batch=8,
                         speed_steps=10 if fast else 50)
         return dataclasses.replace(plan, **SHOWCASE_STAGE1) if shipped.name == "showcase" and not fast else plan
     if fast:
         return DemoPlan(fast=True, eval_images=2, samples=4, sample_steps=3, sample_before_finetune=False,
                         finetune_steps=2, finetune_batch=2, finetune_lr=1e-3, finetune_dtype="fp32",
-                        train_textures=8, profile_ms=1.0, fid_samples=4, speed_batch=0, speed_steps=0)
+                        finetune_t="jit", train_textures=8, profile_ms=1.0, fid_samples=4, speed_batch=0, speed_steps=0)
     return DemoPlan(fast=False, eval_images=12, samples=4, sample_steps=5, sample_before_finetune=True,
-                    finetune_steps=12, finetune_batch=4, finetune_lr=1e-3, finetune_dtype="fp32", train_textures=64,
-                    profile_ms=10.0, fid_samples=8, speed_batch=0, speed_steps=0)
+                    finetune_steps=12, finetune_batch=4, finetune_lr=1e-3, finetune_dtype="fp32", finetune_t="jit",
+                    train_textures=64, profile_ms=10.0, fid_samples=8, speed_batch=0, speed_steps=0)
 
 
 def demo_model(name: str, device: torch.device) -> tuple[ShippedModel, str | None]:
@@ -336,7 +338,7 @@ def step_finetune(demo: Demo) -> dict:
                             dtype=plan.finetune_dtype, eval_samples=min(4, plan.train_textures), save_every=0,
                             seed=demo.seed, **RECIPE_ROUTER)
     result = run_finetune(model, info, source=src, dst=dst, config=config, device=demo.device, force=True,
-                          data=DataSpec(folder=folder))
+                          data=DataSpec(folder=folder, t_distribution=plan.finetune_t))
     demo.tuned = model.to(demo.device).eval()
     demo.files["finetuned"] = str(dst)
     worse = [r for r in result.per_layer if r["error_after"] > r["error_before"] * 1.05]

@@ -147,15 +147,16 @@ def test_demo_model_choice_and_cpu_fallback():
 
 def test_the_showcase_demo_trains_stage_1_as_the_recipe_does():
     """On a GPU the showcase's demo runs the recipe's stage 1 (100 steps of 32, bf16, the router's default
-    rate: what cut its 95% texture FD from 93.4 to 17.3), the demo model keeps its 30-second plan, and a CPU
-    or a --fast run keeps its own."""
+    rate) on t among the sampler's first steps (what cut its 95% texture FD from 93.4 to 11.8), the demo model
+    keeps its 30-second plan, and a CPU or a --fast run keeps its own."""
     from sla2cli.finetune import FinetuneConfig
     from sla2cli.finetune.config import ROUTER_LR
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     plan = plan_for(False, cuda, SHOWCASE)
-    got = (plan.finetune_steps, plan.finetune_batch, plan.finetune_dtype, plan.train_textures)
-    assert got == (100, 32, "bf16", 2048)
+    got = (plan.finetune_steps, plan.finetune_batch, plan.finetune_dtype, plan.finetune_t, plan.train_textures)
+    assert got == (100, 32, "bf16", "early", 2048)
+    assert plan_for(False, cuda).finetune_t == "jit" == plan_for(False, cpu).finetune_t
     assert FinetuneConfig(steps=1, lr=plan.finetune_lr).learning_rate == ROUTER_LR
     assert plan_for(False, cuda, DEMO) == plan_for(False, cuda)
     assert plan_for(False, cuda).finetune_steps == 60 and plan_for(False, cuda).finetune_dtype == "fp32"
@@ -318,3 +319,28 @@ def test_showcase_conversion_is_the_recipe_without_qat_within_an_error_budget(tm
     console.print(summary_table({"convert": r}, r["layers"], {"convert": 1.0}))
     assert f"layers converted (balanced preset, no QAT, per-layer error <= {SHOWCASE_MAX_ERROR:g})" in \
         console.export_text()
+
+
+def test_the_demo_finetune_draws_t_as_its_plan_says(tmp_path, monkeypatch):
+    """The plan's finetune_t reaches stage 1's training states (the showcase's "early"), not just the plan."""
+    import sla2cli.finetune as finetune_module
+    from sla2cli.pipeline import Demo, step_finetune
+
+    seen = {}
+
+    class Result:
+        per_layer: list = []
+
+        def to_dict(self):
+            return {}
+
+    def fake_run(model, info, *, data, config, **_):
+        seen["data"], seen["config"] = data, config
+        return Result()
+
+    monkeypatch.setattr(finetune_module, "run_finetune", fake_run)
+    cpu = torch.device("cpu")
+    plan = dataclasses.replace(plan_for(True, cpu), finetune_t="early")
+    demo = Demo(out=tmp_path, device=cpu, plan=plan, files={"converted": str(DEMO.path)})
+    step_finetune(demo)
+    assert seen["data"].t_distribution == "early" and seen["config"].steps == plan.finetune_steps
