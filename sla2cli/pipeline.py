@@ -410,17 +410,19 @@ def write_textures(folder: Path, images: torch.Tensor, labels: torch.Tensor | No
 def step_fid(demo: Demo) -> dict:
     """`sla2 eval-fid --features textures` of the SLA2 model against the reference textures, paired with the
     dense model: a texture Fréchet distance (and KID) in the shipped texture network's feature space, offline.
-    Inception FID needs a download and photographs; these numbers compare texture sets with each other only."""
+    Inception FID needs a download and photographs; these numbers compare texture sets with each other only.
+    The dense model's samples are drawn once per demo folder and compared with every model this step sees."""
     from .metrics import EvalRequest, evaluate
 
     plan = demo.plan
     model = Path(demo.files.get("finetuned") or demo.files["converted"])
     reference = write_textures(demo.out / "reference", reference_set(plan.fid_samples, size=_size(demo))[0])
-    request = EvalRequest(model=model, num_samples=plan.fid_samples, ref=str(reference), features="textures",
-                          out=demo.out / f"samples-{model.stem}", steps=plan.sample_steps, cfg=1.0,
-                          batch_size=min(64, plan.fid_samples), seed=demo.seed, compare_to=demo.shipped.path,
-                          device=demo.device, dtype=torch.float32)
-    report = evaluate(request)
+    settings = dict(num_samples=plan.fid_samples, steps=plan.sample_steps, cfg=1.0, seed=demo.seed,
+                    batch_size=min(64, plan.fid_samples), device=demo.device, dtype=torch.float32)
+    dense = demo.out / f"samples-{demo.shipped.path.stem}"
+    evaluate(EvalRequest(model=demo.shipped.path, out=dense, **settings))  # no reference: samples only
+    report = evaluate(EvalRequest(model=model, ref=str(reference), features="textures",
+                                  out=demo.out / f"samples-{model.stem}", compare_to=dense, **settings))
     report["reference_set"] = (f"{plan.fid_samples} textures of seed {REFERENCE_SEED} "
                                f"(sla2cli.data.textures.reference_set), written to {reference}")
     return report

@@ -56,7 +56,7 @@ def test_demo_writes_converted_model_grid_and_manifest(demo_run):
 
 
 def test_demo_numbers_are_sane(demo_run):
-    _, stdout, _, _ = demo_run
+    _, stdout, _, out = demo_run
     r = one_json(stdout)["results"]
     assert r["model"]["held_out_v_loss"] < 0.3  # trained (untrained: about 0.86)
     for model in ("converted", "finetuned"):
@@ -72,8 +72,28 @@ def test_demo_numbers_are_sane(demo_run):
     fid = r["fid"]
     assert fid["features"]["name"] == "textures" and fid["features"]["metric"] == "texture Fréchet distance"
     assert fid["fid"] > 0 and fid["kid"] is not None and fid["compare"]["fid_other"] > 0
-    assert fid["compare"]["other"] == str(DEMO_MODEL_PATH) and fid["compare"]["ssim_mean"] is not None
+    dense = out / f"samples-{DEMO_MODEL_PATH.stem}"  # the dense model's samples, kept for the next comparison
+    assert fid["compare"]["other"] == str(dense) and fid["compare"]["kind"] == "folder"
+    assert fid["compare"]["ssim_mean"] is not None
+    assert not [w for w in fid["warnings"] if "samples-" in w], fid["warnings"]  # paired, made alike
     assert fid["samples"] == FAST.fid_samples and fid["reference"]["images"] == FAST.fid_samples
+
+
+def test_the_fid_step_draws_the_dense_samples_once(demo_run):
+    """Comparing another model (bench/quality.sh compares stage 1, the recipe and the control) reuses the dense
+    samples the demo drew: same files, untouched, and the dense FD they give is the same."""
+    from sla2cli.pipeline import Demo, step_fid
+
+    _, stdout, _, out = demo_run
+    first = one_json(stdout)["results"]["fid"]
+    dense = out / f"samples-{DEMO_MODEL_PATH.stem}"
+    before = {p.name: p.stat().st_mtime_ns for p in dense.glob("*.png")}
+    converted = next(out.glob("*-sla2.safetensors"))
+    demo = Demo(out=out, device=torch.device("cpu"), plan=FAST, files={"converted": str(converted)})
+    again = step_fid(demo)
+    assert {p.name: p.stat().st_mtime_ns for p in dense.glob("*.png")} == before and len(before) == FAST.fid_samples
+    assert again["model"] == str(converted) and again["compare"]["other"] == str(dense)
+    assert again["compare"]["fid_other"] == pytest.approx(first["compare"]["fid_other"], rel=1e-6)
 
 
 def test_demo_human_rendering_of_every_step(demo_run):
