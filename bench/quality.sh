@@ -13,7 +13,8 @@
 # also trains the dense control, 90 by default; MODEL=showcase runs the 4096-token showcase model instead of the demo
 # model, BLOCKS its block size (16 by default), SPEED=1 adds each row's end-to-end sampling speed against dense (`sla2 demo`'s speed step: CUDA graphs, blocks
 # compiled) and the texture Fréchet distances of stage 1, the recipe, the control and the dense model against the
-# reference textures (its FID step);
+# reference textures (its FID step); DENSE_UNTIL="0 0.1 0.25" repeats those for each value, the SLA2 models'
+# evaluations at t below it dense (`eval-fid --dense-until`); T_DIST sets stage 1 and 2's `--t-distribution`;
 # QUALITY=0 skips `sla2 quality`, for a rerun of the speed and texture columns)
 set -euo pipefail
 out=${1:?output folder}
@@ -57,7 +58,7 @@ for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
     sla2 profile "$out/c$tag.safetensors" --device "$dev" --json > "$out/profile$tag.json"
     extra=(); [ "$tag" = "${CONTROL:-90}" ] && extra=(--control)
     sla2 finetune "$out/c$tag.safetensors" -o "$out/f$tag.safetensors" --recipe --keep-stage1 "${extra[@]}" \
-        "${data[@]}" --eval-samples 128 --batch-size 32 --dtype bf16 --device "$dev" --save-every 0 \
+        "${data[@]}" --t-distribution "${T_DIST:-jit}" --eval-samples 128 --batch-size 32 --dtype bf16 --device "$dev" --save-every 0 \
         --router-steps "$router_steps" --steps "$steps" --json > "$out/recipe$tag.json"
     if [ "${QUALITY:-1}" != 0 ]; then
         quality "$out/f$tag.safetensors.stage1.safetensors" "stage1-$tag"
@@ -65,8 +66,8 @@ for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
         [ "$tag" = "${CONTROL:-90}" ] && quality "$out/f$tag.control.safetensors" "control-$tag"
     fi
     if [ -n "${SPEED:-}" ]; then
-        python3 - "$out" "$tag" "$model" "$dev" <<'PY'
-import json, sys
+        python3 - "$out" "$tag" "$model" "$dev" "${DENSE_UNTIL:-0}" <<'PY'
+import dataclasses, json, sys
 from pathlib import Path
 import torch
 from sla2cli.checkpoints import load_model
@@ -76,14 +77,18 @@ out, tag, model, dev = Path(sys.argv[1]), sys.argv[2], sys.argv[3], torch.device
 shipped, tuned = SHIPPED_MODELS[model], out / f"f{tag}.safetensors"
 demo = Demo(out=out / f"fid{tag}", device=dev, plan=plan_for(False, dev), shipped=shipped, files={"finetuned": str(tuned)})
 demo.dense, demo.tuned = (load_model(p, device=dev)[0].eval() for p in (shipped.path, tuned))
-(out / f"speed{tag}.json").write_text(json.dumps(step_speed(demo), indent=1))
 demo.out.mkdir(exist_ok=True)
-for kind, path in (("stage1", f"{tuned}.stage1.safetensors"), ("recipe", tuned), ("control", out / f"f{tag}.control.safetensors")):
-    if Path(path).exists():  # stage 2 can cost texture FD that held-out v-loss does not show: each model's own FD
-        demo.files["finetuned"] = str(path)
-        fid = step_fid(demo)
-        (out / f"fid-{kind}-{tag}.json").write_text(json.dumps({k: fid[k] for k in ("fid", "compare", "samples", "steps")},
-                                                            indent=1, default=str))
+plan = demo.plan
+for until in map(float, sys.argv[5].split()):  # each value: the SLA2 models' evaluations at t < it run dense
+    suffix = f"-dense{until:g}" if until else ""
+    demo.plan = dataclasses.replace(plan, dense_until=until)
+    (out / f"speed{tag}{suffix}.json").write_text(json.dumps(step_speed(demo), indent=1))
+    for kind, path in (("stage1", f"{tuned}.stage1.safetensors"), ("recipe", tuned), ("control", out / f"f{tag}.control.safetensors")):
+        if Path(path).exists():  # stage 2 can cost texture FD that held-out v-loss does not show: each model's own FD
+            demo.files["finetuned"] = str(path)
+            fid = step_fid(demo)
+            (out / f"fid-{kind}-{tag}{suffix}.json").write_text(json.dumps(
+                {k: fid[k] for k in ("fid", "compare", "samples", "steps", "dense_until") if k in fid}, indent=1, default=str))
 PY
     fi
     python3 - "$out" "$tag" <<'PY'
@@ -97,14 +102,14 @@ q = {k: load(f"quality-{k}-{tag}.json") for k in ("stage1", "recipe", "control")
 line = f"{tag}%: attention FLOPs removed {removed:.2%} | stage 1 {r['stage1']['seconds']:.0f} s, stage 2 {r['stage2']['seconds']:.0f} s"
 for k, d in q.items():
     line += f" | {k}: v-loss {d['v_loss']['ratio']:.4f}x dense, PSNR {d['paired']['psnr_mean']:.2f} dB, SSIM {d['paired']['ssim_mean']:.3f}"
-if (out / f"speed{tag}.json").exists():
-    v = load(f"speed{tag}.json")
-    line += (f" | sampling {v['models']['dense']['images_per_second']:.2f} -> {v['models']['SLA2']['images_per_second']:.2f}"
-             f" images/s ({v['speedup']:.2f}x)")
+for speed in sorted(out.glob(f"speed{tag}*.json")):
+    v, suffix = load(speed.name), speed.stem[len(f"speed{tag}"):]
+    line += (f" | sampling{suffix} {v['models']['dense']['images_per_second']:.2f} -> "
+             f"{v['models']['SLA2']['images_per_second']:.2f} images/s ({v['speedup']:.2f}x)")
 for kind in ("stage1", "recipe", "control"):
-    if (out / f"fid-{kind}-{tag}.json").exists():
-        f = load(f"fid-{kind}-{tag}.json")
-        line += f" | {kind} texture FD {f['fid']['fid']:.2f} (dense {f['compare']['fid_other']:.2f})"
+    for fid in sorted(out.glob(f"fid-{kind}-{tag}*.json")):
+        f = load(fid.name)
+        line += f" | {kind}{fid.stem[len(f'fid-{kind}-{tag}'):]} texture FD {f['fid']:.2f} (dense {f['compare']['fid_other']:.2f})"
 if "control" in q:
     line += f" | recipe/control {q['recipe']['v_loss']['model'] / q['control']['v_loss']['model']:.4f}x"
 print(line, flush=True)

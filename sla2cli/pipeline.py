@@ -34,7 +34,7 @@ from .sampling import paired_inputs, sample, to_uint8
 from .seeding import PROBE_NOISE
 from .sla2.attention import SLA2Config
 from .sla2.backends import kernels_unavailable
-from .sla2.layers import apply_sla2
+from .sla2.layers import apply_sla2, dense_twin
 from .sla2.routing import num_blocks
 from .sla2.stats import attention_entropy, describe_layers, measure_layers
 
@@ -112,6 +112,7 @@ class DemoPlan:
     fid_samples: int
     speed_batch: int  # end-to-end sampling speed, dense vs SLA2, at this batch (0: not measured)
     speed_steps: int  # its Heun steps, with guidance (SPEED_CFG) and bf16
+    dense_until: float = 0.0  # the SLA2 model's samples (FID, speed) attend densely at t < dense_until
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -422,7 +423,8 @@ def step_fid(demo: Demo) -> dict:
     dense = demo.out / f"samples-{demo.shipped.path.stem}"
     evaluate(EvalRequest(model=demo.shipped.path, out=dense, **settings))  # no reference: samples only
     report = evaluate(EvalRequest(model=model, ref=str(reference), features="textures",
-                                  out=demo.out / f"samples-{model.stem}", compare_to=dense, **settings))
+                                  out=demo.out / f"samples-{model.stem}", compare_to=dense,
+                                  dense_until=plan.dense_until, **settings))
     report["reference_set"] = (f"{plan.fid_samples} textures of seed {REFERENCE_SEED} "
                                f"(sla2cli.data.textures.reference_set), written to {reference}")
     return report
@@ -432,7 +434,8 @@ def step_speed(demo: Demo) -> dict:
     """End-to-end sampling speed of the dense and the SLA2 model (finetuned where the demo finetuned): images/s
     of JiT's Heun sampler with guidance, bf16 autocast, every forward replayed from CUDA graphs with the blocks'
     non-attention work compiled (`eval-fid --compile`'s path, the fastest for both), each whole sampling run
-    timed by `profiling.Timer` (median and IQR)."""
+    timed by `profiling.Timer` (median and IQR). With the plan's `dense_until` the SLA2 model's evaluations
+    before that t run its dense twin (graphed and compiled alike)."""
     from .metrics.generate import autocast
     from .profiling import Timer
 
@@ -444,12 +447,14 @@ def step_speed(demo: Demo) -> dict:
     timer = Timer(demo.device, warmup_ms=plan.profile_ms, rep_ms=plan.profile_ms, min_run_time=plan.profile_ms / 1e3)
     sla2 = demo.tuned if demo.tuned is not None else demo.converted
     models = {}
-    for name, model in (("dense", demo.dense), ("SLA2", sla2)):
+    for name, model, until in (("dense", demo.dense, 0.0), ("SLA2", sla2, plan.dense_until)):
         net = graphed(model, demo.device, compile_blocks=True)
+        twin = graphed(dense_twin(model), demo.device, compile_blocks=True) if until else None
 
-        def run(net=net):
+        def run(net=net, twin=twin, until=until):
             with autocast(demo.device, torch.bfloat16):
-                return sample(net, noise, labels, steps=plan.speed_steps, cfg=SPEED_CFG)
+                return sample(net, noise, labels, steps=plan.speed_steps, cfg=SPEED_CFG, dense_model=twin,
+                              dense_until=until)
 
         timer.warm_up(run)
         timing = timer.eager(run)
@@ -458,6 +463,7 @@ def step_speed(demo: Demo) -> dict:
                         "compile_blocks": getattr(net, "compile_blocks", False),
                         "compile_error": getattr(net, "compile_error", None)}
     return {"batch": plan.speed_batch, "steps": plan.speed_steps, "cfg": SPEED_CFG, "sampler": "jit (Heun)",
+            "dense_until": plan.dense_until,
             "dtype": "bf16", "cuda_graphs": demo.device.type == "cuda", "layers": demo.layers,
             "timer": timer.describe(), "models": models,
             "speedup": models["SLA2"]["images_per_second"] / models["dense"]["images_per_second"]}

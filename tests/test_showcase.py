@@ -344,3 +344,36 @@ def test_the_demo_finetune_draws_t_as_its_plan_says(tmp_path, monkeypatch):
     demo = Demo(out=tmp_path, device=cpu, plan=plan, files={"converted": str(DEMO.path)})
     step_finetune(demo)
     assert seen["data"].t_distribution == "early" and seen["config"].steps == plan.finetune_steps
+
+
+def test_the_plans_dense_until_reaches_the_fid_and_speed_steps(tmp_path, monkeypatch):
+    """bench/quality.sh's dense-early-steps rows: the SLA2 model's FID samples and timed sampling run its dense
+    twin before the plan's dense_until, the dense model's never."""
+    import sla2cli.metrics as metrics_module
+    import sla2cli.pipeline as pipeline
+    from sla2cli.checkpoints import load_model
+    from sla2cli.pipeline import Demo, step_fid, step_speed
+    from sla2cli.sla2 import SLA2Config, apply_sla2, sla2_layers
+
+    cpu = torch.device("cpu")
+    plan = dataclasses.replace(plan_for(True, cpu), speed_batch=1, speed_steps=3, profile_ms=1.0, dense_until=0.5)
+    dense = load_model(DEMO.path)[0].eval()
+    tuned = load_model(DEMO.path)[0].eval()
+    apply_sla2(tuned, [0, 1], SLA2Config(topk=0.25, block_q=16, block_k=16))
+    demo = Demo(out=tmp_path, device=cpu, plan=plan, dense=dense, tuned=tuned, layers=[0, 1],
+                files={"converted": str(DEMO.path)})
+    calls = []
+
+    def recording(model, noise, labels, **kwargs):
+        calls.append((model, kwargs["dense_model"], kwargs["dense_until"]))
+        return noise
+
+    monkeypatch.setattr(pipeline, "sample", recording)
+    result = step_speed(demo)
+    assert result["dense_until"] == 0.5
+    assert {(m is tuned, d is not None and not sla2_layers(d), u) for m, d, u in calls} == {
+        (False, False, 0.0), (True, True, 0.5)}
+    requests = []
+    monkeypatch.setattr(metrics_module, "evaluate", lambda r: requests.append(r) or {})
+    step_fid(demo)
+    assert [r.dense_until for r in requests] == [0.0, 0.5] and requests[0].model == DEMO.path
