@@ -95,7 +95,8 @@ def test_image_folder_data_and_topk_schedule(cli, tmp_path):
                          *FAST, "--json")
     assert code == 0, err
     doc = one_json(out)
-    assert doc["data"] == {"source": "folder", "path": str(data), "images": 6, "classes": 2, "resolution": 24}
+    assert doc["data"] == {"source": "folder", "path": str(data), "images": 6, "classes": 2, "resolution": 24,
+                           "t_distribution": "jit"}
     assert all(r["topk"] == 0.2 and r["kept_blocks"] == 2 for r in doc["per_layer"])
     _, info = load_model(dst)
     assert info.sla2_config.topk == 0.2 and info.provenance["finetune"]["topk_schedule"] == "1:0.2"

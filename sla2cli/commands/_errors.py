@@ -39,6 +39,7 @@ FLAGS: dict[str, str | dict[str, str] | None] = {
     "schedule": "--schedule", "warmup": "--warmup", "ema": "--ema", "objective": "--objective", "full": "--full",
     "objective='distill'": "--objective distill",
     "workers": "--workers", "t_distribution": "--t-distribution", "dense_until": "--dense-until",
+    "dense_model": None,
     # quality
     "samples": "-n/--samples", "dense": "--dense",
     # demo
