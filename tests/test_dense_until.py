@@ -114,3 +114,21 @@ def test_eval_fid_refuses_bad_dense_until(cli, inception_weights, tmp_path, valu
                        "--inception-weights", inception_weights, "--out", tmp_path / "o", "--dense-until", value)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_dense_model_samples_the_same_with_or_without_dense_until(tmp_path):
+    from sla2cli.metrics.generate import generate_samples
+
+    model = converted()
+    remove_sla2(model)
+    folders = []
+    for until in (0.0, 0.6):
+        folder = tmp_path / f"u{until}"
+        folder.mkdir()
+        settings = sampler_settings("jit", steps=3, cfg=2.0, cfg_interval=None, time_shift=None, preset=None,
+                                    dense_until=until)
+        generate_samples(model, folder, 2, settings=settings, seed=0, batch_size=2, device=torch.device("cpu"),
+                         dtype=torch.float32)
+        folders.append(folder)
+    for name in ("000000.png", "000001.png"):
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes()
