@@ -132,3 +132,9 @@ def test_a_dense_model_samples_the_same_with_or_without_dense_until(tmp_path):
         folders.append(folder)
     for name in ("000000.png", "000001.png"):
         assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes()
+
+
+def test_a_model_without_sla2_layers_is_its_own_twin():
+    model = converted()
+    remove_sla2(model)
+    assert dense_twin(model) is model

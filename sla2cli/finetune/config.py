@@ -58,9 +58,9 @@ STATES = ("noised", "trajectory")
 @dataclass(frozen=True)
 class DataSpec:
     """Where training inputs come from: an image folder, or the dense teacher's own samples (`folder=None`),
-    drawn with `sampling_steps` Heun steps at guidance `cfg`. `states` "noised": clean images noised by JiT's
-    t distribution; "trajectory" (teacher only): the inputs the teacher's sampler fed its network, so stage 1
-    trains where sampling happens. `t_distribution` (noised states): where the training draws' t lie, as
+    drawn with `sampling_steps` Heun steps at guidance `cfg`. `states` "noised": clean images noised at t
+    drawn from `t_distribution`; "trajectory" (teacher only): the inputs the teacher's sampler fed its network,
+    so stage 1 trains where sampling happens. `t_distribution` (noised states): where the training draws' t lie, as
     `diffusion.TDistribution.parse` reads it: JiT's ("jit"), "uniform", "early" (the sampler's first steps,
     where a converted model's error costs its samples most) or "logit-normal:MEAN,STD".
     `workers`: processes that decode the folder's images ahead of each step (0: the training process)."""

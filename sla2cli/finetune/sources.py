@@ -1,8 +1,9 @@
 """Training inputs: the network's inputs (z_t, t, label) with the clean image where there is one.
 
-Three sources: an image folder or a pool of the dense teacher's own samples, both noised at t drawn from
-JiT's distribution or uniformly (`diffusion.noised`), or the dense sampler's own trajectories (every input its network
-evaluations saw, conditional and unconditional: the states a converted model meets when it samples).
+Three sources: an image folder or a pool of the dense teacher's own samples, both noised at t drawn from a
+`diffusion.TDistribution` (JiT's by default; `diffusion.noised`), or the dense sampler's own trajectories
+(every input its network evaluations saw, conditional and unconditional: the states a converted model meets
+when it samples).
 Every random draw is a pure function of (seed, stream, global sample position): which image or state a
 step uses, its t and its noise. A run therefore needs no RNG state to resume exactly, and K processes
 that each take their slice of the global batch see the very samples one process would.

@@ -22,7 +22,7 @@ from torch import nn
 from ..distributed import ProcessGroup
 from ..graphs import graphed
 from ..sampling import SamplerSettings, paired_inputs, sample_with, to_uint8
-from ..sla2.layers import dense_twin, sla2_layers
+from ..sla2.layers import dense_twin
 from .samples import missing_indices, write_sample
 
 Progress = Callable[[str, int, int], None]  # (task, images done, images to do)
@@ -78,8 +78,8 @@ def generate_samples(model: nn.Module, folder: Path, num_samples: int, *, settin
     net = graphed(model, device, compile_blocks) if graphs else model
     dense = None
     if settings.dense_until > 0:  # the steps before it run the model with every layer dense
-        twin = dense_twin(model) if sla2_layers(model) else None
-        dense = net if twin is None else graphed(twin, device, compile_blocks) if graphs else twin
+        twin = dense_twin(model)
+        dense = net if twin is model else graphed(twin, device, compile_blocks) if graphs else twin
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     mine = [b for k, b in enumerate(batches(num_samples, batch_size)) if k % group.world_size == group.rank]

@@ -149,7 +149,9 @@ def set_sla2_layers(model: nn.Module, layers, config: SLA2Config,
 
 def dense_twin(model: nn.Module) -> nn.Module:
     """A copy of `model` with every layer attending densely that shares its weights and buffers (no second
-    copy in memory): what the sampler's `dense_until` steps run."""
+    copy in memory): what the sampler's `dense_until` steps run. A model without SLA2 layers is its own twin."""
+    if not sla2_layers(model):
+        return model
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     twin = copy.deepcopy(model, memo=shared)
     remove_sla2(twin)
