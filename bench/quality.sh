@@ -15,7 +15,8 @@
 # compiled) and the texture Fréchet distances of stage 1, the recipe, the control and the dense model against the
 # reference textures (its FID step); DENSE_UNTIL="0 0.1 0.25" repeats those for each value, the SLA2 models'
 # evaluations at t below it dense (`eval-fid --dense-until`); T_DIST sets stage 1 and 2's `--t-distribution`;
-# QUALITY=0 skips `sla2 quality`, for a rerun of the speed and texture columns)
+# QUALITY=0 skips `sla2 quality`, for a rerun of the speed and texture columns; QAT=1 converts with `--qat`, issue 16's
+# low-bit sparse branch trained by QAT)
 set -euo pipefail
 out=${1:?output folder}
 source "$(dirname "$0")/gpu_env.sh" "${2:-}"
@@ -30,6 +31,7 @@ eval=${EVAL_IMAGES:-512}
 paired=${PAIRED:-128}
 mkdir -p "$out"
 read -r -a data <<< "${DATA:---data $out/train}"
+qat=(--no-qat); [ -n "${QAT:-}" ] && qat=(--qat)
 [ -n "${DATA:-}" ] && train=0
 python3 - "$out" "$train" "$eval" "$model" <<'PY'
 import sys
@@ -54,7 +56,7 @@ for row in ${ROWS:-90:0.0615:16 95:0.015:8}; do
     IFS=: read -r tag topk rank <<< "$row"
     sparsity=(--topk "$topk"); [ "${topk:0:1}" = e ] && sparsity=(--max-error "${topk#e}")
     sla2 convert "$demo" -o "$out/c$tag.safetensors" --layers all "${sparsity[@]}" --block-q "$blocks" --block-k "$blocks" \
-        --feature-rank "$rank" --alpha-mode per_query --no-qat --calibrate 16 --device "$dev" --json > "$out/convert$tag.json"
+        --feature-rank "$rank" --alpha-mode per_query "${qat[@]}" --calibrate 16 --device "$dev" --json > "$out/convert$tag.json"
     sla2 profile "$out/c$tag.safetensors" --device "$dev" --json > "$out/profile$tag.json"
     extra=(); [ "$tag" = "${CONTROL:-90}" ] && extra=(--control)
     sla2 finetune "$out/c$tag.safetensors" -o "$out/f$tag.safetensors" --recipe --keep-stage1 "${extra[@]}" \
