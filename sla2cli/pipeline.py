@@ -469,11 +469,17 @@ def step_speed(demo: Demo) -> dict:
             "speedup": models["SLA2"]["images_per_second"] / models["dense"]["images_per_second"]}
 
 
-def write_manifest(demo: Demo, timings: dict[str, float]) -> Path:
+def write_manifest(demo: Demo, timings: dict[str, float], complete: bool = True) -> Path:
+    """The demo's folder manifest: every result so far and each step's seconds. Written after each step with
+    `complete` False, so a demo stopped part-way (Ctrl-C, a time limit) keeps what its finished steps measured;
+    replaced atomically, so a reader never sees half of it."""
+    from .checkpoints.writing import atomic_write
+
     path = demo.out / MANIFEST
-    document = {"format": "sla2cli-demo", "complete": True, "model": demo.shipped.name,
+    document = {"format": "sla2cli-demo", "complete": complete, "model": demo.shipped.name,
                 "plan": demo.plan.to_dict(), "device": str(demo.device),
                 "seed": demo.seed, "layers": demo.layers, "files": demo.files, "notices": demo.notices,
                 "seconds": timings, "results": demo.results}
-    path.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    text = json.dumps(document, indent=1, default=str) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path

@@ -133,3 +133,26 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, cli):
     file_out.write_text("x")
     code, _, stderr = cli("demo", "--out", file_out)
     assert code == 2 and "is a file" in stderr
+
+
+def test_a_demo_stopped_part_way_keeps_what_its_finished_steps_measured(tmp_path, cli, monkeypatch):
+    """The manifest is rewritten after every step (complete: false until the last), and --json logs each
+    step's seconds on stderr: a demo cut by a time limit still says how far it got and what it measured."""
+    from sla2cli import pipeline
+    from sla2cli.commands import demo as demo_command
+    from sla2cli.errors import UsageError
+
+    def stop(demo):
+        raise UsageError("stopped by the test")
+
+    monkeypatch.setattr(pipeline, "step_stop", stop, raising=False)
+    monkeypatch.setattr(demo_command, "STEPS", (demo_command.STEPS[0],
+                                                demo_command.Step("stop", "stop", "step_stop", lambda r, c: None)))
+    out = tmp_path / "out"
+    code, stdout, stderr = cli("demo", "--fast", "--device", "cpu", "--out", out, "--json")
+    assert code != 0 and "stopped by the test" in stderr and stdout == ""
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["complete"] is False
+    assert set(manifest["results"]) == set(manifest["seconds"]) == {"model"}
+    assert manifest["results"]["model"] and manifest["seconds"]["model"] >= 0
+    assert f"1/2  {demo_command.STEPS[0].title}: " in stderr

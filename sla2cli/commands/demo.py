@@ -173,7 +173,7 @@ STEPS: list[Step] = [
     Step("plan", "which layers could be converted", "step_plan_layers", _render_plan),
     Step("profile", "profile: is SLA2 faster, layer by layer?", "step_profile", _render_profile),
     Step("convert", "convert", "step_convert", _render_convert),
-    Step("finetune", "finetune (short, data-free)", "step_finetune", _render_finetune),
+    Step("finetune", "finetune (stage 1, on training textures)", "step_finetune", _render_finetune),
     Step("measure", "stats --measure", "step_measure", _render_measure),
     Step("samples", "dense vs SLA2 samples", "step_samples", _render_samples),
     Step("fid", "eval-fid", "step_fid", _render_fid),
@@ -219,6 +219,10 @@ def summary_table(r: dict, layers: list[int], timings: dict[str, float]) -> Tabl
     return table
 
 
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in timings.items()}
+
+
 def command(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the converted and finetuned models, the sample "
                                           "grid and sla2-demo.json (made if absent; reused only if an earlier demo "
@@ -257,9 +261,12 @@ def command(
             progress.add_task(step.title, total=None)
             demo.results[step.key] = step.run(demo)
         timings[step.key] = time.perf_counter() - start
-        if not json_output:
+        lib.write_manifest(demo, _rounded(timings), complete=False)
+        if json_output:
+            out.log(f"{number}/{len(steps)}  {step.title}: {timings[step.key]:.1f} s")
+        else:
             step.render(demo.results[step.key], out.stdout)
-    seconds = {k: round(v, 2) for k, v in timings.items()}
+    seconds = _rounded(timings)
     manifest = lib.write_manifest(demo, seconds)
     document = {"out": str(out_dir), "device": str(dev), "model": shipped.name, "plan": demo.plan.to_dict(),
                 "layers": demo.layers, "files": {**demo.files, "manifest": str(manifest)},
