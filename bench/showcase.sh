@@ -10,7 +10,8 @@
 #     back from a call): eight files, about 58 MiB, what a device call returns at most.
 #   bash bench/showcase.sh demo OUT_DIR [MODEL_FILE] [WHEEL_DIR]
 #     Step B: installs MODEL_FILE (a showcase-jit.safetensors of step A) as sla2cli/assets/showcase-jit.safetensors
-#     when given, then `sla2 demo --model showcase --json` > OUT_DIR/showcase-demo.json (its log beside it).
+#     when given, then `sla2 demo --model showcase --json` > OUT_DIR/showcase-demo.json (its log beside it; if it
+#     stops part-way, what its finished steps measured in OUT_DIR/showcase-demo-partial.json).
 #
 # Two training calls and the demo, each a device call (copy what a call returns into an ignored folder of the
 # checkout, here .showcase/, and name that folder in the next call's carry):
@@ -38,7 +39,9 @@ case "$mode" in
         asset=sla2cli/assets/showcase-jit.safetensors
         if [ -n "${3:-}" ] && ! [ "$3" -ef "$asset" ]; then cp "$3" "$asset"; fi
         sla2 demo --model showcase --device "${DEVICE:-cuda}" --out /tmp/showcase-demo --json \
-            > "$out/showcase-demo.json" 2> "$out/showcase-demo.log" || { tail -20 "$out/showcase-demo.log"; exit 1; }
+            > "$out/showcase-demo.json" 2> "$out/showcase-demo.log" || {
+            cp /tmp/showcase-demo/sla2-demo.json "$out/showcase-demo-partial.json"  # what the finished steps measured
+            tail -20 "$out/showcase-demo.log"; exit 1; }
         python3 - "$out/showcase-demo.json" <<'PY'
 import json, sys
 doc = json.load(open(sys.argv[1]))
