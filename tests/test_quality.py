@@ -155,7 +155,7 @@ def test_a_model_against_itself_is_identical():
 
 
 @pytest.mark.parametrize("kwargs,parameter", [
-    (dict(samples=0), "samples"), (dict(steps=0), "steps"), (dict(eval_samples=0), "eval_samples"),
+    (dict(samples=-1), "samples"), (dict(steps=0), "steps"), (dict(eval_samples=0), "eval_samples"),
     (dict(cfg=float("nan")), "cfg"), (dict(cfg=float("inf")), "cfg"), (dict(seed=-1), "seed"),
 ])
 def test_bad_inputs_are_refused_before_any_work(kwargs, parameter):
@@ -219,7 +219,7 @@ def test_cli_tables_and_image_folders(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (("-n", "0"), "error: -n/--samples must be >= 1, got 0"),
+    (("-n", "-2"), "error: -n/--samples must be >= 0 (0: no paired samples), got -2"),
     (("--steps", "0"), "error: --steps must be >= 1, got 0"),
     (("--eval-samples", "0"), "error: --eval-samples must be >= 1, got 0"),
     (("--cfg", "-1"), "error: --cfg must be a finite number >= 0 (1.0 turns guidance off), got -1.0"),
@@ -236,3 +236,18 @@ def test_cli_refuses_another_architecture(cli, tmp_path):
     code, out, err = cli("quality", sla2_file, "--dense", other, "--device", "cpu")
     assert code == 2 and out == ""
     assert _one_line(err).startswith("error: --dense is another architecture than the model (depth 4 vs 3)")
+
+
+def test_no_paired_samples_gives_the_v_loss_and_layer_errors_alone(cli, tmp_path):
+    """-n 0: the v-loss and per-layer error without drawing a sample (the numbers are those of a run with pairs)."""
+    sla2_file = save_model(_converted(), tmp_path / "sla2.safetensors")
+    args = ("--eval-samples", "2", "--steps", "2", "--device", "cpu")
+    code, out, err = cli("quality", sla2_file, "-n", "0", *args, "--json")
+    assert code == 0, err
+    doc = one_json(out)
+    assert doc["paired"] is None and doc["settings"]["samples"] == 0 and len(doc["per_layer"]) == 2
+    assert doc["v_loss"] == one_json(cli("quality", sla2_file, "-n", "1", *args, "--json")[1])["v_loss"]
+    code, out, err = cli("quality", sla2_file, "-n", "0", *args)  # the table, without the paired rows
+    assert code == 0 and "v-loss ratio" in out and "PSNR" not in out and "no paired samples" in out
+    code, _, err = cli("quality", sla2_file, "-n", "-1", *args)
+    assert code == 2 and "must be >= 0" in err

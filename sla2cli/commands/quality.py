@@ -40,7 +40,7 @@ def command(
     class_index: Annotated[Optional[int], typer.Option("--class-index", help="Class of every image of a flat "
                                                        "--data folder.")] = None,
     samples: Annotated[int, typer.Option("-n", "--samples", help="Paired samples (same noise and labels for "
-                                         "both models).")] = 8,
+                                         "both models); 0: none, the v-loss and per-layer error only.")] = 8,
     eval_samples: Annotated[int, typer.Option("--eval-samples", help="Noised images on which the v-loss and the "
                                               "per-layer error are measured (one batch).")] = 8,
     steps: Annotated[int, typer.Option(help="Heun steps of the paired samples.")] = 50,
@@ -95,11 +95,12 @@ def _render(console, model_path: Path, dense_path: Path | None, r: dict) -> None
                   f"{_f(v['dense'])} → {_f(v['model'])}", "")
     table.add_row("v-loss ratio model / dense", _f(v["ratio"]), "")
     table.add_row("x-prediction rel. error vs dense", _f(v["output_relative_error"]), "")
-    for key, name, digits, unit in (("psnr", "PSNR", 2, " dB"), ("ssim", "SSIM", 4, ""), ("mae", "MAE", 4, "")):
-        worst = p[f"{key}_worst"]
-        table.add_row(f"{name} of {p['pairs']} paired samples", _f(p[f"{key}_mean"], digits, unit),
-                      "-" if worst is None else f"{worst:.{digits}f}{unit} ({p[f'{key}_worst_index']})")
-    table.add_row("identical sample pairs", f"{p['identical']} of {p['pairs']}", "")
+    if p is not None:  # None: -n 0
+        for key, name, digits, unit in (("psnr", "PSNR", 2, " dB"), ("ssim", "SSIM", 4, ""), ("mae", "MAE", 4, "")):
+            worst = p[f"{key}_worst"]
+            table.add_row(f"{name} of {p['pairs']} paired samples", _f(p[f"{key}_mean"], digits, unit),
+                          "-" if worst is None else f"{worst:.{digits}f}{unit} ({p[f'{key}_worst_index']})")
+        table.add_row("identical sample pairs", f"{p['identical']} of {p['pairs']}", "")
     console.print(table)
     if r["per_layer"]:
         layers = Table(title="SLA2 layers against dense attention (same noised inputs)", title_justify="left")
@@ -112,8 +113,8 @@ def _render(console, model_path: Path, dense_path: Path | None, r: dict) -> None
     d = r["data"]
     source = (f"{d['used']} images of {d.get('path')}" if d["source"] != "dense samples"
               else f"{d['used']} samples of the dense model ({d['sampling_steps']} Heun steps, random labels)")
-    console.print(f"v-loss on {source}; paired samples: {s['steps']} Heun steps, CFG {s['cfg']:g}, seed {s['seed']}, "
-                  f"{s['dtype']} on {s['device']}", highlight=False)
+    pairs = f"paired samples: {s['steps']} Heun steps, CFG {s['cfg']:g}" if p is not None else "no paired samples"
+    console.print(f"v-loss on {source}; {pairs}, seed {s['seed']}, {s['dtype']} on {s['device']}", highlight=False)
     if dense_path is None:
         console.print(f"dense reference: {r['dense']['description']}, its dense source when only the router and α "
                       "were trained (stage 1); after a full finetune, pass --dense ORIGINAL", highlight=False)

@@ -80,8 +80,8 @@ def _check(eval_samples: int, samples: int, steps: int, cfg: float, seed: int, b
         raise InvalidParameter("eval_samples", 0, "{name} must be >= 1, got {value}")
     if images is not None and (labels is None or len(labels) != len(images)):
         raise ValueError("images need one label each")
-    if samples < 1:
-        raise InvalidParameter("samples", samples, "{name} must be >= 1, got {value}")
+    if samples < 0:
+        raise InvalidParameter("samples", samples, "{name} must be >= 0 (0: no paired samples), got {value}")
     if steps < 1:
         raise InvalidParameter("steps", steps, "{name} must be >= 1, got {value}")
     if not math.isfinite(cfg) or cfg < 0:
@@ -112,6 +112,23 @@ def held_out_v_loss(model: nn.Module, dense: nn.Module, images: torch.Tensor, la
     return losses, (zin, t, y)
 
 
+@torch.no_grad()
+def _paired_samples(model: nn.Module, dense: nn.Module, samples: int, *, steps: int, cfg: float, seed: int,
+                    device: torch.device, batch_size: int, say: Callable[[str], None]) -> dict:
+    cfgm = model.config
+    shape = (cfgm.in_channels, cfgm.input_size, cfgm.input_size)
+    a, b = [], []
+    net, dense_net = graphed(model, device), graphed(dense, device)  # CUDA graphs on a GPU: same samples, faster
+    for i0 in range(0, samples, batch_size):
+        indices = range(i0, min(samples, i0 + batch_size))
+        say(f"paired samples {i0 + 1}-{indices[-1] + 1} of {samples}")
+        noise, lab = paired_inputs(seed, indices, shape, cfgm.num_classes, cfgm.noise_scale)
+        noise, lab = noise.to(device), lab.to(device)
+        a.append(_hwc(sample(net, noise, lab, steps=steps, cfg=cfg)))
+        b.append(_hwc(sample(dense_net, noise, lab, steps=steps, cfg=cfg)))
+    return compare_pairs(zip(np.concatenate(a), np.concatenate(b)))
+
+
 def quality_report(model: nn.Module, dense: nn.Module | None = None, *, images: torch.Tensor | None = None,
                    labels: torch.Tensor | None = None, data: dict | None = None, eval_samples: int = 8,
                    samples: int = 8, steps: int = 50, cfg: float = 2.0, seed: int = 0, device="cpu",
@@ -122,10 +139,10 @@ def quality_report(model: nn.Module, dense: nn.Module | None = None, *, images: 
     `images` (N×C×H×W in [-1, 1]) and `labels` are the clean held-out images of the v-loss (all of them are
     used; `data` describes where they came from); without them, `eval_samples` samples of the dense model
     itself (8 Heun steps, random labels: `own_noised_batch`). Both are noised by `diffusion.noised` from
-    (seed, PROBE_NOISE, index) and run as one batch. `samples` paired samples are drawn with JiT's sampler
-    (`steps` Heun steps, guidance `cfg` on t in (0.1, 1)), `batch_size` at a time. Both models are moved to
-    `device` and `dtype`. `provenance` (the model file's) lets the report warn when a full finetune moved
-    the dense weights, so that the default dense reference is not the source.
+    (seed, PROBE_NOISE, index) and run as one batch. `samples` paired samples (0: none; `paired` is None) are
+    drawn with JiT's sampler (`steps` Heun steps, guidance `cfg` on t in (0.1, 1)), `batch_size` at a time.
+    Both models are moved to `device` and `dtype`. `provenance` (the model file's) lets the report warn when a
+    full finetune moved the dense weights, so that the default dense reference is not the source.
     """
     _check(eval_samples, samples, steps, cfg, seed, batch_size, images, labels)
     say = progress or (lambda _message: None)
@@ -154,7 +171,6 @@ def quality_report(model: nn.Module, dense: nn.Module | None = None, *, images: 
                         + (", so it matches its dense reference exactly" if reference["source"] == "stripped" else ""))
     model.to(device, dtype).eval()
     dense.to(device, dtype).eval()
-    cfgm = model.config
 
     # (a) v-loss of both models on the same noised clean images
     if images is None:
@@ -172,18 +188,9 @@ def quality_report(model: nn.Module, dense: nn.Module | None = None, *, images: 
     # (c) each converted layer against dense attention on the same inputs
     per_layer = measure_layers(model, zin, t, y) if converted else []
 
-    # (b) paired samples from the same (seed, index) noise and labels
-    shape = (cfgm.in_channels, cfgm.input_size, cfgm.input_size)
-    a, b = [], []
-    net, dense_net = graphed(model, device), graphed(dense, device)  # CUDA graphs on a GPU: same samples, faster
-    for i0 in range(0, samples, batch_size):
-        indices = range(i0, min(samples, i0 + batch_size))
-        say(f"paired samples {i0 + 1}-{indices[-1] + 1} of {samples}")
-        noise, lab = paired_inputs(seed, indices, shape, cfgm.num_classes, cfgm.noise_scale)
-        noise, lab = noise.to(device), lab.to(device)
-        a.append(_hwc(sample(net, noise, lab, steps=steps, cfg=cfg)))
-        b.append(_hwc(sample(dense_net, noise, lab, steps=steps, cfg=cfg)))
-    paired = compare_pairs(zip(np.concatenate(a), np.concatenate(b)))
+    # (b) paired samples from the same (seed, index) noise and labels (none: `paired` is None)
+    paired = _paired_samples(model, dense, samples, steps=steps, cfg=cfg, seed=seed, device=device,
+                             batch_size=batch_size, say=say) if samples else None
 
     settings = {"eval_samples": len(x), "samples": samples, "steps": steps, "cfg": float(cfg), "sampler": "jit",
                 "cfg_interval": list(SAMPLERS["jit"].cfg_interval), "seed": seed, "device": str(device),
