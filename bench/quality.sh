@@ -103,7 +103,9 @@ removed = 1 - p["executed_attention_flops"] / p["dense_attention_flops"]
 q = {k: load(f"quality-{k}-{tag}.json") for k in ("stage1", "recipe", "control") if (out / f"quality-{k}-{tag}.json").exists()}
 line = f"{tag}%: attention FLOPs removed {removed:.2%} | stage 1 {r['stage1']['seconds']:.0f} s, stage 2 {r['stage2']['seconds']:.0f} s"
 for k, d in q.items():
-    line += f" | {k}: v-loss {d['v_loss']['ratio']:.4f}x dense, PSNR {d['paired']['psnr_mean']:.2f} dB, SSIM {d['paired']['ssim_mean']:.3f}"
+    line += f" | {k}: v-loss {d['v_loss']['ratio']:.4f}x dense"
+    if d["paired"]:  # PAIRED=0: none drawn
+        line += f", PSNR {d['paired']['psnr_mean']:.2f} dB, SSIM {d['paired']['ssim_mean']:.3f}"
 for speed in sorted(out.glob(f"speed{tag}*.json")):
     v, suffix = load(speed.name), speed.stem[len(f"speed{tag}"):]
     line += (f" | sampling{suffix} {v['models']['dense']['images_per_second']:.2f} -> "
