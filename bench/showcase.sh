@@ -40,7 +40,8 @@ case "$mode" in
         if [ -n "${3:-}" ] && ! [ "$3" -ef "$asset" ]; then cp "$3" "$asset"; fi
         sla2 demo --model showcase --device "${DEVICE:-cuda}" --out /tmp/showcase-demo --json \
             > "$out/showcase-demo.json" 2> "$out/showcase-demo.log" || {
-            cp /tmp/showcase-demo/sla2-demo.json "$out/showcase-demo-partial.json"  # what the finished steps measured
+            partial=/tmp/showcase-demo/sla2-demo.json  # what the finished steps measured (absent if none started)
+            if [ -f "$partial" ]; then cp "$partial" "$out/showcase-demo-partial.json"; fi
             tail -20 "$out/showcase-demo.log"; exit 1; }
         python3 - "$out/showcase-demo.json" <<'PY'
 import json, sys
