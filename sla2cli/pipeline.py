@@ -253,7 +253,8 @@ def step_profile(demo: Demo) -> dict:
     """`sla2 profile` of the candidate conversion; its recommendation picks the layers to convert.
 
     Where no layer is faster with SLA2 on this device (the PyTorch reference on a CPU never is), the demo
-    converts every candidate anyway so the rest of the pipeline has something to show, and says so.
+    converts every candidate anyway so the rest of the pipeline has something to show, and says so. Where the
+    demo times sampling, the profile runs the sampler's forward batch (guidance doubles it), not batch 1.
     """
     from .profiling import Timer, profile_model
 
@@ -262,7 +263,7 @@ def step_profile(demo: Demo) -> dict:
     apply_sla2(model, demo.candidates, settings)
     plan = demo.plan
     dtype = torch.bfloat16 if demo.device.type == "cuda" else torch.float32
-    report = profile_model(model, device=demo.device, dtype=dtype, batch_size=1,
+    report = profile_model(model, device=demo.device, dtype=dtype, batch_size=2 * plan.speed_batch or 1,
                            timer=Timer(demo.device, warmup_ms=plan.profile_ms, rep_ms=plan.profile_ms,
                                        min_run_time=plan.profile_ms / 1e3),
                            seed=demo.seed, label=f"{demo.shipped.path.name} (candidate layers, topk {settings.topk:g})")

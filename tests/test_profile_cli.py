@@ -148,3 +148,20 @@ def test_recommendation_is_checked_end_to_end():
     rows[2]["recommendation"] = "keep dense"
     partly = recommendation(rows, {"dense": {"ms": 50.0}, "converted": {"ms": 52.0}, "recommended": {"ms": 45.0}})
     assert partly["convert"] == [1] and partly["keep_dense"] == [2] and partly["layers"] == "1"
+
+
+def test_end_to_end_check_compares_cuda_graph_times_where_both_were_captured():
+    """A small forward eagerly times the host (the showcase at batch 1: 14.2 against 9.4 ms eager, 2.09 against
+    2.17 ms as graphs); samplers replay graphs, so the check compares those where both forwards have one."""
+    from sla2cli.profiling.profile import recommendation
+    rows = [{"layer": 0, "mode": "sla2", "recommendation": "sla2"}]
+    host_bound = recommendation(rows, {"dense": {"ms": 9.35, "graph_ms": 2.17},
+                                       "converted": {"ms": 14.24, "graph_ms": 2.09}})
+    assert host_bound["convert"] == [0] and host_bound["rejected_end_to_end"] is None
+    slower = recommendation(rows, {"dense": {"ms": 9.35, "graph_ms": 2.0}, "converted": {"ms": 8.0, "graph_ms": 2.1}})
+    assert slower["convert"] == [] and slower["rejected_end_to_end"]["timed_as"] == "graph_ms"
+    assert "(2.10 vs 2.00 ms as CUDA graphs)" in slower["summary"]
+    one_graph = recommendation(rows, {"dense": {"ms": 120.0}, "converted": {"ms": 90.0, "graph_ms": 80.0}})
+    assert one_graph["convert"] == [0]  # eager against eager when only one forward was captured
+    one_graph = recommendation(rows, {"dense": {"ms": 120.0}, "converted": {"ms": 119.0, "graph_ms": 80.0}})
+    assert one_graph["convert"] == [] and one_graph["rejected_end_to_end"]["timed_as"] == "ms"

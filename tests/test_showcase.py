@@ -251,6 +251,22 @@ def test_speed_step_times_dense_and_sla2_sampling(tmp_path):
 
 
 
+def test_profile_step_runs_the_samplers_forward_batch(tmp_path):
+    """Where the demo times sampling (batch 8, guidance: forwards of 16), its profile times that batch too: at
+    batch 1 the showcase's forward is host-bound and the profile advised against the conversion that then
+    sampled 1.40x faster. Without a speed step (a CPU) it stays at batch 1."""
+    from conftest import nonzero_model
+
+    from sla2cli.pipeline import Demo, step_profile
+
+    cpu = torch.device("cpu")
+    for speed_batch, batch in ((2, 4), (0, 1)):
+        plan = dataclasses.replace(plan_for(True, cpu), speed_batch=speed_batch, profile_ms=1.0)
+        demo = Demo(out=tmp_path, device=cpu, plan=plan, dense=nonzero_model(), candidates=[0, 1])
+        report = step_profile(demo)
+        assert report["batch_size"] == batch and report["converted_layers"] == [0, 1]
+
+
 # --- the trained asset ------------------------------------------------------------------------------------
 
 def test_shipped_showcase_loads_and_gives_its_stored_forward():
