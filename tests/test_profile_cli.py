@@ -159,9 +159,17 @@ def test_end_to_end_check_compares_cuda_graph_times_where_both_were_captured():
                                        "converted": {"ms": 14.24, "graph_ms": 2.09}})
     assert host_bound["convert"] == [0] and host_bound["rejected_end_to_end"] is None
     slower = recommendation(rows, {"dense": {"ms": 9.35, "graph_ms": 2.0}, "converted": {"ms": 8.0, "graph_ms": 2.1}})
-    assert slower["convert"] == [] and slower["rejected_end_to_end"]["timed_as"] == "graph_ms"
+    assert slower["convert"] == [] and slower["rejected_end_to_end"]["compared_by"] == "graph_ms"
     assert "(2.10 vs 2.00 ms as CUDA graphs)" in slower["summary"]
     one_graph = recommendation(rows, {"dense": {"ms": 120.0}, "converted": {"ms": 90.0, "graph_ms": 80.0}})
     assert one_graph["convert"] == [0]  # eager against eager when only one forward was captured
     one_graph = recommendation(rows, {"dense": {"ms": 120.0}, "converted": {"ms": 119.0, "graph_ms": 80.0}})
-    assert one_graph["convert"] == [] and one_graph["rejected_end_to_end"]["timed_as"] == "ms"
+    assert one_graph["convert"] == [] and one_graph["rejected_end_to_end"]["compared_by"] == "ms"
+    # the summary's speedup of the recommendation is on the same clock as the check, and says which
+    from sla2cli.profiling.profile import _e2e_summary
+    e2e = {name: {"ms": ms, "iqr_ms": 0.1, "graph_ms": graph, "peak_memory_mib": None}
+           for name, ms, graph in (("dense", 9.35, 2.17), ("converted", 14.24, 2.09), ("no_attention", 8.6, 1.86))}
+    e2e["recommended"] = e2e["converted"]
+    summary = _e2e_summary(e2e)
+    assert summary["recommended_speedup"] == pytest.approx(2.17 / 2.09)
+    assert summary["recommended_compared_by"] == "graph_ms" and summary["speedup"] == pytest.approx(9.35 / 14.24)

@@ -294,6 +294,11 @@ def layer_advice(row: dict, timing: dict, device: torch.device) -> dict:
 E2E_MARGIN = 1.02
 
 
+def compared_time(dense: dict, other: dict) -> str:
+    """Which time two end-to-end forwards are compared by: "graph_ms" where both were captured, else "ms"."""
+    return "graph_ms" if dense.get("graph_ms") and other.get("graph_ms") else "ms"
+
+
 def recommendation(rows: list[dict], e2e: dict[str, dict]) -> dict:
     """The layers to convert (per-layer advice, then checked end to end) and a one-line verdict.
 
@@ -306,8 +311,7 @@ def recommendation(rows: list[dict], e2e: dict[str, dict]) -> dict:
     keep = [r["layer"] for r in rows if r["recommendation"] == "sla2"]
     keep_dense = [r["layer"] for r in rows if r["recommendation"] == "keep dense"]
     measured = e2e.get("recommended") or (e2e["converted"] if not keep_dense else e2e["dense"])
-    graph = bool(measured.get("graph_ms") and e2e["dense"].get("graph_ms"))
-    key = "graph_ms" if graph else "ms"
+    key = compared_time(e2e["dense"], measured)
     new_ms, dense_ms = measured[key], e2e["dense"][key]
     check = None
     if not converted:
@@ -315,9 +319,9 @@ def recommendation(rows: list[dict], e2e: dict[str, dict]) -> dict:
     elif not keep:
         verdict = "keep the model dense: no converted layer is faster with SLA2 at this size"
     elif new_ms * E2E_MARGIN > dense_ms:
-        check = {"layers": layer_spec(keep), "ms": new_ms, "dense_ms": dense_ms, "timed_as": key}
+        check = {"layers": layer_spec(keep), "ms": new_ms, "dense_ms": dense_ms, "compared_by": key}
         verdict = (f"keep the model dense: converting layers {layer_spec(keep)} is not {E2E_MARGIN:.2f}x faster "
-                   f"end to end ({new_ms:.2f} vs {dense_ms:.2f} ms{' as CUDA graphs' if graph else ''})")
+                   f"end to end ({new_ms:.2f} vs {dense_ms:.2f} ms{' as CUDA graphs' if key == 'graph_ms' else ''})")
         keep, keep_dense, measured = [], converted, e2e["dense"]
     elif keep_dense:
         verdict = f"convert only layers {layer_spec(keep)}; keep {layer_spec(keep_dense)} dense"
@@ -344,7 +348,9 @@ def _e2e_summary(e2e: dict[str, dict]) -> dict:
     if "recommended" in e2e:
         summary["recommended_ms"] = e2e["recommended"]["ms"]
         summary["recommended_iqr_ms"] = e2e["recommended"]["iqr_ms"]
-        summary["recommended_speedup"] = _speedup(dense, e2e["recommended"]["ms"])
+        key = compared_time(e2e["dense"], e2e["recommended"])  # as the recommendation compared them
+        summary["recommended_speedup"] = _speedup(e2e["dense"][key], e2e["recommended"][key])
+        summary["recommended_compared_by"] = key
         summary["recommended_inconclusive"] = e2e["recommended"] is not e2e["dense"] and overlap(e2e["dense"],
                                                                                                e2e["recommended"])
     if any(m.get("graph_ms") for m in e2e.values()):

@@ -149,7 +149,9 @@ def verdict_lines(report: dict) -> list[str]:
              f"(dense {e['dense_ms']:.2f} ms, attention removed {e['no_attention_ms']:.2f} ms)",
              f"as converted: {e['speedup']:.2f}x end to end{' (inconclusive)' if e['inconclusive'] else ''}; "
              f"recommendation: {report['recommendation']['summary']}"
-             + (f" ({e['recommended_speedup']:.2f}x)" if e.get("recommended_speedup") else "")]
+             + (f" ({e['recommended_speedup']:.2f}x"
+                f"{' as CUDA graphs' if e.get('recommended_compared_by') == 'graph_ms' else ''})"
+                if e.get("recommended_speedup") else "")]
     by_reason: dict[str, list[int]] = {}
     for row in report["per_layer"]:
         for part in row["reasons"]:
