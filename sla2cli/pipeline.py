@@ -344,10 +344,12 @@ def step_finetune(demo: Demo) -> dict:
     demo.tuned = model.to(demo.device).eval()
     demo.files["finetuned"] = str(dst)
     worse = [r for r in result.per_layer if r["error_after"] > r["error_before"] * 1.05]
-    if worse:
-        demo.notices.append("the short finetune raised the attention error of layer(s) " + ", ".join(
-            f"{r['layer']} ({r['error_before']:.3f} → {r['error_after']:.3f})" for r in worse)
-            + "; a real run needs more steps (sla2 finetune --recipe --steps 400 on a GPU)")
+    if worse:  # advise stage 1 for longer: stage 2 (--recipe) costs the samples (README, "sla2 finetune")
+        demo.notices.append(
+            "the short finetune raised the attention error of layer(s) " + ", ".join(
+                f"{r['layer']} ({r['error_before']:.3f} → {r['error_after']:.3f})" for r in worse)
+            + f" on its {config.eval_samples} evaluation images; a real run trains stage 1 longer: sla2 finetune "
+            f"--objective distill --t-distribution {plan.finetune_t} --steps 300 --batch-size 32 --data FOLDER")
     return result.to_dict()
 
 
