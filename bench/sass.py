@@ -101,9 +101,10 @@ def main():
             kernel = compile_forward(d, bq, bk, warps, stages, low_bit)
             sass, usage = sass_and_resources(kernel)
             body = collections.Counter(loop_body(sass))
+            total = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", sass))
             print(f"D {d}, blocks {bq},{bk}, {warps} warps, {stages} stages, {'low bit' if low_bit else 'bf16'}: "
-                  f"loop {sum(body.values())} instructions per thread and kept block; {usage}; shared "
-                  f"{kernel.metadata.shared} B")
+                  f"loop {sum(body.values())} instructions per thread and kept block (kernel {total}); {usage}; "
+                  f"shared {kernel.metadata.shared} B")
             print("  " + " ".join(f"{op}:{n}" for op, n in body.most_common(24)))
 
 
