@@ -61,6 +61,21 @@ def test_profile_dense_model_and_sweep_json(cli, official_pth):
     assert [r["resolution"] for r in doc["sweep"]] == [16] and "pays_off_from" in doc
 
 
+
+def test_profile_converts_with_a_preset_and_says_which_path_each_layer_runs(cli, official_pth):
+    """`--preset` as `sla2 convert` takes it (topk and QAT; --topk overrides its topk): profiling max-speed is
+    how a user sees whether its low-bit path pays on their GPU (on a CPU the QAT layers run the reference)."""
+    code, out, err = cli("profile", official_pth, *BASE, "--layers", "2-3", "--preset", "max-speed", "--json")
+    assert code == 0, err
+    rows = one_json(out)["per_layer"][2:]
+    assert [r["topk"] for r in rows] == [0.05, 0.05] and all(r["mode"] == "sla2" for r in rows)
+    assert all(r["path"] == rows[0]["path"] and "QAT" in r["path"] for r in rows), rows[0]["path"]
+    code, out, err = cli("profile", official_pth, *BASE, "--layers", "2-3", "--preset", "quality", "--topk", "0.5",
+                         "--json")
+    assert code == 0, err
+    rows = one_json(out)["per_layer"][2:]
+    assert [r["topk"] for r in rows] == [0.5, 0.5] and all("QAT" not in r["path"] for r in rows)
+
 @pytest.mark.parametrize("args,message", [
     ((), "missing MODEL"),
     (("--arch", "JiT-Q/7"), "unknown --arch"),
@@ -70,6 +85,7 @@ def test_profile_dense_model_and_sweep_json(cli, official_pth):
     (("--sweep-resolution", "16,abc"), "--sweep-resolution"),
     (("--sweep-resolution", "15"), "--sweep-resolution"),
     (("--topk", "1.5"), "topk"),
+    (("--preset", "turbo"), "unknown preset 'turbo'"),
     (("--layers", "2-9"), "valid layers are 0-3"),
     (("--dtype", "fp64"), "--dtype"),
     (("--bench-ms", "0"), "--bench-ms"),

@@ -40,6 +40,8 @@ InContextStartOpt = Annotated[Optional[int], typer.Option(
     "--in-context-start", help="Block where in-context tokens join; needed only for non-preset architectures.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow a full unpickle of a file you trust.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+PresetOpt = Annotated[Optional[str], typer.Option(help="max-speed (topk 0.05, QAT), balanced (0.15, QAT), "
+                                                  "quality (0.25, no QAT); explicit options override it.")]
 
 
 def model_source(text) -> Path:

@@ -16,6 +16,7 @@ from ._common import (
     JsonOpt,
     ModelArg,
     Output,
+    PresetOpt,
     SeedOpt,
     TrustOpt,
     WeightsOpt,
@@ -42,8 +43,7 @@ def command(
                                                        help="Linear branch φ: softmax, elu, relu.")] = None,
     qat: Annotated[Optional[bool], typer.Option("--qat/--no-qat",
                                                 help="Fake-quantise the sparse branch (INT8 QK, FP8 PV).")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="max-speed (topk 0.05, QAT), balanced (0.15, QAT), "
-                                                  "quality (0.25, no QAT); explicit options override it.")] = None,
+    preset: PresetOpt = None,
     max_error: Annotated[Optional[float], typer.Option(
         "--max-error", help="Give each layer the smallest topk whose layer-local relative squared error stays "
         "<= E (e.g. 0.02), or keep it dense; decides topk over --topk and --preset.", parser=finite)] = None,

@@ -15,6 +15,7 @@ from ._common import (
     InContextStartOpt,
     JsonOpt,
     Output,
+    PresetOpt,
     SeedOpt,
     TrustOpt,
     WeightsOpt,
@@ -46,7 +47,7 @@ def command(
              f"Omit it and pass --arch to profile random weights. The file is {HUB_HELP}.",
         show_default=False, metavar="MODEL", parser=model_source)] = None,
     arch: Annotated[Optional[str], typer.Option(
-        help="Profile a preset with random weights: JiT-B/16, JiT-B/32, JiT-L/16, JiT-L/32, JiT-H/16, JiT-H/32, "
+        help="Profile an architecture with random weights: JiT-B/16, JiT-B/32, JiT-L/16, JiT-L/32, JiT-H/16, JiT-H/32, "
              "PixelGen-XL.")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward.")] = 1,
@@ -54,6 +55,7 @@ def command(
                                                   "(default: as converted; all for a dense model).")] = None,
     topk: Annotated[Optional[float], typer.Option(help="Fraction of key blocks kept, in (0, 1] (default: as "
                                                   "converted; 0.15 for a dense model).", parser=finite)] = None,
+    preset: PresetOpt = None,
     counter: Annotated[str, typer.Option(help="FLOP counter: torch (torch.utils.flop_counter) or fvcore.")] = "torch",
     sweep_resolution: Annotated[Optional[str], typer.Option(
         "--sweep-resolution", help="Also time end to end at these resolutions, e.g. 256,512,1024,2048.")] = None,
@@ -104,7 +106,7 @@ def command(
         model, info = load_model_warned(out, model_path, weights=weights, in_context_start=in_context_start,
                                  trust_checkpoint=trust_checkpoint)
         label = f"{model_path.name} ({info.weights})"
-    select_layers(model, layers, topk)
+    select_layers(model, layers, topk, preset)
 
     with out.progress() as progress:
         task = progress.add_task("profiling", total=None)

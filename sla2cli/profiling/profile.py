@@ -98,17 +98,18 @@ def random_model(arch: str, *, resolution: int | None = None, device="cpu", seed
     return model.eval()
 
 
-def select_layers(model: JiT, layers: str | None, topk: float | None) -> list[int]:
+def select_layers(model: JiT, layers: str | None, topk: float | None, preset: str | None = None) -> list[int]:
     """Convert exactly `layers` (None: keep a converted model's layers, convert all of a dense one).
 
     A converted model keeps its trained router, α and topk (a budgeted one has one per layer) where its
-    layers stay converted; `topk` overrides the stored ones."""
+    layers stay converted; `preset` (`sla2 convert --preset`'s: topk and QAT) and `topk` override the stored
+    settings, `topk` the preset's."""
     converted = sla2_layers(model)
-    if layers is None and topk is None and converted:
+    if layers is None and topk is None and preset is None and converted:
         return sorted(converted)
     base = next(iter(converted.values())).config if converted else None
-    own = {i: core.config.topk for i, core in converted.items()} if topk is None else None
-    return set_sla2_layers(model, layers, sla2_settings(None, base, topk=topk), own)
+    own = {i: core.config.topk for i, core in converted.items()} if topk is None and preset is None else None
+    return set_sla2_layers(model, layers, sla2_settings(preset, base, topk=topk), own)
 
 
 def kernel_status(device: torch.device) -> str:
