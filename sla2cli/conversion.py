@@ -29,11 +29,15 @@ SLA2_PRESETS: dict[str, dict] = {
 }
 
 
-def sla2_settings(preset: str | None, base: SLA2Config | None = None, **explicit) -> SLA2Config:
-    """Preset values, then explicit options on top; `base` (an existing conversion) fills the rest."""
+def check_preset(preset: str | None) -> None:
     if preset is not None and preset not in SLA2_PRESETS:
         raise InvalidParameter("preset", preset, "unknown preset {value!r}; choose one of: {choices}",
                                choices=", ".join(SLA2_PRESETS))
+
+
+def sla2_settings(preset: str | None, base: SLA2Config | None = None, **explicit) -> SLA2Config:
+    """Preset values, then explicit options on top; `base` (an existing conversion) fills the rest."""
+    check_preset(preset)
     values = (base or SLA2Config()).to_dict()
     values.update(SLA2_PRESETS.get(preset, {}))
     values.update({k: v for k, v in explicit.items() if v is not None})

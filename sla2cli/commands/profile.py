@@ -81,6 +81,7 @@ def command(
     """Per-layer FLOPs and latency of dense vs SLA2 attention, end-to-end speedup, ceiling and advice."""
     from .. import plots
     from ..checkpoints import check_output
+    from ..conversion import check_preset
     from ..profiling import Timer, check_profile_options, profile_model, random_model, render, select_layers
 
     out = Output(json_output)
@@ -88,6 +89,7 @@ def command(
         raise UsageError("give either a MODEL file or --arch NAME (random weights), not both" if arch
                          else "missing MODEL: give a checkpoint file, or --arch NAME to profile random weights")
     check_profile_options(batch_size=batch_size, counter=counter)  # before any slow work
+    check_preset(preset)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
     if bench_ms <= 0:
