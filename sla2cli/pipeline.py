@@ -263,7 +263,8 @@ def step_profile(demo: Demo) -> dict:
     apply_sla2(model, demo.candidates, settings)
     plan = demo.plan
     dtype = torch.bfloat16 if demo.device.type == "cuda" else torch.float32
-    report = profile_model(model, device=demo.device, dtype=dtype, batch_size=2 * plan.speed_batch or 1,
+    forward_batch = plan.speed_batch * (2 if SPEED_CFG != 1 else 1)  # the speed step's guided forwards
+    report = profile_model(model, device=demo.device, dtype=dtype, batch_size=forward_batch or 1,
                            timer=Timer(demo.device, warmup_ms=plan.profile_ms, rep_ms=plan.profile_ms,
                                        min_run_time=plan.profile_ms / 1e3),
                            seed=demo.seed, label=f"{demo.shipped.path.name} (candidate layers, topk {settings.topk:g})")
