@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 FEATURE_IDS = {"softmax": 0, "elu": 1, "relu": 2}
+LOG2_E4M3_MAX = tl.constexpr(8.807354922057604)  # log2(448): P leaves exp2 scaled to e4m3's range
 
 
 @triton.jit
@@ -302,28 +303,32 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     for t in range(kk):
         j = tl.load(idx_row + t)
         rows_k = j * BLOCK_K + tl.arange(0, BLOCK_K)
-        kvalid = rows_k < N
         if QUANT:
             k8 = tl.load(kq_base + rows_k[:, None] * D_PAD + cols[None, :])
             scale = q_scale * tl.load(kscale_ptr + bh * n_k + j) * qk_scale
-            s = tl.dot(q8, tl.trans(k8)).to(tl.float32) * scale
+            s = tl.dot(q8, tl.trans(k8)).to(tl.float32)
+            shift = LOG2_E4M3_MAX
         else:
-            kvmask = kvalid[:, None] & dmask[None, :]
+            kvmask = (rows_k < N)[:, None] & dmask[None, :]
             kt = tl.load(k_base + _row_tile(rows_k, cols, sk_n, sk_d, ROW_ALIGN), mask=kvmask, other=0.0)
             vt = tl.load(v_base + _row_tile(rows_k, cols, sv_n, sv_d, ROW_ALIGN), mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-        s = tl.where(kvalid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC)
+            scale = qk_scale
+            shift = 0.0
+        if (j + 1) * BLOCK_K > N:  # only the last key block has rows past N
+            s = tl.where((rows_k < N)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)  # scale > 0: the max of the scaled scores
+        p = tl.exp2(s * scale - (m_new - shift)[:, None])  # one FMA per score; low bit: 448·P, for e4m3
         corr = tl.exp2(m_i - m_new)
         l_i = l_i * corr + tl.sum(p, 1)
         if QUANT:
             v8t = tl.load(vq_base + cols[:, None] * N_PAD + rows_k[None, :])
-            acc = acc * corr[:, None] + tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(v8t))
+            acc = acc * corr[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(v8t))
         else:
             acc = acc * corr[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     if QUANT:
+        l_i = l_i / 448.0
         acc = acc * (tl.load(vscale_ptr + bh * D + cols, mask=dmask, other=0.0) / 448.0)[None, :]
     out = acc / l_i[:, None]
     if SAVE:
