@@ -149,11 +149,11 @@ def _quantise_kernel(k_ptr, v_ptr, kmean_ptr, vscale_ptr, kq_ptr, kscale_ptr, vq
     k_scale = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(ks), 1), 0), 1e-12), 127.0)
     N_PAD = n_k * BLOCK_K
     out = bh.to(tl.int64) * N_PAD * D_PAD
-    tl.store(kq_ptr + out + rows[:, None] * D_PAD + cols[None, :], _int8(tl.math.div_rn(ks, k_scale)))
+    tl.store(kq_ptr + out + rows[:, None] * D_PAD + cols[None, :], _int8(ks * tl.math.div_rn(1.0, k_scale)))
     tl.store(kscale_ptr + bh * n_k + j, k_scale)
     vt = tl.load(v_ptr + b * sv_b + hh * sv_h + _row_tile(rows, cols, sv_n, sv_d, ROW_ALIGN), mask=mask, other=0.0)
     v_scale = tl.load(vscale_ptr + bh * D + cols, mask=dmask, other=1.0)
-    v8 = tl.math.div_rn(vt.to(tl.float32), v_scale[None, :]).to(tl.float8e4nv)
+    v8 = (vt.to(tl.float32) * tl.math.div_rn(1.0, v_scale)[None, :]).to(tl.float8e4nv)
     tl.store(vq_ptr + out + cols[None, :] * N_PAD + rows[:, None], v8)
 
 
@@ -296,7 +296,7 @@ def _sla2_fwd_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, o_ptr, idx_ptr, alpha_ptr, mix
     if QUANT:
         qf = q.to(tl.float32)
         q_scale = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(qf), 1), 0), 1e-12), 127.0)
-        q8 = _int8(tl.math.div_rn(qf, q_scale))
+        q8 = _int8(qf * tl.math.div_rn(1.0, q_scale))
         N_PAD = n_k * BLOCK_K  # `_quantise_kernel`'s padded rows
         kq_base = kq_ptr + bh.to(tl.int64) * N_PAD * D_PAD
         vq_base = vq_ptr + bh.to(tl.int64) * N_PAD * D_PAD

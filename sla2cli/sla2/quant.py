@@ -27,15 +27,16 @@ def straight_through_qat(sla2: Callable, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 def int8_per_block(x: torch.Tensor, block_dims: tuple[int, ...]) -> torch.Tensor:
-    """Symmetric INT8 with one scale per block; `block_dims` are the dims a scale covers (tokens, channels)."""
+    """Symmetric INT8 with one scale per block; `block_dims` are the dims a scale covers (tokens, channels).
+    Scaled by the reciprocal (one division per block, as the kernels do it), not a division per element."""
     scale = x.detach().abs().amax(dim=block_dims, keepdim=True).clamp_min(1e-12) / INT8_MAX
-    return (x / scale).round().clamp(-INT8_MAX, INT8_MAX) * scale
+    return (x * scale.reciprocal()).round().clamp(-INT8_MAX, INT8_MAX) * scale
 
 
 def fp8_e4m3(x: torch.Tensor, reduce_dims: tuple[int, ...]) -> torch.Tensor:
     """FP8 e4m3 with one scale (max |x| / 448) over `reduce_dims`."""
     scale = x.detach().abs().amax(dim=reduce_dims, keepdim=True).clamp_min(1e-12) / FP8_E4M3_MAX
-    return (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
+    return (x * scale.reciprocal()).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
 
 def fp8_online_probabilities(s: torch.Tensor) -> torch.Tensor:
