@@ -345,7 +345,7 @@ def step_finetune(demo: Demo) -> dict:
     demo.tuned = model.to(demo.device).eval()
     demo.files["finetuned"] = str(dst)
     worse = [r for r in result.per_layer if r["error_after"] > r["error_before"] * 1.05]
-    if worse:  # advise stage 1 for longer: stage 2 (--recipe) costs the samples (README, "sla2 finetune")
+    if worse:  # advise what the demo ran, for longer (stage 1 alone leaves every model weight as it was)
         demo.notices.append(
             "the short finetune raised the attention error of layer(s) " + ", ".join(
                 f"{r['layer']} ({r['error_before']:.3f} → {r['error_after']:.3f})" for r in worse)

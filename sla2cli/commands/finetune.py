@@ -84,8 +84,8 @@ def command(
     e2e_weight: Annotated[float, typer.Option("--e2e-weight", help="Add this multiple of the output's relative "
                                               "squared error against the dense teacher.", parser=finite)] = 0.0,
     recipe: Annotated[bool, typer.Option("--recipe", help="The whole recipe: stage 1 for --router-steps, then "
-                                         "stage 2 for --steps (distillation, lr 3e-4, warm-up and cosine, EMA "
-                                         "0.995); held-out v-loss against the dense source before and after.")] = False,
+                                         "stage 2 for --steps (distillation, lr 3e-5, warm-up and cosine); "
+                                         "held-out v-loss against the dense source before and after.")] = False,
     router_steps: Annotated[int, typer.Option("--router-steps", help="Stage 1's steps in --recipe.")] = 200,
     keep_stage1: Annotated[bool, typer.Option("--keep-stage1", help="With --recipe: keep stage 1's model as "
                                               "DST.stage1.safetensors (weights untouched).")] = False,
