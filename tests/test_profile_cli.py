@@ -61,7 +61,6 @@ def test_profile_dense_model_and_sweep_json(cli, official_pth):
     assert [r["resolution"] for r in doc["sweep"]] == [16] and "pays_off_from" in doc
 
 
-
 def test_profile_converts_with_a_preset_and_says_which_path_each_layer_runs(cli, official_pth):
     """`--preset` as `sla2 convert` takes it (topk and QAT; --topk overrides its topk): profiling max-speed is
     how a user sees whether its low-bit path pays on their GPU (on a CPU the QAT layers run the reference)."""
@@ -75,6 +74,7 @@ def test_profile_converts_with_a_preset_and_says_which_path_each_layer_runs(cli,
     assert code == 0, err
     rows = one_json(out)["per_layer"][2:]
     assert [r["topk"] for r in rows] == [0.5, 0.5] and all("QAT" not in r["path"] for r in rows)
+
 
 @pytest.mark.parametrize("args,message", [
     ((), "missing MODEL"),

@@ -362,10 +362,9 @@ def test_the_demo_finetune_draws_t_as_its_plan_says(tmp_path, monkeypatch):
     assert seen["data"].t_distribution == "early" and seen["config"].steps == plan.finetune_steps
 
 
-
 def test_a_finetune_that_raised_a_layers_error_advises_longer_stage_1(tmp_path, monkeypatch):
-    """The notice says on how many images the rise was measured and advises stage 1 for longer with the plan's t
-    distribution, not the recipe, whose stage 2 costs the samples (bench/RESULTS.md, "Why stage 2 hurts")."""
+    """The notice says on how many images the rise was measured and advises what the demo ran, stage 1, for
+    longer with the plan's t distribution (not the recipe, which the demo does not run)."""
     import sla2cli.finetune as finetune_module
     from sla2cli.pipeline import Demo, step_finetune
 
@@ -385,6 +384,7 @@ def test_a_finetune_that_raised_a_layers_error_advises_longer_stage_1(tmp_path, 
     assert "layer(s) 2 (0.021 → 0.033) on its" in notice  # layer 0 rose by less than 5%
     assert f"on its {min(4, plan.train_textures)} evaluation images" in notice
     assert "--objective distill --t-distribution early --steps 300" in notice and "--recipe" not in notice
+
 
 def test_the_plans_dense_until_reaches_the_fid_and_speed_steps(tmp_path, monkeypatch):
     """bench/quality.sh's dense-early-steps rows: the SLA2 model's FID samples and timed sampling run its dense

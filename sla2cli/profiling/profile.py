@@ -105,10 +105,11 @@ def select_layers(model: JiT, layers: str | None, topk: float | None, preset: st
     layers stay converted; `preset` (`sla2 convert --preset`'s: topk and QAT) and `topk` override the stored
     settings, `topk` the preset's."""
     converted = sla2_layers(model)
-    if layers is None and topk is None and preset is None and converted:
+    as_converted = topk is None and preset is None
+    if layers is None and as_converted and converted:
         return sorted(converted)
     base = next(iter(converted.values())).config if converted else None
-    own = {i: core.config.topk for i, core in converted.items()} if topk is None and preset is None else None
+    own = {i: core.config.topk for i, core in converted.items()} if as_converted else None
     return set_sla2_layers(model, layers, sla2_settings(preset, base, topk=topk), own)
 
 
