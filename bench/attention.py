@@ -136,11 +136,13 @@ def low_bit_columns(run, q, k, v, alpha, keep, block_q, block_k, full, out, stat
     low = run(qat=True)
     ref = sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k, routing=full, qat=True)
     cosine = F.cosine_similarity(low.float().flatten(), out.float().flatten(), 0).item()
-    prepared = quantise_kv(k, v, block_k, k_bar)
-    notes = [f"quantise parts: v channel max (torch) "
-             f"{ms(lambda: torch.linalg.vector_norm(v, float('inf'), dim=-2, dtype=torch.float32)):.3f}, "
-             f"k mean from k_bar {ms(lambda: k_bar.sum(1)):.3f}, "
-             f"all {ms(lambda: quantise_kv(k, v, block_k, k_bar)):.3f}"]
+    _, _, v_max = linear_stats(k, v, block_k, "softmax", v_max=True)
+    prepared = quantise_kv(k, v, block_k, k_bar, v_max)
+    notes = [f"quantise parts: stats with V's block maxima "
+             f"{ms(lambda: linear_stats(k, v, block_k, 'softmax', v_max=True)):.3f} "
+             f"(without {ms(lambda: linear_stats(k, v, block_k, 'softmax')):.3f}), "
+             f"quantise from them {ms(lambda: quantise_kv(k, v, block_k, k_bar, v_max)):.3f}, "
+             f"by torch passes over K and V {ms(lambda: quantise_kv(k, v, block_k)):.3f}"]
     for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
         try:
             t = ms(lambda: sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k,
@@ -149,8 +151,8 @@ def low_bit_columns(run, q, k, v, alpha, keep, block_q, block_k, full, out, stat
         except triton.runtime.errors.OutOfResources:
             notes.append(f"low-bit fused warps {warps} stages {stages}: out of resources")
     return dict(low=ms(lambda: run(qat=True)), low_graph=graph_ms(lambda: run(qat=True)),
-                quantise=ms(lambda: quantise_kv(k, v, block_k, k_bar)), low_err=rel_err(low, out), low_cos=cosine,
-                low_ref_err=rel_err(low, ref), low_det=torch.equal(low, run(qat=True)), low_notes=notes)
+                quantise=ms(lambda: quantise_kv(k, v, block_k, k_bar, v_max)), low_err=rel_err(low, out),
+                low_cos=cosine, low_ref_err=rel_err(low, ref), low_det=torch.equal(low, run(qat=True)), low_notes=notes)
 
 
 def forward_rows(shapes, variants: bool, sla_dir: str | None, low_bit: bool = False):
@@ -182,7 +184,7 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None, low_bit: bool = Fa
                               proj_q=proj_q, proj_k=proj_k)
                 with torch.no_grad():
                     out = run()
-                    stats, k_bar = linear_stats(k, v, block_k, "softmax")
+                    stats, k_bar, _ = linear_stats(k, v, block_k, "softmax")
                     routing = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=proj_q,
                                            proj_k=proj_k)
                     indices = routing.indices
@@ -258,7 +260,7 @@ def forward_rows(shapes, variants: bool, sla_dir: str | None, low_bit: bool = Fa
 def backward_variants(q, k, v, alpha, grad, keep, block_q, block_k) -> list[str]:
     """The backward kernels at other warps / pipeline stages, on one routing (forward saved once)."""
     with torch.no_grad():
-        stats, k_bar = linear_stats(k, v, block_k, "softmax")
+        stats, k_bar, _ = linear_stats(k, v, block_k, "softmax")
         routing = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=None, proj_k=None)
         _, o_s, lse = sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k,
                                    feature_map="softmax", save=True)
@@ -290,7 +292,7 @@ def backward_rows(shapes, variants: bool = False):
         timings["sla2"] = ms(lambda: torch.autograd.grad(out, (q, k, v, alpha), grad, retain_graph=True))
         mine = torch.autograd.grad(out, (q, k, v, alpha), grad)
         with torch.no_grad():
-            _, k_bar = linear_stats(k, v, block_k, "softmax")
+            _, k_bar, _ = linear_stats(k, v, block_k, "softmax")
             routing = route_pooled(q, k_bar, topk=keep, block_q=block_q, block_k=block_k, proj_q=None, proj_k=None)
         ref_out = sla2_reference(q, k, v, topk=keep, alpha=alpha, block_q=block_q, block_k=block_k,
                                  routing=Routing(routing.mask.float(), routing.indices.long(), routing.mask))

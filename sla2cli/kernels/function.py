@@ -22,6 +22,7 @@ from .sla2_triton import (
     FEATURE_IDS,
     _quantise_kernel,
     _route_kernel,
+    _scales_kernel,
     _sla2_fwd_kernel,
     _stats_kernel,
     _unkept_sum_kernel,
@@ -64,9 +65,11 @@ def _weights(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 
 
 def linear_stats(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: str,
-                 wk: torch.Tensor | None = None, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 wk: torch.Tensor | None = None, *, v_max: bool = False,
+                 num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pass over K and V: the linear branch's statistics s_j = [h_j, z_j] per key block (B·H×n_k×(R·D + R)
-    in k's dtype; R = D, or a learned feature map's rank) and the block means of k (B·H×n_k×D, fp32).
+    in k's dtype; R = D, or a learned feature map's rank), the block means of k (B·H×n_k×D, fp32) and, with
+    `v_max`, each block's max |v| per channel (B·H×n_k×D, fp32: what `quantise_kv` scales V by; else None).
     `wk` (H×D×R): a learned feature map W_k; φ then reads k·W_k, computed in the kernel."""
     B, H, N, D = k.shape
     R = D if wk is None else wk.shape[-1]
@@ -74,13 +77,14 @@ def linear_stats(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: st
     d_pad = _d_pad(D)
     stats = torch.empty(B * H, n_k, R * D + R, device=k.device, dtype=k.dtype)
     k_bar = torch.empty(B * H, n_k, D, device=k.device, dtype=torch.float32)
+    v_abs_max = torch.empty_like(k_bar) if v_max else None
     w = _weights(k, wk)
     _stats_kernel[(n_k, B * H)](
-        k, v, w, stats, k_bar, *k.stride(), *v.stride(), *w.stride(), H, N, n_k, D=D, R=R,
-        ROW_ALIGN=_row_align(k, v), BLOCK_K=block_k, D_PAD=d_pad, R_PAD=_d_pad(R), FEATURE=FEATURE_IDS[feature_map],
-        LEARNED=wk is not None, PREC=_precision(k.dtype),
+        k, v, w, stats, k_bar, k_bar if v_abs_max is None else v_abs_max, *k.stride(), *v.stride(), *w.stride(),
+        H, N, n_k, D=D, R=R, ROW_ALIGN=_row_align(k, v), BLOCK_K=block_k, D_PAD=d_pad, R_PAD=_d_pad(R),
+        FEATURE=FEATURE_IDS[feature_map], LEARNED=wk is not None, PREC=_precision(k.dtype), V_MAX=v_max,
         num_warps=num_warps or _stats_warps(block_k, max(d_pad, _d_pad(R))))
-    return stats, k_bar
+    return stats, k_bar, v_abs_max
 
 
 def sums_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -187,24 +191,28 @@ def lowbit_problem(q: torch.Tensor, block_q: int, block_k: int) -> str | None:
     return None
 
 
-def quantise_kv(k: torch.Tensor, v: torch.Tensor, block_k: int, k_bar: torch.Tensor | None = None) -> LowBit:
+def quantise_kv(k: torch.Tensor, v: torch.Tensor, block_k: int, k_bar: torch.Tensor | None = None,
+                v_max: torch.Tensor | None = None) -> LowBit:
     """K in INT8 after subtracting its mean over tokens (softmax ignores it, INT8's range does not) with one
     scale per key block, V in FP8 e4m3 with one scale per channel: the scales of `sla2.quant`, as the
-    QAT reference applies them. K's mean comes from `linear_stats`' block means `k_bar` where given (else a
-    pass over K); the channels' max |v| is one torch reduction; then one launch."""
+    QAT reference applies them. K's mean and V's channel maxima come from `linear_stats`' block means `k_bar`
+    and block maxima `v_max` where both are given (one small launch), else from torch passes over K and V;
+    then one launch."""
     B, H, N, D = k.shape
     n_k, d_pad = num_blocks(N, block_k), _d_pad(D)
     n_pad = n_k * block_k
-    if k_bar is None:
-        k_mean = k.mean(-2, dtype=torch.float32)
-    else:  # every block holds block_k tokens but the last
-        short = n_pad - N
-        k_mean = (k_bar.sum(1) * block_k - k_bar[:, -1] * short) / N if short else k_bar.mean(1)
-    v_scale = torch.linalg.vector_norm(v, float("inf"), dim=-2, dtype=torch.float32).clamp_min(1e-12) / FP8_E4M3_MAX
+    if k_bar is None or v_max is None:
+        k_mean = k.mean(-2, dtype=torch.float32).reshape(B * H, D)
+        v_scale = (torch.linalg.vector_norm(v, float("inf"), dim=-2, dtype=torch.float32).clamp_min(1e-12)
+                   / FP8_E4M3_MAX).reshape(B * H, D)
+    else:
+        k_mean = torch.empty(B * H, D, device=k.device, dtype=torch.float32)
+        v_scale = torch.empty_like(k_mean)
+        _scales_kernel[(B * H,)](k_bar, v_max, k_mean, v_scale, N, n_k, D=D, BLOCK_K=block_k, D_PAD=d_pad,
+                                 CHUNK=32, V_DIV=FP8_E4M3_MAX, num_warps=4)
     low = LowBit(torch.empty(B * H, n_pad, d_pad, device=k.device, dtype=torch.int8),
                  torch.empty(B * H, n_k, device=k.device, dtype=torch.float32),
-                 torch.empty(B * H, d_pad, n_pad, device=k.device, dtype=torch.float8_e4m3fn),
-                 v_scale.reshape(B * H, D))
+                 torch.empty(B * H, d_pad, n_pad, device=k.device, dtype=torch.float8_e4m3fn), v_scale)
     _quantise_kernel[(n_k, B * H)](
         k, v, k_mean, low.v_scale, low.k, low.k_scale, low.v_t, *k.stride(), *v.stride(), H, N, n_k, D=D,
         ROW_ALIGN=_row_align(k, v), BLOCK_K=block_k, D_PAD=d_pad, num_warps=4)
@@ -372,7 +380,7 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     wq, wk = learned.get("feature_q"), learned.get("feature_k")
     check_features(wq, wk)
     if kk < n_k:
-        stats, k_bar = linear_stats(k, v, block_k, feature_map, wk)
+        stats, k_bar, v_max = linear_stats(k, v, block_k, feature_map, wk, v_max=qat)
         if routing is None:
             routing = route_pooled(q, k_bar, topk=topk, block_q=block_q, block_k=block_k, proj_q=proj_q,
                                    proj_k=proj_k)
@@ -386,6 +394,6 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     if not requires_grad(q, k, v, wq, wk, alpha, mix_scale):
         return sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k, feature_map=feature_map,
                             wq=wq, mix_scale=mix_scale,  # inference: no autograd Function to set up
-                            low_bit=quantise_kv(k, v, block_k, k_bar if stats is not None else None) if qat
-                            else None)
+                            low_bit=quantise_kv(k, v, block_k, *((k_bar, v_max) if stats is not None else ()))
+                            if qat else None)
     return _SLA2Function.apply(q, k, v, wq, wk, alpha, mix_scale, routing, stats, block_q, block_k, feature_map)

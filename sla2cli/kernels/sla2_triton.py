@@ -1,17 +1,17 @@
 """Triton kernels of SLA2's forward: block statistics, the router, the unkept sums and the fused attention.
 
-Four launches per call (five with QAT's low-bit sparse branch: `_quantise_kernel`). `_stats_kernel`: one pass
-over K and V giving the key-block means the router needs and each key block's linear-branch statistics s_j =
-[h_j, z_j], h_j = φ(K_j)ᵀV_j (R×D) and z_j = Σφ(K_j) (R), flat in one row of R·D + R values in the input's
-dtype; with a learned feature map φ reads k·W_k (R columns, computed in the kernel). `_route_kernel`: per
-query block, the pooled query's scores against every (projected) key block, its top kk as an ascending index
-table and as a kept mask (the router's projections applied to the pooled query). `_unkept_sum_kernel`: the
-linear branch's statistics over the key blocks a query block did not keep, Σ_j (1 − kept_ij)·s_j, as one
-tensor-core product of the complement mask with the stacked s_j (each s_j read once per tile of query blocks
-instead of once per query block that keeps it; the backward sums its per-query-block gradients for the key
-blocks the same way, through the transposed mask). `_sla2_fwd_kernel`: per query block, online-softmax
-attention over the kept key blocks only, then the linear branch from its unkept sums and the α mix (per head,
-or per query from the loop's log-sum-exp), and one store.
+Four launches per call (six with QAT's low-bit sparse branch: `_scales_kernel`, `_quantise_kernel`).
+`_stats_kernel`: one pass over K and V giving the key-block means the router needs (and low bit's V block
+maxima) and each key block's linear-branch statistics s_j = [h_j, z_j], h_j = φ(K_j)ᵀV_j (R×D) and z_j =
+Σφ(K_j) (R), flat in one row of R·D + R values in the input's dtype; with a learned feature map φ reads k·W_k
+(R columns, computed in the kernel). `_route_kernel`: per query block, the pooled query's scores against every
+(projected) key block, its top kk as an ascending index table and as a kept mask (the router's projections
+applied to the pooled query). `_unkept_sum_kernel`: the linear branch's statistics over the key blocks a query
+block did not keep, Σ_j (1 − kept_ij)·s_j, as one tensor-core product of the complement mask with the stacked
+s_j (each s_j read once per tile of query blocks instead of once per query block that keeps it; the backward
+sums its per-query-block gradients for the key blocks the same way, through the transposed mask).
+`_sla2_fwd_kernel`: per query block, online-softmax attention over the kept key blocks only, then the linear
+branch from its unkept sums and the α mix (per head, or per query from the loop's log-sum-exp), and one store.
 Every tensor is read through explicit strides, so the B×N×3×H×D views JiT makes need no copy.
 Head dims that are not powers of two are padded in registers only (masked loads, nothing written padded);
 the head dim is a compile-time constant and ROW_ALIGN states what the token strides are multiples of, so
@@ -98,12 +98,14 @@ def _int8(x):
 
 
 @triton.jit
-def _stats_kernel(k_ptr, v_ptr, wk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+def _stats_kernel(k_ptr, v_ptr, wk_ptr, s_ptr, kbar_ptr, vmax_ptr, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   sw_h, sw_d, sw_r, H, N, n_k, D: tl.constexpr, R: tl.constexpr, ROW_ALIGN: tl.constexpr,
                   BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr, FEATURE: tl.constexpr,
-                  LEARNED: tl.constexpr, PREC: tl.constexpr):
+                  LEARNED: tl.constexpr, PREC: tl.constexpr, V_MAX: tl.constexpr):
     """One key block: k's block mean (fp32) and s_j = [h_j, z_j] (in s's dtype), h_j = φ(F_j)ᵀV_j and
-    z_j = Σφ(F_j), F the feature input (k itself, or k·W_k of a learned feature map W_k: R columns)."""
+    z_j = Σφ(F_j), F the feature input (k itself, or k·W_k of a learned feature map W_k: R columns); with
+    V_MAX also the block's max |v| per channel (fp32), from which low bit's V scales follow without a pass
+    of their own."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b, hh = _batch_and_head(bh, H)
@@ -126,6 +128,30 @@ def _stats_kernel(k_ptr, v_ptr, wk_ptr, s_ptr, kbar_ptr, sk_b, sk_h, sk_n, sk_d,
     _store_flat(_flat_row(s_ptr, jb, R, D), h, z_j, rcols, rmask, cols, dmask, R, D)
     count = tl.minimum(N - j * BLOCK_K, BLOCK_K).to(tl.float32)
     tl.store(kbar_ptr + jb * D + cols, k_sum / count, mask=dmask)
+    if V_MAX:
+        tl.store(vmax_ptr + jb * D + cols, tl.max(tl.abs(vt.to(tl.float32)), 0), mask=dmask)
+
+
+@triton.jit
+def _scales_kernel(kbar_ptr, vmax_ptr, kmean_ptr, vscale_ptr, N, n_k, D: tl.constexpr, BLOCK_K: tl.constexpr,
+                   D_PAD: tl.constexpr, CHUNK: tl.constexpr, V_DIV: tl.constexpr):
+    """One head: K's mean over all tokens from `_stats_kernel`'s block means (each weighted by its token
+    count) and V's scale per channel, max |v| / V_DIV, from its block maxima: a read of B·H×n_k×D values
+    instead of a pass over K and V."""
+    bh = tl.program_id(0)
+    cols = tl.arange(0, D_PAD)
+    dmask = cols < D
+    k_sum = tl.zeros((D_PAD,), dtype=tl.float32)
+    v_max = tl.zeros((D_PAD,), dtype=tl.float32)
+    for j0 in range(0, n_k, CHUNK):
+        blocks = j0 + tl.arange(0, CHUNK)
+        mask = (blocks < n_k)[:, None] & dmask[None, :]
+        at = (bh * n_k + blocks).to(tl.int64)[:, None] * D + cols[None, :]
+        count = tl.minimum(N - blocks * BLOCK_K, BLOCK_K).to(tl.float32)
+        k_sum += tl.sum(tl.load(kbar_ptr + at, mask=mask, other=0.0) * count[:, None], 0)
+        v_max = tl.maximum(v_max, tl.max(tl.load(vmax_ptr + at, mask=mask, other=0.0), 0))
+    tl.store(kmean_ptr + bh * D + cols, k_sum / N, mask=dmask)
+    tl.store(vscale_ptr + bh * D + cols, tl.math.div_rn(tl.maximum(v_max, 1e-12), V_DIV), mask=dmask)
 
 
 @triton.jit

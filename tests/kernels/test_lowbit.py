@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sla2cli.kernels.function import quantise_kv, sla2_triton
+from sla2cli.kernels.function import linear_stats, quantise_kv, sla2_triton
 from sla2cli.kernels.sla2_triton import _int8
 from sla2cli.sla2 import quant
 from sla2cli.sla2.reference import sla2_reference
@@ -57,6 +57,26 @@ def test_quantised_k_and_v_are_the_references(D, block_k, dtype, layout):
     mine_v = low.v_t[:, :D, :N].float().transpose(1, 2) * low.v_scale[:, None, :]
     torch.testing.assert_close(mine_v.view(1, 2, N, D), quant.fp8_e4m3(vf, reduce_dims=(-2,)), rtol=0, atol=0)
     assert not low.k[:, N:].any() and not low.v_t[:, :, N:].float().any() and not low.k[:, :, D:].any()
+
+
+
+@pytest.mark.parametrize("D,block_k,dtype,layout", [(64, 64, torch.bfloat16, "jit"), (72, 32, torch.float32, "bhnd"),
+                                                    (128, 128, torch.float16, "jit")])
+def test_scales_from_the_block_statistics_are_the_passes_over_k_and_v(D, block_k, dtype, layout):
+    """`linear_stats(v_max=True)`'s block maxima give V's scales exactly, its block means K's mean up to
+    summation order: the same quantised K and V as the torch passes over K and V."""
+    _, k, v = make_qkv(1, 2, D, dtype, layout, seed=4)
+    _, k_bar, v_max = linear_stats(k, v, block_k, "softmax", v_max=True)
+    n_k = k_bar.shape[1]
+    blocks = torch.nn.functional.pad(v.float().abs(), (0, 0, 0, n_k * block_k - N)).unflatten(-2, (n_k, block_k))
+    assert torch.equal(v_max.view(1, 2, n_k, D), blocks.amax(-2))
+    assert linear_stats(k, v, block_k, "softmax")[2] is None
+    mine, passes = quantise_kv(k, v, block_k, k_bar, v_max), quantise_kv(k, v, block_k)
+    assert torch.equal(mine.v_scale, passes.v_scale)
+    assert torch.equal(mine.v_t.float(), passes.v_t.float())
+    torch.testing.assert_close(mine.k_scale, passes.k_scale, rtol=1e-6, atol=0)
+    steps = (mine.k.int() - passes.k.int()).abs()
+    assert steps.max() <= 1 and steps.float().mean() < 1e-3  # a rounding tie decided by the mean's last bit
 
 
 # (D, block_q, block_k, dtype, layout, topk, feature rank, α per query)

@@ -174,7 +174,7 @@ def test_inference_runs_no_torch_product_between_the_launches(monkeypatch):
 def test_router_matches_reference(D, block_q, block_k, layout):
     q, k, v = make_qkv(2, 2, D, torch.float32, layout, seed=3)
     proj_q, proj_k = projections(D, seed=4)
-    _, k_bar = linear_stats(k, v, block_k, "softmax")
+    _, k_bar, _ = linear_stats(k, v, block_k, "softmax")
     for pq, pk in [(None, None), (proj_q, proj_k), (proj_q, None), (None, proj_k)]:
         mine = route_pooled(q, k_bar, topk=0.3, block_q=block_q, block_k=block_k, proj_q=pq, proj_k=pk)
         ref = route(q, k, topk=0.3, block_q=block_q, block_k=block_k, proj_q=pq, proj_k=pk)
@@ -260,7 +260,7 @@ def test_unkept_sums_equal_the_masked_sums_of_the_stored_statistics(D, rank, blo
     monkeypatch.setattr(function, "UNKEPT_TILES", (16, 64, 16))
     q, k, v = make_qkv(2, 2, D, dtype, "jit", seed=19)
     fk = learned_parts(2, D, rank, False)["feature_k"] if rank else None
-    stats, _ = linear_stats(k, v, block_k, "softmax", fk)
+    stats, _, _ = linear_stats(k, v, block_k, "softmax", fk)
     R = rank or D
     assert stats.shape == (4, num_blocks(N, block_k), R * D + R) and stats.dtype == dtype
     routing = route(q, k, topk=0.3, block_q=block_q, block_k=block_k)
