@@ -74,13 +74,14 @@ DEMO_CONVERSIONS = {
 }
 CALIBRATION_OFFSET = 1_000  # calibration images are indices 1000.. of the held-out seed; measurement uses 0..
 SPEED_CFG = 2.0  # guidance of the sampling-speed step (the quality protocol's, bench/quality.sh)
-# The showcase's stage 1 on a GPU: the recipe's as bench/quality.sh runs it (100 steps of 32 at the router's
-# learning rate, bf16, 2,048 training textures; 93 s on an H200), on t drawn among the sampler's first steps
-# ("early"), where SLA2's error costs the samples most. It takes a uniform 95% conversion's texture FD from 93.4
-# to 11.8 (dense 4.45; on JiT's t: 17.3); the recipe's stage 2 took it back to 93.4, and the dense model trained
-# the same way to 62.8 (bench/RESULTS.md, "Showcase model", sessions 9 and 10): the demo runs no stage 2.
-SHOWCASE_STAGE1 = {"finetune_steps": 100, "finetune_batch": 32, "finetune_lr": None, "finetune_dtype": "bf16",
-                   "finetune_t": "early", "train_textures": 2048}
+# The showcase's finetune on a GPU: the recipe's stage 1 as bench/quality.sh runs it (100 steps of 32 at the
+# router's learning rate, bf16, 2,048 training textures; 93 s on an H200), on t drawn among the sampler's first
+# steps ("early"), where SLA2's error costs the samples most: a uniform 95% conversion's texture FD from 93.4 to
+# 11.8 (dense 4.45; on JiT's t: 17.3). Then the recipe's stage 2 at its rate (3e-5) on the same t, which took a
+# 95% stage-1 model's FD from 9.28 to 7.70 in 150 steps, 50 s (bench/RESULTS.md, "Showcase model", sessions
+# 10 and 13).
+SHOWCASE_FINETUNE = {"finetune_steps": 100, "finetune_batch": 32, "finetune_lr": None, "finetune_dtype": "bf16",
+                     "finetune_t": "early", "train_textures": 2048, "stage2_steps": 150}
 
 
 def demo_conversion(shipped: ShippedModel = DEMO) -> DemoConversion:
@@ -106,13 +107,14 @@ class DemoPlan:
     finetune_batch: int
     finetune_lr: float | None  # None: stage 1's default rate (finetune.config.ROUTER_LR)
     finetune_dtype: str  # "fp32", or "bf16" where the Triton kernels train (a GPU)
-    finetune_t: str  # where stage 1's training t lie (`finetune --t-distribution`)
+    finetune_t: str  # where the finetune's training t lie (`finetune --t-distribution`), both stages
     train_textures: int  # the finetune's image folder: textures of the model's training seed
     profile_ms: float  # time per latency measurement
     fid_samples: int
     speed_batch: int  # end-to-end sampling speed, dense vs SLA2, at this batch (0: not measured)
     speed_steps: int  # its Heun steps, with guidance (SPEED_CFG) and bf16
     dense_until: float = 0.0  # the SLA2 model's samples (FID, speed) attend densely at t < dense_until
+    stage2_steps: int = 0  # then the recipe's stage 2 (every weight; 0: stage 1 only)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,7 +130,8 @@ def plan_for(fast: bool, device: torch.device, shipped: ShippedModel = DEMO) -> 
     (every weight) first makes it worse (bench/RESULTS.md, "Quality recipe"): on a CPU 12 steps of batch 4 take
     the conversion from 1.215x to 1.161x dense on 12 held-out textures (16 steps: 1.154x, 19 s more; about
     half of a step is the router's SoftTop-k gradient). The showcase's (`shipped`) full GPU run takes the
-    recipe's stage 1 as `bench/quality.sh` runs it, on t among the sampler's first steps (SHOWCASE_STAGE1).
+    recipe's stage 1 as `bench/quality.sh` runs it, on t among the sampler's first steps, then its stage 2
+    (SHOWCASE_FINETUNE).
     """
     if device.type == "cuda":
         plan = DemoPlan(fast=fast, eval_images=16, samples=8, sample_steps=10 if fast else 20,
@@ -136,7 +139,7 @@ def plan_for(fast: bool, device: torch.device, shipped: ShippedModel = DEMO) -> 
                         finetune_lr=1e-3, finetune_dtype="fp32", finetune_t="jit", train_textures=256,
                         profile_ms=10.0 if fast else 30.0, fid_samples=32 if fast else 128, speed_batch=8,
                         speed_steps=10 if fast else 50)
-        return dataclasses.replace(plan, **SHOWCASE_STAGE1) if shipped.name == "showcase" and not fast else plan
+        return dataclasses.replace(plan, **SHOWCASE_FINETUNE) if shipped.name == "showcase" and not fast else plan
     if fast:
         return DemoPlan(fast=True, eval_images=2, samples=4, sample_steps=3, sample_before_finetune=False,
                         finetune_steps=2, finetune_batch=2, finetune_lr=1e-3, finetune_dtype="fp32",
@@ -344,6 +347,7 @@ def step_finetune(demo: Demo) -> dict:
                           data=DataSpec(folder=folder, t_distribution=plan.finetune_t))
     demo.tuned = model.to(demo.device).eval()
     demo.files["finetuned"] = str(dst)
+    demo.files["train_textures"] = str(folder)
     worse = [r for r in result.per_layer if r["error_after"] > r["error_before"] * 1.05]
     if worse:  # advise what the demo ran, for longer (stage 1 alone leaves every model weight as it was)
         demo.notices.append(
@@ -351,6 +355,27 @@ def step_finetune(demo: Demo) -> dict:
                 f"{r['layer']} ({r['error_before']:.3f} → {r['error_after']:.3f})" for r in worse)
             + f" on its {config.eval_samples} evaluation images; a real run trains stage 1 longer: sla2 finetune "
             f"--objective distill --t-distribution {plan.finetune_t} --steps 300 --batch-size 32 --data FOLDER")
+    return result.to_dict()
+
+
+def step_stage2(demo: Demo) -> dict:
+    """`sla2 finetune --full` from stage 1's model: the recipe's stage 2 (every weight but the router, distilled
+    from the dense model at the recipe's rate) on the same textures and t. Its output is the finetuned model
+    the later steps measure; stage 1's stays beside it."""
+    from .finetune import DataSpec, FinetuneConfig, run_finetune
+    from .finetune.config import RECIPE
+
+    plan = demo.plan
+    src = Path(demo.files["finetuned"])
+    dst = demo.out / f"{demo.shipped.path.stem}-sla2-stage2.safetensors"
+    model, info = load_model(src)
+    config = FinetuneConfig(steps=plan.stage2_steps, full=True, batch_size=plan.finetune_batch,
+                            dtype=plan.finetune_dtype, eval_samples=min(4, plan.train_textures), save_every=0,
+                            seed=demo.seed, **RECIPE)
+    result = run_finetune(model, info, source=src, dst=dst, config=config, device=demo.device, force=True,
+                          data=DataSpec(folder=Path(demo.files["train_textures"]), t_distribution=plan.finetune_t))
+    demo.tuned = model.to(demo.device).eval()
+    demo.files["stage1"], demo.files["finetuned"] = demo.files["finetuned"], str(dst)
     return result.to_dict()
 
 

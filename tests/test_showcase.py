@@ -154,8 +154,10 @@ def test_the_showcase_demo_trains_stage_1_as_the_recipe_does():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     plan = plan_for(False, cuda, SHOWCASE)
-    got = (plan.finetune_steps, plan.finetune_batch, plan.finetune_dtype, plan.finetune_t, plan.train_textures)
-    assert got == (100, 32, "bf16", "early", 2048)
+    got = (plan.finetune_steps, plan.finetune_batch, plan.finetune_dtype, plan.finetune_t, plan.train_textures,
+           plan.stage2_steps)
+    assert got == (100, 32, "bf16", "early", 2048, 150)
+    assert plan_for(False, cuda).stage2_steps == 0 == plan_for(False, cpu, SHOWCASE).stage2_steps
     assert plan_for(False, cuda).finetune_t == "jit" == plan_for(False, cpu).finetune_t
     assert FinetuneConfig(steps=1, lr=plan.finetune_lr).learning_rate == ROUTER_LR
     assert plan_for(False, cuda, DEMO) == plan_for(False, cuda)
@@ -362,9 +364,43 @@ def test_the_demo_finetune_draws_t_as_its_plan_says(tmp_path, monkeypatch):
     assert seen["data"].t_distribution == "early" and seen["config"].steps == plan.finetune_steps
 
 
+def test_the_showcase_demo_runs_the_recipes_stage_2_from_stage_1s_model(tmp_path, monkeypatch):
+    """Stage 2 starts from stage 1's file, trains every weight at the recipe's rate on the same textures and
+    t, and its output becomes the finetuned model the later steps measure (stage 1's is kept)."""
+    import sla2cli.finetune as finetune_module
+    from sla2cli.commands.demo import STEPS
+    from sla2cli.finetune.config import RECIPE
+    from sla2cli.pipeline import Demo, step_stage2
+
+    seen = {}
+
+    class Result:
+        def to_dict(self):
+            return {"stage": "full"}
+
+    def fake_run(model, info, *, source, dst, data, config, **_):
+        seen.update(source=source, dst=dst, data=data, config=config)
+        return Result()
+
+    monkeypatch.setattr(finetune_module, "run_finetune", fake_run)
+    cpu = torch.device("cpu")
+    plan = dataclasses.replace(plan_for(True, cpu), finetune_t="early", stage2_steps=3)
+    stage1 = str(DEMO.path)
+    demo = Demo(out=tmp_path, device=cpu, plan=plan, files={"finetuned": stage1, "train_textures": str(tmp_path)})
+    assert step_stage2(demo) == {"stage": "full"}
+    config = seen["config"]
+    assert config.full and config.steps == 3 and config.learning_rate == RECIPE["lr"] == 3e-5
+    assert config.objective == "distill" and seen["source"] == DEMO.path
+    assert seen["data"].folder == tmp_path and seen["data"].t_distribution == "early"
+    assert demo.files["stage1"] == stage1 and demo.files["finetuned"] == str(seen["dst"]) != stage1
+    assert demo.tuned is not None
+    stage2 = next(step for step in STEPS if step.key == "stage2")
+    assert stage2.when == "stage2_steps" and not getattr(plan_for(True, cpu), stage2.when)
+
+
 def test_a_finetune_that_raised_a_layers_error_advises_longer_stage_1(tmp_path, monkeypatch):
-    """The notice says on how many images the rise was measured and advises what the demo ran, stage 1, for
-    longer with the plan's t distribution (not the recipe, which the demo does not run)."""
+    """The notice says on how many images the rise was measured and advises stage 1, whose error it measured,
+    for longer with the plan's t distribution."""
     import sla2cli.finetune as finetune_module
     from sla2cli.pipeline import Demo, step_finetune
 

@@ -174,6 +174,8 @@ STEPS: list[Step] = [
     Step("profile", "profile: is SLA2 faster, layer by layer?", "step_profile", _render_profile),
     Step("convert", "convert", "step_convert", _render_convert),
     Step("finetune", "finetune (stage 1, on training textures)", "step_finetune", _render_finetune),
+    Step("stage2", "finetune stage 2 (every weight, the recipe's rate)", "step_stage2", _render_finetune,
+         when="stage2_steps"),
     Step("measure", "stats --measure", "step_measure", _render_measure),
     Step("samples", "dense vs SLA2 samples", "step_samples", _render_samples),
     Step("fid", "eval-fid", "step_fid", _render_fid),
