@@ -328,26 +328,35 @@ def _measure(demo: Demo, model: JiT) -> dict:
             "dense_held_out_v_loss": v_loss(dense_out, x, z, t).mean().item()}
 
 
-def step_finetune(demo: Demo) -> dict:
-    """`sla2 finetune --data FOLDER`: stage 1 (router W_q, W_k and α against dense attention) on textures of
-    the training seed, written as the image folder a user would pass."""
+def _finetune(demo: Demo, src: Path, dst: Path, folder: Path, **options):
+    """One `sla2 finetune` of the plan's batch, dtype and t from `src` to `dst` on the textures in `folder`
+    (`options`: the stage's own FinetuneConfig fields); its model becomes the one the later steps measure.
+    Returns the result and the configuration it ran."""
     from .finetune import DataSpec, FinetuneConfig, run_finetune
-    from .finetune.config import RECIPE_ROUTER
 
     plan = demo.plan
-    src = Path(demo.files["converted"])
-    dst = demo.out / f"{demo.shipped.path.stem}-sla2-finetuned.safetensors"
-    images, labels = texture_batch(torch.arange(plan.train_textures), seed=TRAIN_SEED, size=_size(demo))
-    folder = write_textures(demo.out / "train-textures", images, labels)
     model, info = load_model(src)
-    config = FinetuneConfig(steps=plan.finetune_steps, batch_size=plan.finetune_batch, lr=plan.finetune_lr,
-                            dtype=plan.finetune_dtype, eval_samples=min(4, plan.train_textures), save_every=0,
-                            seed=demo.seed, **RECIPE_ROUTER)
+    config = FinetuneConfig(batch_size=plan.finetune_batch, dtype=plan.finetune_dtype,
+                            eval_samples=min(4, plan.train_textures), save_every=0, seed=demo.seed, **options)
     result = run_finetune(model, info, source=src, dst=dst, config=config, device=demo.device, force=True,
                           data=DataSpec(folder=folder, t_distribution=plan.finetune_t))
     demo.tuned = model.to(demo.device).eval()
     demo.files["finetuned"] = str(dst)
+    return result, config
+
+
+def step_finetune(demo: Demo) -> dict:
+    """`sla2 finetune --data FOLDER`: stage 1 (router W_q, W_k and α against dense attention) on textures of
+    the training seed, written as the image folder a user would pass."""
+    from .finetune.config import RECIPE_ROUTER
+
+    plan = demo.plan
+    images, labels = texture_batch(torch.arange(plan.train_textures), seed=TRAIN_SEED, size=_size(demo))
+    folder = write_textures(demo.out / "train-textures", images, labels)
     demo.files["train_textures"] = str(folder)
+    result, config = _finetune(demo, Path(demo.files["converted"]),
+                               demo.out / f"{demo.shipped.path.stem}-sla2-finetuned.safetensors", folder,
+                               steps=plan.finetune_steps, lr=plan.finetune_lr, **RECIPE_ROUTER)
     worse = [r for r in result.per_layer if r["error_after"] > r["error_before"] * 1.05]
     if worse:  # advise what the demo ran, for longer (stage 1 alone leaves every model weight as it was)
         demo.notices.append(
@@ -362,20 +371,12 @@ def step_stage2(demo: Demo) -> dict:
     """`sla2 finetune --full` from stage 1's model: the recipe's stage 2 (every weight but the router, distilled
     from the dense model at the recipe's rate) on the same textures and t. Its output is the finetuned model
     the later steps measure; stage 1's stays beside it."""
-    from .finetune import DataSpec, FinetuneConfig, run_finetune
     from .finetune.config import RECIPE
 
-    plan = demo.plan
-    src = Path(demo.files["finetuned"])
-    dst = demo.out / f"{demo.shipped.path.stem}-sla2-stage2.safetensors"
-    model, info = load_model(src)
-    config = FinetuneConfig(steps=plan.stage2_steps, full=True, batch_size=plan.finetune_batch,
-                            dtype=plan.finetune_dtype, eval_samples=min(4, plan.train_textures), save_every=0,
-                            seed=demo.seed, **RECIPE)
-    result = run_finetune(model, info, source=src, dst=dst, config=config, device=demo.device, force=True,
-                          data=DataSpec(folder=Path(demo.files["train_textures"]), t_distribution=plan.finetune_t))
-    demo.tuned = model.to(demo.device).eval()
-    demo.files["stage1"], demo.files["finetuned"] = demo.files["finetuned"], str(dst)
+    demo.files["stage1"] = demo.files["finetuned"]
+    result, _ = _finetune(demo, Path(demo.files["stage1"]),
+                          demo.out / f"{demo.shipped.path.stem}-sla2-stage2.safetensors",
+                          Path(demo.files["train_textures"]), steps=demo.plan.stage2_steps, full=True, **RECIPE)
     return result.to_dict()
 
 

@@ -376,7 +376,7 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     B, H, N, D = q.shape
     n_q, n_k = num_blocks(N, block_q), num_blocks(N, block_k)
     kk = routing.kept_per_query_block if routing is not None else keep_count(topk, n_k)
-    stats = None
+    stats = k_bar = v_max = None  # None: every key block kept (no linear branch; quantise_kv passes over K, V)
     wq, wk = learned.get("feature_q"), learned.get("feature_k")
     check_features(wq, wk)
     if kk < n_k:
@@ -394,6 +394,5 @@ def sla2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: floa
     if not requires_grad(q, k, v, wq, wk, alpha, mix_scale):
         return sla2_forward(q, k, v, alpha, routing, stats, block_q=block_q, block_k=block_k, feature_map=feature_map,
                             wq=wq, mix_scale=mix_scale,  # inference: no autograd Function to set up
-                            low_bit=quantise_kv(k, v, block_k, *((k_bar, v_max) if stats is not None else ()))
-                            if qat else None)
+                            low_bit=quantise_kv(k, v, block_k, k_bar, v_max) if qat else None)
     return _SLA2Function.apply(q, k, v, wq, wk, alpha, mix_scale, routing, stats, block_q, block_k, feature_map)

@@ -59,7 +59,6 @@ def test_quantised_k_and_v_are_the_references(D, block_k, dtype, layout):
     assert not low.k[:, N:].any() and not low.v_t[:, :, N:].float().any() and not low.k[:, :, D:].any()
 
 
-
 @pytest.mark.parametrize("D,block_k,dtype,layout", [(64, 64, torch.bfloat16, "jit"), (72, 32, torch.float32, "bhnd"),
                                                     (128, 128, torch.float16, "jit")])
 def test_scales_from_the_block_statistics_are_the_passes_over_k_and_v(D, block_k, dtype, layout):
