@@ -22,6 +22,7 @@ from sla2cli.metrics import (
     dataset_features,
     frechet_distance,
     inception_score,
+    kernel_distance,
     paired_metrics,
     resolve_reference,
     resolve_weights,
@@ -114,6 +115,16 @@ def test_fid_equals_direct_frechet_on_the_same_features(two_sets, inception_weig
     ref = resolve_reference(str(npz))
     assert ref.kind == "npz" and ref.statistics["mu"].shape == (2048,)
     assert frechet_distance(statistics(fa), ref.statistics) == pytest.approx(expected, rel=1e-5)
+
+
+def test_kid_spread_only_where_subsets_differ():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g) + 2
+    whole = kernel_distance(a, b)  # every subset of 40 of 40 is the whole set: one estimate, no spread
+    assert whole["subsets"] == 1 and whole["std"] is None and whole["subset_size"] == 40
+    drawn = kernel_distance(a, b[:30])  # subsets of 30 of a's 40 differ: a real spread
+    assert drawn["subsets"] == 100 and drawn["subset_size"] == 30 and drawn["std"] > 0
+    assert whole["mean"] > 10 * abs(kernel_distance(a[:20], a[20:])["mean"])  # shifted sets are far apart
 
 
 def test_inception_score_is_torch_fidelitys(inception_weights):

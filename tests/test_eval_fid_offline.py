@@ -117,6 +117,7 @@ def test_eval_fid_in_the_texture_space(cli, models, tmp_path, offline):
     r = one_json(stdout)
     assert r["features"]["metric"] == "texture Fréchet distance" and r["features"]["extractor"] == "sla2cli-textures"
     assert r["fid"] > 0 and r["kid"]["subset_size"] == 4 and r["reference"]["images"] == 4
+    assert r["kid"]["subsets"] == 1 and r["kid"]["std"] is None  # 4 samples, 4 references: one estimate
     code, _, stderr = cli("eval-fid", model, *COMMON, "--ref", ref, "--features", "textures", "--isc")
     assert code == 2 and "--isc needs" in stderr and "--features inception" in stderr
     code, _, stderr = cli("eval-fid", model, *COMMON, "--ref", ref, "--features", "textures",

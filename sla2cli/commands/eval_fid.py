@@ -150,8 +150,10 @@ def _render(console, r: dict) -> None:
     else:
         rows.append((metric, _num(r["fid"], 4)))
         if r["kid"]:
-            rows.append(("KID", f"{r['kid']['mean']:.5f} ± {r['kid']['std']:.5f} ({r['kid']['subsets']} subsets of "
-                                f"{r['kid']['subset_size']})"))
+            kid = r["kid"]
+            spread = (f" ± {kid['std']:.5f} ({kid['subsets']} subsets of {kid['subset_size']})"
+                      if kid["std"] is not None else f" (one estimate on both whole sets of {kid['subset_size']})")
+            rows.append(("KID", f"{kid['mean']:.5f}{spread}"))
         if r["isc"]:
             rows.append(("IS", f"{r['isc']['mean']:.3f} ± {r['isc']['std']:.3f} ({r['isc']['splits']} splits)"))
         ref_detail = f"{ref['images']} images" if ref["kind"] != "npz" else "statistics file"

@@ -128,13 +128,17 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> dict:
 
 
 def kernel_distance(features_1: torch.Tensor, features_2: torch.Tensor, subsets: int = 100) -> dict:
-    """torch-fidelity's KID (polynomial kernel), its subset size capped by the smaller set (1000 at most)."""
+    """torch-fidelity's KID (polynomial kernel), its subset size capped by the smaller set (1000 at most).
+    When the cap is both sets' size every subset is the same pair of whole sets: one estimate, and no spread
+    (`std` None) rather than a standard deviation of identical draws."""
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
     size = min(1000, len(features_1), len(features_2))
+    whole = size == len(features_1) == len(features_2)
+    subsets = 1 if whole else subsets
     out = kid_features_to_metric(features_1.double(), features_2.double(), kid_subsets=subsets,
                                  kid_subset_size=size, verbose=False)
-    return {"mean": out[KEY_METRIC_KID_MEAN], "std": out[KEY_METRIC_KID_STD], "subset_size": size,
-            "subsets": subsets}
+    return {"mean": out[KEY_METRIC_KID_MEAN], "std": None if whole else out[KEY_METRIC_KID_STD],
+            "subset_size": size, "subsets": subsets}
 
 
 def reference_statistics(reference: Reference, space: FeatureSpace, extractor, device: torch.device,

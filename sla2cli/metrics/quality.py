@@ -93,7 +93,6 @@ def _check(eval_samples: int, samples: int, steps: int, cfg: float, seed: int, b
 
 
 @torch.no_grad()
-@torch.no_grad()
 def held_out_v_loss(model: nn.Module, dense: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, seed: int,
                     dtype: torch.dtype = torch.float32) -> tuple[dict, tuple[torch.Tensor, ...]]:
     """JiT's v-loss of `model` and `dense` on the same clean images noised from (seed, PROBE_NOISE, index);
