@@ -65,16 +65,18 @@ def stats_table(rows: list[dict], measured: dict[int, dict] | None = None) -> Ta
 
 
 def concentration_table(rows: list[dict], samples: int) -> Table:
-    """A dense model's attention per layer (`attention_concentration` records): entropy over log N and the
-    softmax mass the kept key blocks capture at each topk, with the blocks kept out of the total."""
+    """A dense model's attention per layer (`attention_concentration` records): entropy over log N and, at each
+    topk, the softmax mass the kept key blocks capture against the most any router could, with the blocks kept."""
     topks = list(rows[0]["captured_mass"])
     table = Table(title=f"Attention concentration ({samples} noised samples of the model's own distribution; "
-                        f"blocks of {rows[0]['block_k']} tokens)", title_justify="left")
+                        f"blocks of {rows[0]['block_k']} tokens; mass kept by the blocks / the most any router "
+                        f"could keep with as many keys)", title_justify="left")
     for name in ["layer", "tokens", "key blocks", "entropy / log N"] + [f"mass @ topk {k:g}" for k in topks]:
         table.add_column(name, justify="right")
     for r in rows:
         table.add_row(str(r["layer"]), str(r["tokens"]), str(r["key_blocks"]), f"{r['entropy_ratio']:.2f}",
-                      *[f"{r['captured_mass'][k]:.3f} ({r['kept_blocks'][k]}/{r['key_blocks']})" for k in topks])
+                      *[f"{r['captured_mass'][k]:.3f} / {r['mass_ceiling'][k]:.3f} ({r['kept_blocks'][k]}/"
+                        f"{r['key_blocks']})" for k in topks])
     return table
 
 

@@ -129,9 +129,12 @@ def test_stats_of_a_dense_model_shows_concentration_and_suggests_layers(cli, off
     for r in rows:
         masses = [r["captured_mass"][k] for k in ("0.05", "0.15", "0.25")]
         assert 0 < masses[0] <= masses[1] <= masses[2] <= 1.0 + 1e-6 and 0 < r["entropy_ratio"] <= 1.0
+        ceilings = [r["mass_ceiling"][k] for k in ("0.05", "0.15", "0.25")]  # no router keeps more with as many keys
+        assert all(m <= c + 1e-5 for m, c in zip(masses, ceilings)) and ceilings == sorted(ceilings)
     assert doc["suggested_layers"] == "none"  # 4-5 key blocks of 64 tokens: too few to pay off
     code, out, _ = cli(*args)
     assert code == 0 and "no layer is converted" in out and "mass @ topk 0.15" in out and "suggested:" in out
+    assert "the most any router" in out
 
 
 def test_suggest_layers_needs_key_blocks_and_captured_mass():

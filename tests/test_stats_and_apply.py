@@ -206,3 +206,13 @@ def test_inputs_the_patch_does_not_divide_are_refused():
     from sla2cli.errors import UsageError
     with pytest.raises(UsageError, match="divisible by the patch size"):
         nonzero_model()(torch.randn(1, 3, 33, 33), torch.rand(1), torch.tensor([0]))
+
+
+def test_mass_ceiling_is_each_querys_heaviest_keys():
+    from sla2cli.sla2.stats import _mass_ceiling
+    q = torch.randn(1, 2, 32, 8)
+    uniform = _mass_ceiling(q, torch.zeros(1, 2, 32, 8), [1, 8, 32])  # equal logits: c keys hold c/N
+    assert uniform == pytest.approx([1 / 32, 8 / 32, 1.0], rel=1e-5)
+    keys = torch.eye(8).repeat(1, 2, 1, 1) * 10  # each query's attention on the one key along its own axis
+    sharp = _mass_ceiling(keys.clone(), keys, [1, 4])
+    assert sharp == pytest.approx([1.0, 1.0], abs=1e-4)

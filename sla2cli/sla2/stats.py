@@ -137,17 +137,30 @@ def calibrate_alpha(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch
     return chosen
 
 
+def _head_log_probs(q: torch.Tensor, k: torch.Tensor):
+    """Each head's dense softmax attention as B×N×N log-probabilities, one head at a time (B×N×N stays small)."""
+    q, k = q.float(), k.float()
+    for head in range(q.shape[1]):
+        yield torch.log_softmax(q[:, head] @ k[:, head].transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+
+
 def _entropy(q: torch.Tensor, k: torch.Tensor) -> dict:
     """Mean entropy (nats) of each query's softmax attention, per head and overall, with log N."""
-    q, k = q.float(), k.float()
     n = k.shape[-2]
-    entropies = []
-    for head in range(q.shape[1]):  # one head at a time: B×N×N stays small
-        logits = q[:, head] @ k[:, head].transpose(-1, -2) / math.sqrt(q.shape[-1])
-        logp = torch.log_softmax(logits, dim=-1)
-        entropies.append(-(logp.exp() * logp).sum(-1).mean(dim=(0, 1)))
-    per_head = torch.stack(entropies)
+    per_head = torch.stack([-(logp.exp() * logp).sum(-1).mean(dim=(0, 1)) for logp in _head_log_probs(q, k)])
     return {"tokens": n, "log_n": math.log(n), "entropy": per_head.mean().item(), "entropy_per_head": per_head.tolist()}
+
+
+def _mass_ceiling(q: torch.Tensor, k: torch.Tensor, kept_tokens: list[int]) -> list[float]:
+    """For each count: the mean softmax mass of each query's own `count` heaviest keys, the most any router
+    (any block order or block size) can keep with that many keys; the linear branch must carry the rest."""
+    totals = [0.0] * len(kept_tokens)
+    heads = q.shape[1]
+    for logp in _head_log_probs(q, k):
+        ordered = logp.exp().sort(dim=-1, descending=True).values.cumsum(-1)
+        for j, count in enumerate(kept_tokens):
+            totals[j] += ordered[..., count - 1].mean().item() / heads
+    return totals
 
 
 def _all_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
@@ -178,7 +191,10 @@ def attention_concentration(model: nn.Module, z: torch.Tensor, t: torch.Tensor, 
 
     `entropy_ratio` is the entropy of its attention over log N (`attention_entropy`: 1.0 is uniform);
     `captured_mass[topk]` the softmax mass the key blocks SLA2 would keep at that topk capture (router at
-    identity, as right after conversion: what `calibrate_alpha` would set α to). Blocks of `block_k` tokens.
+    identity, as right after conversion: what `calibrate_alpha` would set α to); `mass_ceiling[topk]` the most
+    any router could capture with as many keys (each query's own heaviest keys, no blocks): where it is far
+    below 1 the attention is diffuse and the linear branch carries the rest whatever the router learns.
+    Blocks of `block_k` tokens.
     """
     layers = _all_layers(model, layers)
     qkv, _ = record_dense_qkv(model, layers, z, t, y)
@@ -191,8 +207,10 @@ def attention_concentration(model: nn.Module, z: torch.Tensor, t: torch.Tensor, 
             core = SLA2Attention(q.shape[1], q.shape[-1], SLA2Config(topk=topk, block_q=block_k, block_k=block_k),
                                  prefix_tokens=layer_prefix_tokens(model, i)).to(q.device)
             mass[topk] = core(q, k, v, return_stats=True)[1].captured_mass.mean().item()
-        n_k = num_blocks(entropy["tokens"], block_k)
-        rows.append({"layer": i, "tokens": entropy["tokens"], "key_blocks": n_k, "block_k": block_k,
-                     "entropy_ratio": entropy["entropy"] / entropy["log_n"],
-                     "kept_blocks": {topk: keep_count(topk, n_k) for topk in topks}, "captured_mass": mass})
+        n, n_k = entropy["tokens"], num_blocks(entropy["tokens"], block_k)
+        kept = {topk: keep_count(topk, n_k) for topk in topks}
+        ceiling = _mass_ceiling(q, k, [min(n, kept[topk] * block_k) for topk in topks])
+        rows.append({"layer": i, "tokens": n, "key_blocks": n_k, "block_k": block_k,
+                     "entropy_ratio": entropy["entropy"] / entropy["log_n"], "kept_blocks": kept,
+                     "captured_mass": mass, "mass_ceiling": dict(zip(topks, ceiling))})
     return rows
