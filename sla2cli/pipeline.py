@@ -26,6 +26,7 @@ from .conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, convert_model, sla2_settings,
 from .data.textures import CLASS_NAMES, REFERENCE_SEED, TRAIN_SEED, reference_set, texture_batch
 from .diffusion import noised, v_loss
 from .errors import InvalidParameter
+from .finetune.config import DataSpec
 from .graphs import graphed
 from .metrics.grid import image_grid
 from .models.jit import JiT
@@ -77,11 +78,11 @@ SPEED_CFG = 2.0  # guidance of the sampling-speed step (the quality protocol's, 
 # The showcase's finetune on a GPU: the recipe's stage 1 as bench/quality.sh runs it (100 steps of 32 at the
 # router's learning rate, bf16, 2,048 training textures; 93 s on an H200), on t drawn among the sampler's first
 # steps ("early"), where SLA2's error costs the samples most: a uniform 95% conversion's texture FD from 93.4 to
-# 11.8 (dense 4.45; on JiT's t: 17.3). Then the recipe's stage 2 at its rate (3e-5) on the same t, which took a
-# 95% stage-1 model's FD from 9.28 to 7.70 in 150 steps, 50 s (bench/RESULTS.md, "Showcase model", sessions
-# 10 and 13).
+# 11.8 (dense 4.45; on JiT's t: 17.3). Then the recipe's stage 2 (JiT's v-loss at JiT's t, lr 1.5e-4, EMA), which
+# took a 95% stage-1 model's FD (512 samples) to 3.96 where the dense model scores 4.39, in 400 steps, 87 s
+# (bench/RESULTS.md, "Showcase model", sessions 10 and 17).
 SHOWCASE_FINETUNE = {"finetune_steps": 100, "finetune_batch": 32, "finetune_lr": None, "finetune_dtype": "bf16",
-                     "finetune_t": "early", "train_textures": 2048, "stage2_steps": 150}
+                     "finetune_t": "early", "train_textures": 2048, "stage2_steps": 400}
 
 
 def demo_conversion(shipped: ShippedModel = DEMO) -> DemoConversion:
@@ -107,7 +108,7 @@ class DemoPlan:
     finetune_batch: int
     finetune_lr: float | None  # None: stage 1's default rate (finetune.config.ROUTER_LR)
     finetune_dtype: str  # "fp32", or "bf16" where the Triton kernels train (a GPU)
-    finetune_t: str  # where the finetune's training t lie (`finetune --t-distribution`), both stages
+    finetune_t: str  # where stage 1's training t lie (`finetune --t-distribution`); stage 2's are the recipe's
     train_textures: int  # the finetune's image folder: textures of the model's training seed
     profile_ms: float  # time per latency measurement
     fid_samples: int
@@ -328,18 +329,17 @@ def _measure(demo: Demo, model: JiT) -> dict:
             "dense_held_out_v_loss": v_loss(dense_out, x, z, t).mean().item()}
 
 
-def _finetune(demo: Demo, src: Path, dst: Path, folder: Path, **options):
-    """One `sla2 finetune` of the plan's batch, dtype and t from `src` to `dst` on the textures in `folder`
-    (`options`: the stage's own FinetuneConfig fields); its model becomes the one the later steps measure.
-    Returns the result and the configuration it ran."""
-    from .finetune import DataSpec, FinetuneConfig, run_finetune
+def _finetune(demo: Demo, src: Path, dst: Path, data: DataSpec, **options):
+    """One `sla2 finetune` of the plan's batch and dtype from `src` to `dst` on `data` (`options`: the stage's
+    own FinetuneConfig fields); its model becomes the one the later steps measure. Returns the result and the
+    configuration it ran."""
+    from .finetune import FinetuneConfig, run_finetune
 
     plan = demo.plan
     model, info = load_model(src)
     config = FinetuneConfig(batch_size=plan.finetune_batch, dtype=plan.finetune_dtype,
                             eval_samples=min(4, plan.train_textures), save_every=0, seed=demo.seed, **options)
-    result = run_finetune(model, info, source=src, dst=dst, config=config, device=demo.device, force=True,
-                          data=DataSpec(folder=folder, t_distribution=plan.finetune_t))
+    result = run_finetune(model, info, source=src, dst=dst, config=config, device=demo.device, force=True, data=data)
     demo.tuned = model.to(demo.device).eval()
     demo.files["finetuned"] = str(dst)
     return result, config
@@ -355,7 +355,8 @@ def step_finetune(demo: Demo) -> dict:
     folder = write_textures(demo.out / "train-textures", images, labels)
     demo.files["train_textures"] = str(folder)
     result, config = _finetune(demo, Path(demo.files["converted"]),
-                               demo.out / f"{demo.shipped.path.stem}-sla2-finetuned.safetensors", folder,
+                               demo.out / f"{demo.shipped.path.stem}-sla2-finetuned.safetensors",
+                               DataSpec(folder=folder, t_distribution=plan.finetune_t),
                                steps=plan.finetune_steps, lr=plan.finetune_lr, **RECIPE_ROUTER)
     worse = [r for r in result.per_layer if r["error_after"] > r["error_before"] * 1.05]
     if worse:  # advise what the demo ran, for longer (stage 1 alone leaves every model weight as it was)
@@ -368,15 +369,16 @@ def step_finetune(demo: Demo) -> dict:
 
 
 def step_stage2(demo: Demo) -> dict:
-    """`sla2 finetune --full` from stage 1's model: the recipe's stage 2 (every weight but the router, distilled
-    from the dense model at the recipe's rate) on the same textures and t. Its output is the finetuned model
-    the later steps measure; stage 1's stays beside it."""
-    from .finetune.config import RECIPE
+    """`sla2 finetune --full` from stage 1's model: the recipe's stage 2 (every weight but the router, the model's
+    own training continued) on the same textures, at JiT's t. Its output is the finetuned model the later steps
+    measure; stage 1's stays beside it."""
+    from .finetune.config import RECIPE, recipe_stage2_data
 
     demo.files["stage1"] = demo.files["finetuned"]
     result, _ = _finetune(demo, Path(demo.files["stage1"]),
                           demo.out / f"{demo.shipped.path.stem}-sla2-stage2.safetensors",
-                          Path(demo.files["train_textures"]), steps=demo.plan.stage2_steps, full=True, **RECIPE)
+                          recipe_stage2_data(DataSpec(folder=Path(demo.files["train_textures"]))),
+                          steps=demo.plan.stage2_steps, full=True, **RECIPE)
     return result.to_dict()
 
 

@@ -29,7 +29,7 @@ def test_recipe_runs_both_stages_reports_and_cleans_up(cli, src, tmp_path):
     doc = one_json(out)
     assert doc["stage1"]["stage"] == "router" and doc["stage2"]["stage"] == "full"
     options = doc["stage2"]["options"]
-    assert options["objective"] == "distill" and options["lr"] == 3e-5 and options["ema"] == 0.0
+    assert options["objective"] == "v" and options["lr"] == 1.5e-4 and options["ema"] == 0.995
     h = doc["held_out"]
     for key in ("converted", "stage1", "finetuned", "control"):
         assert h[key]["ratio"] == pytest.approx(h[key]["model"] / h[key]["dense"])
@@ -109,20 +109,22 @@ def test_recipe_option_conflicts(cli, src, tmp_path, extra, message):
     assert code == 2 and message in err and not (tmp_path / "x.safetensors").exists()
 
 
-def test_recipe_trains_both_stages_on_the_samplers_own_trajectory(cli, src, tmp_path):
-    """--data-free-states trajectory: both stages distil on the inputs the guided teacher's sampler saw; the
-    record says so, and stage 1 moves only SLA2's parameters."""
+def test_recipe_trains_stage_1_on_the_samplers_own_trajectory_and_stage_2_on_its_samples(cli, src, tmp_path):
+    """--data-free-states trajectory: stage 1 distils on the inputs the guided teacher's sampler saw; stage 2
+    (JiT's v-loss needs a clean image) on the same teacher's samples noised at JiT's t; the record says so,
+    and stage 1 moves only SLA2's parameters."""
     dst = tmp_path / "out.safetensors"
     code, out, err = cli("finetune", src, "-o", dst, *ARGS, "--keep-stage1", "--data-free-states", "trajectory",
                          "--data-free-steps", "3", "--data-free-cfg", "2.0")
     assert code == 0, err
     doc = one_json(out)
-    for stage in ("stage1", "stage2"):
-        data = doc[stage]["data"]
-        assert data["source"] == "trajectory" and data["cfg"] == 2.0 and data["sampling_steps"] == 3
-        assert data["samples"] == 4 and data["states"] == 4 * 9  # 3 steps at CFG 2: 1 + 4 * 2 inputs each
-        assert doc[stage]["options"]["data"]["source"] == "trajectory"
-    assert doc["stage1"]["options"]["objective"] == "distill"
+    first, second = doc["stage1"]["data"], doc["stage2"]["data"]
+    assert first["source"] == "trajectory" and first["cfg"] == 2.0 and first["sampling_steps"] == 3
+    assert first["samples"] == 4 and first["states"] == 4 * 9  # 3 steps at CFG 2: 1 + 4 * 2 inputs each
+    assert doc["stage1"]["options"]["data"]["source"] == "trajectory"
+    assert second["source"] == "teacher" and second["cfg"] == 2.0 and second["samples"] == 4
+    assert second["t_distribution"] == "jit" and doc["stage2"]["options"]["data"]["source"] == "teacher"
+    assert doc["stage1"]["options"]["objective"] == "distill" and doc["stage2"]["options"]["objective"] == "v"
     dense, stage1 = load_file(src), load_file(stage1_path(dst))
     moved = {k for k in dense if not torch.equal(dense[k], stage1[k])}
     assert moved and all(".attn.core." in k for k in moved), moved

@@ -156,7 +156,7 @@ def test_the_showcase_demo_trains_stage_1_as_the_recipe_does():
     plan = plan_for(False, cuda, SHOWCASE)
     got = (plan.finetune_steps, plan.finetune_batch, plan.finetune_dtype, plan.finetune_t, plan.train_textures,
            plan.stage2_steps)
-    assert got == (100, 32, "bf16", "early", 2048, 150)
+    assert got == (100, 32, "bf16", "early", 2048, 400)
     assert plan_for(False, cuda).stage2_steps == 0 == plan_for(False, cpu, SHOWCASE).stage2_steps
     assert plan_for(False, cuda).finetune_t == "jit" == plan_for(False, cpu).finetune_t
     assert FinetuneConfig(steps=1, lr=plan.finetune_lr).learning_rate == ROUTER_LR
@@ -365,8 +365,9 @@ def test_the_demo_finetune_draws_t_as_its_plan_says(tmp_path, monkeypatch):
 
 
 def test_the_showcase_demo_runs_the_recipes_stage_2_from_stage_1s_model(tmp_path, monkeypatch):
-    """Stage 2 starts from stage 1's file, trains every weight at the recipe's rate on the same textures and
-    t, and its output becomes the finetuned model the later steps measure (stage 1's is kept)."""
+    """Stage 2 starts from stage 1's file, trains every weight by the recipe (JiT's v-loss at its rate, EMA) on
+    the same textures at JiT's t, not stage 1's, and its output becomes the finetuned model the later steps
+    measure (stage 1's is kept)."""
     import sla2cli.finetune as finetune_module
     from sla2cli.commands.demo import STEPS
     from sla2cli.finetune.config import RECIPE
@@ -389,9 +390,9 @@ def test_the_showcase_demo_runs_the_recipes_stage_2_from_stage_1s_model(tmp_path
     demo = Demo(out=tmp_path, device=cpu, plan=plan, files={"finetuned": stage1, "train_textures": str(tmp_path)})
     assert step_stage2(demo) == {"stage": "full"}
     config = seen["config"]
-    assert config.full and config.steps == 3 and config.learning_rate == RECIPE["lr"] == 3e-5
-    assert config.objective == "distill" and seen["source"] == DEMO.path
-    assert seen["data"].folder == tmp_path and seen["data"].t_distribution == "early"
+    assert config.full and config.steps == 3 and config.learning_rate == RECIPE["lr"] == 1.5e-4
+    assert config.objective == "v" and config.ema == 0.995 and seen["source"] == DEMO.path
+    assert seen["data"].folder == tmp_path and seen["data"].t_distribution == "jit"
     assert demo.files["stage1"] == stage1 and demo.files["finetuned"] == str(seen["dst"]) != stage1
     assert demo.tuned is not None
     stage2 = next(step for step in STEPS if step.key == "stage2")

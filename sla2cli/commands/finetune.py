@@ -69,7 +69,8 @@ def command(
     t_distribution: Annotated[str, typer.Option("--t-distribution", help="Where the noised training states' t lie: "
                                                 "jit (JiT's logit-normal), uniform (the sampler's evenly spaced "
                                                 "steps), early (its first steps, where SLA2's error costs the "
-                                                "samples most) or logit-normal:MEAN,STD.")] = "jit",
+                                                "samples most) or logit-normal:MEAN,STD. With --recipe: stage "
+                                                "1's (stage 2 trains at JiT's t).")] = "jit",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch (split across torchrun "
                                             "processes).")] = 8,
@@ -84,8 +85,9 @@ def command(
     e2e_weight: Annotated[float, typer.Option("--e2e-weight", help="Add this multiple of the output's relative "
                                               "squared error against the dense teacher.", parser=finite)] = 0.0,
     recipe: Annotated[bool, typer.Option("--recipe", help="The whole recipe: stage 1 for --router-steps, then "
-                                         "stage 2 for --steps (distillation, lr 3e-5, warm-up and cosine); "
-                                         "held-out v-loss against the dense source before and after.")] = False,
+                                         "stage 2 for --steps (JiT's v-loss at JiT's t on the same images, lr "
+                                         "1.5e-4, warm-up, cosine, EMA 0.995); held-out v-loss against the dense "
+                                         "source before and after.")] = False,
     router_steps: Annotated[int, typer.Option("--router-steps", help="Stage 1's steps in --recipe.")] = 200,
     keep_stage1: Annotated[bool, typer.Option("--keep-stage1", help="With --recipe: keep stage 1's model as "
                                               "DST.stage1.safetensors (weights untouched).")] = False,

@@ -1,6 +1,6 @@
-"""The whole recipe in one call: stage 1 (router and α), then stage 2 (every weight but the router, distilled
-from the dense teacher), with the held-out v-loss of the model against its dense source before and after and,
-on request, of a dense control trained by the same stage 2.
+"""The whole recipe in one call: stage 1 (router and α), then stage 2 (every weight but the router, the model's
+own training continued on `recipe_stage2_data`), with the held-out v-loss of the model against its dense
+source before and after and, on request, of a dense control trained by the same stage 2.
 
 Stage 1 writes `DST.stage1.safetensors` next to the output; stage 2 starts from it and it is removed at the
 end unless `keep_stage1` (stage 1 alone is what a user who cannot retrain the weights would ship). A killed
@@ -24,7 +24,7 @@ from ..distributed import ProcessGroup, barrier
 from ..errors import InvalidParameter
 from ..models.jit import JiT
 from ..sla2.layers import remove_sla2, sla2_layers
-from .config import DataSpec, FinetuneConfig
+from .config import DataSpec, FinetuneConfig, recipe_stage2_data
 from .state import claiming, state_path
 from .trainer import FinetuneResult, StepInfo, run_finetune
 
@@ -79,7 +79,8 @@ def run_recipe(model: JiT, info: LoadInfo, *, source: Path, dst: Path, router: F
                force: bool = False, resume: bool = False, backend: str | None = None, control: bool = False,
                progress: Callable[[str, StepInfo], None] | None = None,
                on_start: Callable[[dict], None] | None = None, keep_stage1: bool = False) -> RecipeResult:
-    """Stage 1 with `router` (not full), then stage 2 with `full` (full), `model` loaded from `source`."""
+    """Stage 1 with `router` (not full) on `data`, then stage 2 with `full` (full) on `recipe_stage2_data(data)`,
+    `model` loaded from `source`."""
     if router.full or not full.full:
         raise InvalidParameter("full", full.full, "the recipe runs stage 1 (router) then stage 2 (full): pass a "
                                "router configuration and a full one")
@@ -103,7 +104,8 @@ def run_recipe(model: JiT, info: LoadInfo, *, source: Path, dst: Path, router: F
     model, info = load_model(mid)
     held_out["stage1"] = _ratio(model.to(device), dense, images, labels, full.seed)
     model.cpu()
-    second = run_finetune(model, info, source=mid, dst=dst, config=full, data=data, device=device, group=group,
+    stage2_data = recipe_stage2_data(data)
+    second = run_finetune(model, info, source=mid, dst=dst, config=full, data=stage2_data, device=device, group=group,
                           force=force, resume=resume and state_path(dst).exists(), backend=backend,
                           progress=stage_progress("stage 2"))
     # run_finetune trains in place and writes what it holds: no need to read the output back
@@ -115,9 +117,9 @@ def run_recipe(model: JiT, info: LoadInfo, *, source: Path, dst: Path, router: F
         ctrl_model, ctrl_info = load_model(source)
         for core in sla2_layers(ctrl_model).values():
             core.config = dataclasses.replace(core.config, topk=1.0)
-        ctrl = run_finetune(ctrl_model, ctrl_info, source=source, dst=cpath, config=full, data=data, device=device,
-                            group=group, force=force, resume=resume and state_path(cpath).exists(), backend=backend,
-                            progress=stage_progress("dense control"))
+        ctrl = run_finetune(ctrl_model, ctrl_info, source=source, dst=cpath, config=full, data=stage2_data,
+                            device=device, group=group, force=force, resume=resume and state_path(cpath).exists(),
+                            backend=backend, progress=stage_progress("dense control"))
         held_out["control"] = _ratio(ctrl_model, dense, images, labels, full.seed)
         held_out["finetuned_vs_control"] = held_out["finetuned"]["model"] / held_out["control"]["model"]
     if group.is_main and not keep_stage1:
