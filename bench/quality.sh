@@ -2,7 +2,7 @@
 # The quality table of bench/RESULTS.md ("Quality recipe", issue 14's protocol): the shipped demo model at 90% and
 # 95% of its attention FLOPs removed (16-token blocks, 4 or 1 of 65 key blocks kept, a learned rank-R feature map
 # and α per query, calibrated), then `sla2 finetune --recipe` (stage 1 on training textures: router, α and feature
-# maps against the dense model's velocity; stage 2 distilled from the dense teacher), a dense control at 90%, and
+# maps against the dense model's velocity; stage 2 JiT's v-loss at JiT's t, EMA), a dense control at 90%, and
 # `sla2 quality` of stage 1 alone, the recipe and the control against the dense model: held-out v-loss on 512
 # textures of HELD_OUT_SEED, PSNR/SSIM of 128 paired samples (50 Heun steps, CFG 2.0); `sla2 profile` counts the
 # FLOPs. Usage on a GPU machine: bash bench/quality.sh OUT_DIR [WHEEL_DIR] [STAGE1_STEPS] [STAGE2_STEPS]
@@ -14,7 +14,7 @@
 # model, BLOCKS its block size (16 by default), SPEED=1 adds each row's end-to-end sampling speed against dense (`sla2 demo`'s speed step: CUDA graphs, blocks
 # compiled) and the texture Fréchet distances of stage 1, the recipe, the control and the dense model against the
 # reference textures (its FID step); DENSE_UNTIL="0 0.1 0.25" repeats those for each value, the SLA2 models'
-# evaluations at t below it dense (`eval-fid --dense-until`); T_DIST sets stage 1 and 2's `--t-distribution`;
+# evaluations at t below it dense (`eval-fid --dense-until`); T_DIST sets stage 1's `--t-distribution` (stage 2 trains at JiT's t);
 # QUALITY=0 skips `sla2 quality`, for a rerun of the speed and texture columns; QAT=1 converts with `--qat`, issue 16's
 # low-bit sparse branch trained by QAT)
 set -euo pipefail
