@@ -17,6 +17,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,7 +27,6 @@ from .conversion import MIN_KEY_BLOCKS_TO_PAY_OFF, convert_model, sla2_settings,
 from .data.textures import CLASS_NAMES, REFERENCE_SEED, TRAIN_SEED, reference_set, texture_batch
 from .diffusion import noised, v_loss
 from .errors import InvalidParameter
-from .finetune.config import DataSpec
 from .graphs import graphed
 from .metrics.grid import image_grid
 from .models.jit import JiT
@@ -38,6 +38,9 @@ from .sla2.backends import kernels_unavailable
 from .sla2.layers import apply_sla2, dense_twin
 from .sla2.routing import num_blocks
 from .sla2.stats import attention_entropy, describe_layers, measure_layers
+
+if TYPE_CHECKING:  # the finetune package loads its trainer: imported where a step finetunes
+    from .finetune import DataSpec
 
 MANIFEST = "sla2-demo.json"
 # The recipe's learned parts (a rank-16 feature map and α per query, trained by stage 1; bench/RESULTS.md,
@@ -348,6 +351,7 @@ def _finetune(demo: Demo, src: Path, dst: Path, data: DataSpec, **options):
 def step_finetune(demo: Demo) -> dict:
     """`sla2 finetune --data FOLDER`: stage 1 (router W_q, W_k and α against dense attention) on textures of
     the training seed, written as the image folder a user would pass."""
+    from .finetune import DataSpec
     from .finetune.config import RECIPE_ROUTER
 
     plan = demo.plan
@@ -372,6 +376,7 @@ def step_stage2(demo: Demo) -> dict:
     """`sla2 finetune --full` from stage 1's model: the recipe's stage 2 (every weight but the router, the model's
     own training continued) on the same textures, at JiT's t. Its output is the finetuned model the later steps
     measure; stage 1's stays beside it."""
+    from .finetune import DataSpec
     from .finetune.config import RECIPE, recipe_stage2_data
 
     demo.files["stage1"] = demo.files["finetuned"]
